@@ -1,0 +1,103 @@
+"""Runs the model forward for one policy session: explicit positions, the session's cache and hooks."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from kvmux.policies.base import PolicySession
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Static facts about the served model that policies and the server need."""
+
+    config: object
+    served_name: str
+    root: str
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_context: int
+    dtype: torch.dtype
+    device: torch.device
+    inv_freq: torch.Tensor  # RoPE inverse frequencies [D/2], fp32
+    rope_scaling: float  # attention_scaling folded into cos/sin by the model
+    tokenizer: object | None = None  # for policies that re-read text (InfiniRetri)
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of K and V for one token over all layers and KV heads."""
+        elem = torch.finfo(self.dtype).bits // 8
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * elem
+
+    @classmethod
+    def from_model(
+        cls, model, served_name: str, root: str, max_len: int | None = None, tokenizer: object | None = None
+    ) -> ModelInfo:
+        cfg = model.config
+        heads = cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        rotary = model.model.rotary_emb
+        param = next(model.parameters())
+        return cls(
+            config=cfg,
+            served_name=served_name,
+            root=root,
+            num_layers=cfg.num_hidden_layers,
+            num_heads=heads,
+            num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+            head_dim=head_dim,
+            max_context=max_len or cfg.max_position_embeddings,
+            dtype=param.dtype,
+            device=param.device,
+            inv_freq=rotary.inv_freq.detach().float().clone(),
+            rope_scaling=float(getattr(rotary, "attention_scaling", 1.0)),
+            tokenizer=tokenizer,
+        )
+
+
+class Runner:
+    """One place that calls the model: `forward(session, ids)` -> logits."""
+
+    def __init__(self, model: torch.nn.Module, info: ModelInfo, prefill_chunk_tokens: int = 2048):
+        self.model = model
+        self.info = info
+        self.prefill_chunk_tokens = prefill_chunk_tokens
+        # transformers 5.24 renamed `past_key_values` to `cache` (old name deprecated)
+        params = inspect.signature(model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        session: PolicySession,
+        input_ids: torch.Tensor,
+        all_logits: bool = False,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Run `input_ids` [1, T] through the model with the session's cache.
+
+        Returns logits [1, T, V] if `all_logits`, else [1, 1, V] for the last token. The session's
+        `after_forward` runs afterwards (evictions happen there, between forwards).
+        """
+        num_tokens = input_ids.shape[1]
+        input_ids = input_ids.to(self.info.device)
+        if position_ids is None:
+            position_ids = session.next_position_ids(num_tokens)
+        out = self.model(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            use_cache=True,
+            logits_to_keep=0 if all_logits else 1,
+            kvmux_session=session,
+            **{self._cache_kw: session.cache},
+        )
+        session.tokens_seen += num_tokens
+        session.after_forward(num_tokens)
+        return out.logits.float()

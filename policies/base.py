@@ -1,0 +1,200 @@
+"""The KV-policy interface: parameters, per-request sessions, and the hooks the engine calls.
+
+A `Policy` is stateless and shared by every request; it validates its `Params` and makes a
+`PolicySession` per request. Everything mutable (the KV cache, scores, counters) lives in the
+session, so two concurrent requests never see each other's state.
+
+Hooks (defaults give dense full attention):
+
+| hook | default |
+|---|---|
+| `session.cache` | a transformers `DynamicCache` (every token, every layer) |
+| `session.prefill(runner, ids)` | chunked forward (generator; yields between chunks) |
+| `session.attention(call)` | dense SDPA over the whole cache |
+| `session.after_forward(n)` | nothing |
+| `session.next_position_ids(n)` | absolute positions (tokens seen so far) |
+| `session.stats()` | tokens and bytes kept in the cache |
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from kvmux.policies.dense import dense_attention
+from pydantic import BaseModel, ConfigDict
+from transformers import DynamicCache
+from transformers.cache_utils import Cache
+
+if TYPE_CHECKING:
+    from kvmux.models.runner import ModelInfo, Runner
+
+
+class PolicyInputError(ValueError):
+    """The request cannot be served by this policy (HTTP 400), e.g. no usable question."""
+
+    def __init__(self, message: str, param: str | None = "kv_policy"):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class PolicyParams(BaseModel):
+    """Base of every policy's parameters: immutable, unknown fields rejected."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+@dataclass(slots=True)
+class SessionRequest:
+    """What a session may know about its request beyond the token ids."""
+
+    query_text: str | None = None  # kv_policy.query: the question, for query-aware policies
+    prompt_text: str | None = None  # completions: the prompt; chat: the rendered prompt
+    messages: list[dict[str, str]] | None = None  # chat: the request's messages (None for completions)
+
+
+@dataclass(slots=True)
+class AttentionCall:
+    """One attention call of one layer.
+
+    query: [B, Hq, Tq, D] after RoPE; key/value: [B, Hkv, Tk, D], the whole cache including the
+    current tokens (not repeated for GQA); mask: bool [B, 1, Tq, Tk] (True = attend) or None,
+    meaning plain causal aligned bottom-right (query i sees keys <= Tk - Tq + i).
+    """
+
+    layer_idx: int
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    mask: torch.Tensor | None
+    scaling: float
+    position_ids: torch.Tensor | None = None
+
+    @property
+    def is_decode(self) -> bool:
+        return self.query.shape[2] == 1
+
+    @property
+    def num_kv_groups(self) -> int:
+        return self.query.shape[1] // self.key.shape[1]
+
+
+@dataclass(slots=True)
+class KVStats:
+    """What a session holds, reported per response and in metrics."""
+
+    tokens_seen: int
+    tokens_kept: int  # per layer and KV head (the maximum over layers)
+    kv_bytes_kept: int
+    kv_bytes_full: int  # what a full cache of every seen token would take
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        ratio = self.kv_bytes_kept / self.kv_bytes_full if self.kv_bytes_full else 1.0
+        return {
+            "tokens_seen": self.tokens_seen,
+            "tokens_kept": self.tokens_kept,
+            "kv_bytes_kept": self.kv_bytes_kept,
+            "kv_bytes_full": self.kv_bytes_full,
+            "kv_ratio": round(ratio, 4),
+            **self.extra,
+        }
+
+
+def cache_kept_tokens(cache: Cache) -> tuple[int, int]:
+    """(max tokens per layer, total bytes) held by a transformers cache of K/V tensors."""
+    max_tokens, total_bytes = 0, 0
+    for layer in cache.layers:
+        keys = getattr(layer, "keys", None)
+        values = getattr(layer, "values", None)
+        if keys is None or not torch.is_tensor(keys) or keys.numel() == 0:
+            continue
+        max_tokens = max(max_tokens, keys.shape[-2])
+        total_bytes += keys.numel() * keys.element_size() + values.numel() * values.element_size()
+    return max_tokens, total_bytes
+
+
+class PolicySession:
+    """Per-request state and hooks. Subclasses override only what their paper changes."""
+
+    def __init__(self, policy: Policy, params: PolicyParams, info: ModelInfo, request: SessionRequest):
+        self.policy = policy
+        self.params = params
+        self.info = info
+        self.request = request
+        self.tokens_seen = 0
+        self.cache: Cache = self.make_cache()
+
+    # -- cache -----------------------------------------------------------------------------
+    def make_cache(self) -> Cache:
+        return DynamicCache(config=self.info.config)
+
+    # -- forward hooks -----------------------------------------------------------------------
+    def next_position_ids(self, num_tokens: int) -> torch.Tensor:
+        """Positions of the next `num_tokens` tokens: [1, num_tokens] (absolute by default)."""
+        start = self.tokens_seen
+        return torch.arange(start, start + num_tokens, device=self.info.device).unsqueeze(0)
+
+    def attention(self, call: AttentionCall) -> torch.Tensor:
+        """Attention output [B, Tq, Hq, D] for one layer."""
+        return dense_attention(call)
+
+    def after_forward(self, num_tokens: int) -> None:
+        """Called after every forward of `num_tokens` new tokens (evict here, never inside)."""
+
+    # -- phases ------------------------------------------------------------------------------
+    def prefill(self, runner: Runner, input_ids: torch.Tensor) -> Generator[None, None, torch.Tensor]:
+        """Feed the prompt [1, T]; yields between chunks; returns the last logits [vocab]."""
+        chunk = self.prefill_chunk_tokens(runner)
+        logits = None
+        for start in range(0, input_ids.shape[1], chunk):
+            logits = runner.forward(self, input_ids[:, start : start + chunk])
+            yield
+        assert logits is not None, "empty prompt"
+        return logits[0, -1]
+
+    def prefill_chunk_tokens(self, runner: Runner) -> int:
+        """Tokens per prefill forward."""
+        return runner.prefill_chunk_tokens
+
+    def decode(self, runner: Runner, token_id: int) -> torch.Tensor:
+        """Feed one generated token; returns the next logits [vocab]."""
+        ids = torch.tensor([[token_id]], device=self.info.device)
+        return runner.forward(self, ids)[0, -1]
+
+    # -- reporting ---------------------------------------------------------------------------
+    def stats(self) -> KVStats:
+        kept, kept_bytes = cache_kept_tokens(self.cache)
+        return KVStats(
+            tokens_seen=self.tokens_seen,
+            tokens_kept=kept,
+            kv_bytes_kept=kept_bytes,
+            kv_bytes_full=self.info.kv_bytes_per_token * self.tokens_seen,
+        )
+
+    def close(self) -> None:
+        """Release the cache (called when the request ends, however it ends)."""
+        self.cache = DynamicCache()
+
+
+class Policy:
+    """A named KV policy. Subclasses set the class attributes and `session_class`."""
+
+    name: ClassVar[str]
+    paper: ClassVar[str] = ""  # arXiv id
+    Params: ClassVar[type[PolicyParams]] = PolicyParams
+    session_class: ClassVar[type[PolicySession]] = PolicySession
+    extends_context: ClassVar[bool] = False  # may read prompts longer than the model's context
+    summary: ClassVar[str] = ""
+
+    def new_session(self, params: PolicyParams, info: ModelInfo, request: SessionRequest) -> PolicySession:
+        if not isinstance(params, self.Params):
+            raise TypeError(f"{self.name} expects {self.Params.__name__}, got {type(params).__name__}")
+        return self.session_class(self, params, info, request)
+
+    def context_limit(self, params: PolicyParams, info: ModelInfo) -> int | None:
+        """Longest prompt this policy accepts (None = unbounded)."""
+        return None if self.extends_context else info.max_context

@@ -1,0 +1,18 @@
+"""Full attention: every token kept in every layer, dense SDPA. The baseline of every comparison."""
+
+from __future__ import annotations
+
+from kvmux.policies.base import Policy, PolicyParams
+from kvmux.policies.registry import register
+
+
+class FullParams(PolicyParams):
+    """Full attention has no parameters."""
+
+
+@register
+class FullPolicy(Policy):
+    name = "full"
+    paper = ""
+    Params = FullParams
+    summary = "dense attention over the whole cache (baseline)"

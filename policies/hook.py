@@ -1,0 +1,55 @@
+"""The one attention function kvmux registers with transformers, and its mask function.
+
+`install_attention(model)` registers the name "kvmux" in `AttentionInterface` and (so that
+transformers still builds the causal/padding mask for chunked prefill) in
+`AttentionMaskInterface`, then switches the model to it. The function finds the request's
+session through the `kvmux_session` keyword passed to the model's forward and delegates to
+`session.attention(...)`; without a session it is plain SDPA.
+"""
+
+from __future__ import annotations
+
+import torch
+from kvmux.policies.base import AttentionCall
+from kvmux.policies.dense import sdpa
+from torch import nn
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.masking_utils import sdpa_mask
+
+ATTENTION_NAME = "kvmux"
+
+
+def kvmux_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if attention_mask is not None and attention_mask.dtype != torch.bool:
+        attention_mask = attention_mask > -1  # additive float mask -> boolean (0 = keep)
+    session = kwargs.get("kvmux_session")
+    if session is None:
+        return sdpa(query, key, value, attention_mask, scale), None
+    call = AttentionCall(
+        layer_idx=module.layer_idx,
+        query=query,
+        key=key,
+        value=value,
+        mask=attention_mask,
+        scaling=scale,
+        position_ids=kwargs.get("position_ids"),
+    )
+    return session.attention(call), None
+
+
+def install_attention(model: nn.Module) -> None:
+    """Register the kvmux attention (idempotent) and switch `model` to it."""
+    if ATTENTION_NAME not in AttentionInterface._global_mapping:
+        AttentionInterface.register(ATTENTION_NAME, kvmux_attention)
+        AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+    model.set_attn_implementation(ATTENTION_NAME)

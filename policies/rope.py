@@ -1,0 +1,31 @@
+"""Rotary position helpers for policies that re-position keys (StreamingLLM, ActQKV).
+
+Llama-family models rotate q and k with `x*cos + rotate_half(x)*sin`, where cos/sin may carry an
+`attention_scaling` factor. Rotations compose, so a key stored at position p can be moved to p'
+by rotating it by p'-p, or "un-rotated" (rotated by -p) and stored position-free. Un-rotating
+keeps the scaling factor inside the stored key, so re-rotating with pure cos/sin is exact.
+All angles are computed in fp32 from the model's own inverse frequencies.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pure rotation tables for integer positions [T] -> ([T, D], [T, D]) in fp32."""
+    freqs = positions.float()[:, None] * inv_freq.to(positions.device)[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Rotate x [..., T, D] to `positions` [T] (negative positions un-rotate)."""
+    cos, sin = cos_sin(positions, inv_freq)
+    xf = x.float()
+    return (xf * cos + rotate_half(xf) * sin).to(x.dtype)

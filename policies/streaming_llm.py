@@ -1,0 +1,124 @@
+"""StreamingLLM: attention sinks + a rolling window of recent tokens.
+
+Efficient Streaming Language Models with Attention Sinks, Xiao et al., ICLR 2024,
+https://arxiv.org/abs/2309.17453 (reference: mit-han-lab/streaming-llm, `kv_cache.py`,
+`pos_shift/modify_llama.py`).
+
+Algorithm: keep the KV of the first `sink_tokens` tokens and of the last `window` tokens in
+every layer and head; drop everything in between, between forwards. The cache is constant in
+size, so generation can run indefinitely.
+
+Positions (`positions`):
+- `cache` (default, the paper's scheme): positions are assigned inside the cache. Keys are
+  stored un-rotated and re-rotated to their slot index 0..L-1 at every step; the query sits at
+  slot L. Relative distances never exceed the cache size, so the model runs far past its
+  trained context (StreamingLLM's central result). Default because it is what the paper
+  measures and the only mode that streams past the model's context.
+- `original`: keys keep the absolute positions they were rotated with (kvpress,
+  KVCache-Factory, LazyEviction's baseline). Cheaper (no re-rotation) but diverges once the
+  absolute position passes the trained context.
+
+Deviations from the reference:
+- The reference stores un-rotated keys by patching the attention forward; we receive rotated
+  keys from the stock model and un-rotate them once with the model's own inverse frequencies
+  (fp32), which keeps any RoPE scaling factor inside the stored key.
+- Prompts are prefilled in chunks of at most `window` tokens with eviction after each chunk
+  (the reference prefills a chat turn in one forward after reserving space); a token inside a
+  chunk therefore sees up to `sink_tokens + window + chunk - 1` keys.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from kvmux.policies.base import AttentionCall, Policy, PolicyParams, PolicySession
+from kvmux.policies.dense import sdpa
+from kvmux.policies.registry import register
+from kvmux.policies.rope import rotate
+from pydantic import Field
+from transformers.cache_utils import Cache, DynamicLayer
+
+
+class StreamingLLMParams(PolicyParams):
+    sink_tokens: int = Field(4, ge=0, le=1024, description="initial tokens always kept (paper: 4)")
+    window: int = Field(1020, ge=1, le=1_000_000, description="most recent tokens kept (paper: 1020)")
+    positions: Literal["cache", "original"] = Field(
+        "cache", description="'cache': re-rotate keys to cache slots (paper); 'original': absolute"
+    )
+
+
+class UnrotatedKeyLayer(DynamicLayer):
+    """A cache layer that stores keys without RoPE; new keys arrive rotated at their slot index."""
+
+    def __init__(self, inv_freq: torch.Tensor):
+        super().__init__()
+        self.inv_freq = inv_freq
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        start = self.get_seq_length()
+        slots = torch.arange(start, start + key_states.shape[-2], device=key_states.device)
+        return super().update(rotate(key_states, -slots, self.inv_freq), value_states)
+
+
+def keep_sinks_and_window(tensor: torch.Tensor, sinks: int, window: int) -> torch.Tensor:
+    """[B, H, T, D] -> first `sinks` and last `window` positions along T."""
+    length = tensor.shape[-2]
+    if length <= sinks + window:
+        return tensor
+    return torch.cat([tensor[..., :sinks, :], tensor[..., length - window :, :]], dim=-2)
+
+
+class StreamingLLMSession(PolicySession):
+    params: StreamingLLMParams
+
+    @property
+    def cache_mode(self) -> bool:
+        return self.params.positions == "cache"
+
+    def make_cache(self) -> Cache:
+        if not self.cache_mode:
+            return super().make_cache()
+        inv_freq = self.info.inv_freq.to(self.info.device)
+        return Cache(layers=[UnrotatedKeyLayer(inv_freq) for _ in range(self.info.num_layers)])
+
+    def next_position_ids(self, num_tokens: int) -> torch.Tensor:
+        if not self.cache_mode:
+            return super().next_position_ids(num_tokens)
+        start = self.cache.get_seq_length()
+        return torch.arange(start, start + num_tokens, device=self.info.device).unsqueeze(0)
+
+    def attention(self, call: AttentionCall) -> torch.Tensor:
+        if not self.cache_mode:
+            return super().attention(call)
+        slots = torch.arange(call.key.shape[-2], device=call.key.device)
+        keys = rotate(call.key, slots, self.info.inv_freq.to(call.key.device))
+        return sdpa(call.query, keys, call.value, call.mask, call.scaling)
+
+    def after_forward(self, num_tokens: int) -> None:
+        sinks, window = self.params.sink_tokens, self.params.window
+        for layer in self.cache.layers:
+            if layer.keys is not None and layer.keys.shape[-2] > sinks + window:
+                layer.keys = keep_sinks_and_window(layer.keys, sinks, window)
+                layer.values = keep_sinks_and_window(layer.values, sinks, window)
+
+    def prefill_chunk_tokens(self, runner) -> int:
+        return max(1, min(runner.prefill_chunk_tokens, self.params.window))
+
+    def stats(self):
+        stats = super().stats()
+        stats.extra["positions"] = self.params.positions
+        return stats
+
+
+@register
+class StreamingLLMPolicy(Policy):
+    name = "streaming_llm"
+    paper = "2309.17453"
+    Params = StreamingLLMParams
+    session_class = StreamingLLMSession
+    summary = "attention sinks + recent window, evicted between forwards"
+
+    def context_limit(self, params, info):
+        # in cache mode positions never exceed the cache, so any prompt length streams through
+        return None if params.positions == "cache" else info.max_context

@@ -1,0 +1,29 @@
+"""Shared fixtures: tiny random models (fast, exact) and the embedded SmolLM2 model (real behaviour)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.tiny_models import make_tiny
+
+torch.set_num_threads(max(1, torch.get_num_threads()))
+
+
+@pytest.fixture(params=["llama", "qwen2", "qwen3"])
+def tiny(request):
+    """(model, info, runner) for each tiny architecture."""
+    return make_tiny(request.param)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    return make_tiny("llama")
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    """The embedded default model, loaded once per test session."""
+    from kvmux.models.loader import ModelSpec, load_model
+
+    return load_model(ModelSpec())

@@ -1,0 +1,71 @@
+"""StreamingLLM on tiny models: equivalence to full, what eviction keeps, cache-mode positions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kvmux.policies.streaming_llm import keep_sinks_and_window
+
+from tests.policies.helpers import full_logits, new_session, run_prefill, stepwise_logits
+from tests.tiny_models import make_tiny
+
+
+@pytest.mark.parametrize("positions", ["cache", "original"])
+def test_budget_covering_sequence_reproduces_full(tiny, positions):
+    model, info, runner = tiny
+    ids = torch.randint(0, 256, (1, 80))
+    session = new_session("streaming_llm", info, sink_tokens=4, window=200, positions=positions)
+    got = stepwise_logits(session, runner, ids, chunk=16)
+    torch.testing.assert_close(got, full_logits(model, ids), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("positions", ["cache", "original"])
+def test_eviction_keeps_sinks_and_last_window(tiny_llama, positions):
+    model, info, runner = tiny_llama
+    ids = torch.randint(0, 256, (1, 150))
+    ref = new_session("full", info)
+    run_prefill(ref, runner, ids)
+    session = new_session("streaming_llm", info, sink_tokens=4, window=32, positions=positions)
+    run_prefill(session, runner, ids)
+    for layer in session.cache.layers:
+        assert layer.keys.shape[-2] == layer.values.shape[-2] == 36
+    # layer-0 values depend on the token alone, so they identify which tokens were kept
+    full_values = ref.cache.layers[0].values
+    expected = torch.cat([full_values[..., :4, :], full_values[..., -32:, :]], dim=-2)
+    torch.testing.assert_close(session.cache.layers[0].values, expected)
+    stats = session.stats()
+    assert stats.tokens_seen == 150 and stats.tokens_kept == 36
+    assert stats.kv_bytes_kept < stats.kv_bytes_full
+
+
+def test_cache_mode_positions_are_contiguous_slots(tiny_llama):
+    model, info, runner = tiny_llama
+    session = new_session("streaming_llm", info, sink_tokens=2, window=10)
+    run_prefill(session, runner, torch.randint(0, 256, (1, 40)))
+    # 12 slots held; the next token is placed at slot 12 whatever the absolute position
+    assert session.cache.get_seq_length() == 12
+    assert session.next_position_ids(3).tolist() == [[12, 13, 14]]
+    original = new_session("streaming_llm", info, sink_tokens=2, window=10, positions="original")
+    run_prefill(original, runner, torch.randint(0, 256, (1, 40)))
+    assert original.next_position_ids(1).tolist() == [[40]]
+
+
+def test_cache_mode_equals_recompute_with_contiguous_positions():
+    """One layer: KV depend on the token alone, so after eviction cache mode must equal a fresh
+    dense run over the kept tokens placed at 0..L-1 (the paper's re-positioning)."""
+    model, info, runner = make_tiny("llama", num_hidden_layers=1)
+    ids = torch.randint(0, 256, (1, 60))
+    session = new_session("streaming_llm", info, sink_tokens=3, window=20)
+    for start in range(0, 60):  # one token at a time, as the paper's perplexity evaluation
+        logits = runner.forward(session, ids[:, start : start + 1])[0, -1]
+    kept = torch.cat([ids[:, :3], ids[:, 60 - 20 : 60]], dim=1)
+    # the last forward saw the 23 kept tokens plus itself before evicting: recompute that view
+    view = torch.cat([ids[:, :3], ids[:, 60 - 21 : 60]], dim=1)
+    torch.testing.assert_close(logits, full_logits(model, view)[-1], atol=2e-5, rtol=1e-4)
+    assert kept.shape[1] == session.cache.get_seq_length()
+
+
+def test_keep_sinks_and_window_slices():
+    x = torch.arange(10).view(1, 1, 10, 1)
+    assert keep_sinks_and_window(x, 2, 3).flatten().tolist() == [0, 1, 7, 8, 9]
+    assert keep_sinks_and_window(x, 2, 30).flatten().tolist() == list(range(10))

@@ -1,0 +1,37 @@
+"""Tiny random-weight Llama / Qwen2 / Qwen3 models for exact, fast policy tests (nothing downloaded)."""
+
+from __future__ import annotations
+
+import torch
+from kvmux.models.runner import ModelInfo, Runner
+from kvmux.policies.hook import install_attention
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
+
+COMMON = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=4096,
+    head_dim=16,
+)
+
+CONFIGS = {
+    "llama": lambda: LlamaConfig(**COMMON, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+    "qwen2": lambda: Qwen2Config(**COMMON),
+    "qwen3": lambda: Qwen3Config(**COMMON),
+}
+
+
+def make_tiny(arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
+    """(model, info, runner) for a tiny random model with the kvmux attention installed."""
+    torch.manual_seed(seed)
+    config = CONFIGS[arch]()
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    model = AutoModelForCausalLM.from_config(config).to(dtype).eval()
+    install_attention(model)
+    info = ModelInfo.from_model(model, served_name=f"tiny-{arch}", root="random")
+    return model, info, Runner(model, info, prefill_chunk_tokens=64)
