@@ -1,0 +1,190 @@
+"""The `kvmux` command: serve, generate, policies, eval, bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+
+def _add_model_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, default=None, help="server YAML (default: configs/server.yaml)")
+    parser.add_argument("--model", default=None, help="hub id, local folder or .gguf file (default: embedded)")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=None)
+    parser.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N")
+    parser.add_argument("--device-map", default=None, help="'auto' to shard over GPUs (accelerate)")
+    parser.add_argument("--trust-remote-code", action="store_true", default=None)
+    parser.add_argument("--allow-download", action="store_true", default=None, help="allow fetching hub models")
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--presets-dir", type=Path, default=None, help="folder of policy preset YAML files")
+
+
+def _config_from_args(args: argparse.Namespace):
+    from kvmux.server.config import load_server_config
+
+    config = load_server_config(args.config)
+    model_updates = {
+        "model": args.model,
+        "dtype": args.dtype,
+        "device": args.device,
+        "device_map": args.device_map,
+        "trust_remote_code": args.trust_remote_code,
+        "allow_download": args.allow_download,
+        "max_model_len": args.max_model_len,
+    }
+    model = config.model.model_copy(update={k: v for k, v in model_updates.items() if v is not None})
+    updates = {"model": model}
+    for name in (
+        "host",
+        "port",
+        "presets_dir",
+        "default_preset",
+        "max_active_sessions",
+        "max_queued_requests",
+        "max_prompt_tokens",
+        "max_new_tokens",
+        "request_timeout_s",
+        "kv_memory_budget_bytes",
+    ):
+        value = getattr(args, name, None)
+        if value is not None:
+            updates[name] = value
+    api_keys = list(getattr(args, "api_key", None) or [])
+    if os.environ.get("KVMUX_API_KEY"):
+        api_keys.append(os.environ["KVMUX_API_KEY"])
+    if api_keys:
+        updates["api_keys"] = api_keys
+    if getattr(args, "cors_origin", None):
+        updates["cors_origins"] = args.cors_origin
+    return type(config).model_validate({**config.model_dump(), **updates})
+
+
+def build_engine(config):
+    from kvmux.models.loader import load_model
+    from kvmux.policies.presets import load_presets
+    from kvmux.server.engine import Engine
+
+    presets = load_presets(Path(config.presets_dir), config.exposed_presets)
+    loaded = load_model(config.model)
+    return Engine(
+        loaded,
+        presets,
+        default_preset=config.default_preset,
+        prefill_chunk_tokens=config.model.prefill_chunk_tokens,
+        max_prompt_tokens=config.max_prompt_tokens,
+        max_new_tokens=config.max_new_tokens,
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from kvmux.server.serve import create_app
+
+    config = _config_from_args(args)
+    app = create_app(config)
+    uvicorn.run(
+        app,
+        host=config.host,
+        port=config.port,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=int(config.shutdown_grace_s) + 5,
+    )
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from kvmux.server.sampling import SamplingParams
+
+    config = _config_from_args(args)
+    engine = build_engine(config)
+    kv_policy: str | dict = args.policy
+    if args.params:
+        kv_policy = {"preset": args.policy, **json.loads(args.params)}
+    sampling = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
+    if args.chat:
+        request = engine.prepare(
+            messages=[{"role": "user", "content": args.prompt}], sampling=sampling, kv_policy=kv_policy
+        )
+    else:
+        request = engine.prepare(prompt=args.prompt, sampling=sampling, kv_policy=kv_policy)
+    state = engine.start(request)
+    for event in state.steps():
+        if event is not None and event.text:
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+    sys.stdout.write("\n")
+    print(json.dumps({"kv": state.kv_stats(), "finish_reason": state.finish_reason}), file=sys.stderr)
+    return 0
+
+
+def cmd_policies(args: argparse.Namespace) -> int:
+    from kvmux.policies.presets import load_presets
+    from kvmux.server.config import load_server_config
+
+    config = load_server_config(args.config)
+    presets = load_presets(Path(args.presets_dir or config.presets_dir))
+    if args.json:
+        print(json.dumps([p.as_dict() for p in presets.values()], indent=1))
+        return 0
+    for preset in presets.values():
+        params = ", ".join(f"{k}={v}" for k, v in preset.params.model_dump().items())
+        paper = f"arXiv {preset.policy.paper}" if preset.policy.paper else "baseline"
+        print(f"{preset.name:28s} {preset.policy.name:16s} {paper:18s} {params}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvmux", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
+    _add_model_flags(serve)
+    serve.add_argument("--host", default=None)
+    serve.add_argument("--port", type=int, default=None)
+    serve.add_argument("--default-preset", default=None)
+    serve.add_argument("--max-active-sessions", type=int, default=None)
+    serve.add_argument("--max-queued-requests", type=int, default=None)
+    serve.add_argument("--max-prompt-tokens", type=int, default=None)
+    serve.add_argument("--max-new-tokens", type=int, default=None)
+    serve.add_argument("--request-timeout-s", type=float, default=None)
+    serve.add_argument("--kv-memory-budget-bytes", type=int, default=None)
+    serve.add_argument("--api-key", action="append", help="require this Bearer key (repeatable; env KVMUX_API_KEY)")
+    serve.add_argument("--cors-origin", action="append", help="allow this CORS origin (repeatable)")
+    serve.add_argument("--log-level", default="info")
+    serve.set_defaults(func=cmd_serve)
+
+    gen = sub.add_parser("generate", help="one-shot generation streamed to stdout")
+    _add_model_flags(gen)
+    gen.add_argument("prompt")
+    gen.add_argument("--policy", default="full", help="preset name")
+    gen.add_argument("--params", default=None, help="JSON overrides, e.g. '{\"window\": 512}'")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    gen.set_defaults(func=cmd_generate)
+
+    pol = sub.add_parser("policies", help="list the policy presets")
+    pol.add_argument("--config", type=Path, default=None)
+    pol.add_argument("--presets-dir", type=Path, default=None)
+    pol.add_argument("--json", action="store_true")
+    pol.set_defaults(func=cmd_policies)
+
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

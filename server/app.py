@@ -1,0 +1,298 @@
+"""The FastAPI application: OpenAI-compatible routes, kvmux's policy listing, errors in OpenAI shape."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from kvmux.server.engine import Engine, TokenEvent
+from kvmux.server.errors import ModelNotServedError, RequestError, error_body, to_error_body
+from kvmux.server.handlers import (
+    ClientGone,
+    chat_logprobs,
+    collect,
+    completion_logprobs,
+    new_id,
+    stream_events,
+    usage,
+)
+from kvmux.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    OpenAIRequest,
+    TokenizeRequest,
+)
+from kvmux.server.scheduler import Scheduler
+from kvmux.server.state import ServerState
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("kvmux.server")
+
+
+def _validation_message(exc: ValidationError | RequestValidationError) -> tuple[str, str | None]:
+    first = exc.errors()[0]
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    field = ".".join(loc) or None
+    if first.get("type") == "json_invalid":
+        return "The request body is not valid JSON.", None
+    return (f"{field}: {first['msg']}" if field else first["msg"]), field
+
+
+def error_response(exc: BaseException) -> JSONResponse:
+    status, body = to_error_body(exc)
+    return JSONResponse(body, status_code=status)
+
+
+async def read_json(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise RequestError("The request body is not valid JSON.") from None
+    if not isinstance(body, dict):
+        raise RequestError("The request body must be a JSON object.")
+    return body
+
+
+def parse(model_cls: type, body: dict[str, Any]):
+    try:
+        return model_cls.model_validate(body)
+    except ValidationError as exc:
+        message, field = _validation_message(exc)
+        raise RequestError(message, field) from None
+
+
+def build_app(state: ServerState) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state.scheduler.start()
+        yield
+        state.scheduler.shutdown(state.config.shutdown_grace_s)
+
+    app = FastAPI(title="kvmux", version="0.1.0", lifespan=lifespan)
+    app.state.kvmux = state
+    state.install_middleware(app)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError):
+        message, field = _validation_message(exc)
+        return JSONResponse(error_body(message, "BadRequestError", 400, field), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException):
+        kind = "NotFoundError" if exc.status_code == 404 else "BadRequestError"
+        return JSONResponse(error_body(str(exc.detail), kind, exc.status_code), status_code=exc.status_code)
+
+    @app.get("/health")
+    async def health():
+        if not state.ready:
+            return JSONResponse(error_body("not ready", "ServiceUnavailableError", 503), status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models():
+        info = state.engine.info
+        card = {
+            "id": info.served_name,
+            "object": "model",
+            "created": state.started,
+            "owned_by": "kvmux",
+            "root": info.root,
+            "parent": None,
+            "max_model_len": info.max_context,
+        }
+        return {"object": "list", "data": [card]}
+
+    @app.get("/v1/policies")
+    async def policies():
+        return {
+            "object": "list",
+            "default": state.engine.default_preset,
+            "data": [p.as_dict() for p in state.engine.presets.values()],
+        }
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        try:
+            req = parse(CompletionRequest, await read_json(request))
+            return await run_completion(state, req, request)
+        except ClientGone:
+            return Response(status_code=499)
+        except Exception as exc:  # noqa: BLE001 - every failure is rendered in the OpenAI shape
+            return error_response(exc)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        try:
+            req = parse(ChatCompletionRequest, await read_json(request))
+            return await run_chat(state, req, request)
+        except ClientGone:
+            return Response(status_code=499)
+        except Exception as exc:  # noqa: BLE001
+            return error_response(exc)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        try:
+            req = parse(TokenizeRequest, await read_json(request))
+            check_model(state.engine, req.model)
+            if req.messages is not None:
+                text = state.engine.render_chat([{"role": m.role, "content": m.text()} for m in req.messages])
+                tokens = state.engine.tokenize(text, add_special_tokens=False)
+            else:
+                tokens = state.engine.tokenize(req.prompt or "", add_special_tokens=req.add_special_tokens)
+            return {"count": len(tokens), "max_model_len": state.engine.info.max_context, "tokens": tokens}
+        except Exception as exc:  # noqa: BLE001
+            return error_response(exc)
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        try:
+            req = parse(DetokenizeRequest, await read_json(request))
+            check_model(state.engine, req.model)
+            vocab = len(state.engine.tokenizer)
+            bad = [t for t in req.tokens if not 0 <= t < vocab]
+            if bad:
+                raise RequestError(f"token ids must be in [0, {vocab}); got {bad[:5]}", "tokens")
+            return {"prompt": state.engine.tokenizer.decode(req.tokens)}
+        except Exception as exc:  # noqa: BLE001
+            return error_response(exc)
+
+    state.install_extra_routes(app)
+    return app
+
+
+def check_model(engine: Engine, model: str | None) -> None:
+    if model is not None and model not in (engine.info.served_name, engine.info.root):
+        raise ModelNotServedError(
+            f"The model '{model}' does not exist; this server serves '{engine.info.served_name}'.", "model"
+        )
+
+
+def submit_all(state: ServerState, req: OpenAIRequest, prepared) -> list:
+    """Submit n copies of a prepared request (seeds offset so choices differ when sampling)."""
+    handles = []
+    for i in range(req.n):
+        copy = prepared if i == 0 else state.engine.copy_request(prepared, seed_offset=i)
+        handles.append(state.scheduler.submit(copy, state.config.request_timeout_s))
+    return handles
+
+
+async def run_completion(state: ServerState, req: CompletionRequest, request: Request):
+    engine = state.engine
+    check_model(engine, req.model)
+    prepared = engine.prepare(prompt=req.prompt_input(), sampling=req.to_sampling(), kv_policy=req.kv_policy)
+    handles = submit_all(state, req, prepared)
+    rid, created, model = new_id("cmpl"), int(time.time()), engine.info.served_name
+
+    if req.stream:
+
+        def chunk(index: int, event: TokenEvent, first: bool) -> dict[str, Any]:
+            choice = {"index": index, "text": event.text, "logprobs": None, "finish_reason": event.finish_reason}
+            if event.logprob is not None:
+                choice["logprobs"] = completion_logprobs([event], engine.tokenizer)
+            return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [choice]}
+
+        def usage_chunk(u: dict[str, int]) -> dict[str, Any]:
+            return {
+                "id": rid,
+                "object": "text_completion",
+                "created": created,
+                "model": model,
+                "choices": [],
+                "usage": u,
+            }
+
+        body = stream_events(state.scheduler, handles, request, chunk, usage_chunk, req.include_usage)
+        return StreamingResponse(body, media_type="text/event-stream")
+
+    results = [await collect(h, request) for h in handles]
+    choices = [
+        {
+            "index": i,
+            "text": r.text,
+            "logprobs": completion_logprobs(r.tokens, engine.tokenizer),
+            "finish_reason": r.finish_reason,
+        }
+        for i, r in enumerate(results)
+    ]
+    completion_tokens = sum(len(r.tokens) for r in results)
+    return {
+        "id": rid,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": choices,
+        "usage": usage(len(prepared.prompt_ids), completion_tokens),
+        "kv": results[0].kv,
+    }
+
+
+async def run_chat(state: ServerState, req: ChatCompletionRequest, request: Request):
+    engine = state.engine
+    check_model(engine, req.model)
+    prepared = engine.prepare(messages=req.message_dicts(), sampling=req.to_sampling(), kv_policy=req.kv_policy)
+    handles = submit_all(state, req, prepared)
+    rid, created, model = new_id("chatcmpl"), int(time.time()), engine.info.served_name
+
+    if req.stream:
+
+        def chunk(index: int, event: TokenEvent, first: bool) -> dict[str, Any]:
+            delta: dict[str, Any] = {"content": event.text}
+            if first:
+                delta["role"] = "assistant"
+            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": event.finish_reason}
+            if event.logprob is not None:
+                choice["logprobs"] = chat_logprobs([event], engine.tokenizer)
+            return {
+                "id": rid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "choices": [choice],
+            }
+
+        def usage_chunk(u: dict[str, int]) -> dict[str, Any]:
+            return {
+                "id": rid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "choices": [],
+                "usage": u,
+            }
+
+        body = stream_events(state.scheduler, handles, request, chunk, usage_chunk, req.include_usage)
+        return StreamingResponse(body, media_type="text/event-stream")
+
+    results = [await collect(h, request) for h in handles]
+    choices = [
+        {
+            "index": i,
+            "message": {"role": "assistant", "content": r.text},
+            "logprobs": chat_logprobs(r.tokens, engine.tokenizer),
+            "finish_reason": r.finish_reason,
+        }
+        for i, r in enumerate(results)
+    ]
+    completion_tokens = sum(len(r.tokens) for r in results)
+    return {
+        "id": rid,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": choices,
+        "usage": usage(len(prepared.prompt_ids), completion_tokens),
+        "kv": results[0].kv,
+    }
+
+
+__all__ = ["build_app", "Scheduler"]

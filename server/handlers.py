@@ -1,0 +1,173 @@
+"""Turn engine events into OpenAI-shaped responses: whole JSON bodies and SSE streams."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from kvmux.server.engine import TokenEvent
+from kvmux.server.errors import KvmuxError, to_error_body
+from kvmux.server.scheduler import Handle, Scheduler
+from starlette.requests import Request
+
+DISCONNECT_POLL_S = 0.25
+
+
+class ClientGone(Exception):
+    """The HTTP client disconnected."""
+
+
+async def next_event(handle: Handle, request: Request | None) -> tuple[str, Any]:
+    """Wait for the handle's next event, cancelling the request if the client goes away."""
+    while True:
+        try:
+            return await asyncio.wait_for(handle.events.get(), timeout=DISCONNECT_POLL_S)
+        except TimeoutError:
+            if request is not None and await request.is_disconnected():
+                handle.cancel()
+                raise ClientGone() from None
+
+
+class Collected:
+    """All events of one choice, gathered for a non-streaming response."""
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.finish_reason = "length"
+        self.tokens: list[TokenEvent] = []
+        self.kv: dict[str, Any] = {}
+
+
+async def collect(handle: Handle, request: Request | None) -> Collected:
+    out = Collected()
+    while True:
+        kind, payload = await next_event(handle, request)
+        if kind == "token":
+            out.text += payload.text
+            out.tokens.append(payload)
+            if payload.finish_reason:
+                out.finish_reason = payload.finish_reason
+        elif kind == "done":
+            out.kv = payload
+            return out
+        elif kind == "error":
+            raise payload
+        elif kind == "cancelled":
+            raise ClientGone()
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def completion_logprobs(tokens: list[TokenEvent], tokenizer, offset: int = 0) -> dict[str, Any] | None:
+    if not tokens or tokens[0].logprob is None:
+        return None
+    text_offset, offsets = offset, []
+    for token in tokens:
+        offsets.append(text_offset)
+        text_offset += len(token.text)
+    return {
+        "tokens": [tokenizer.decode([t.token_id]) for t in tokens],
+        "token_logprobs": [t.logprob for t in tokens],
+        "top_logprobs": [{tokenizer.decode([i]): lp for i, lp in (t.top_logprobs or [])} for t in tokens],
+        "text_offset": offsets,
+    }
+
+
+def chat_logprobs(tokens: list[TokenEvent], tokenizer) -> dict[str, Any] | None:
+    if not tokens or tokens[0].logprob is None:
+        return None
+    content = []
+    for t in tokens:
+        text = tokenizer.decode([t.token_id])
+        content.append(
+            {
+                "token": text,
+                "logprob": t.logprob,
+                "bytes": list(text.encode()),
+                "top_logprobs": [
+                    {"token": tokenizer.decode([i]), "logprob": lp, "bytes": list(tokenizer.decode([i]).encode())}
+                    for i, lp in (t.top_logprobs or [])
+                ],
+            }
+        )
+    return {"content": content}
+
+
+def sse(data: dict[str, Any] | str) -> str:
+    body = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+    return f"data: {body}\n\n"
+
+
+async def stream_events(
+    scheduler: Scheduler,
+    handles: list[Handle],
+    request: Request,
+    chunk_for: Any,
+    usage_chunk: Any,
+    include_usage: bool,
+) -> AsyncIterator[str]:
+    """SSE lines for n parallel choices: chunks in arrival order, then usage, then [DONE].
+
+    `chunk_for(index, event, first)` builds one chunk; an error after the headers went out is
+    sent as an error event followed by [DONE].
+    """
+    prompt_tokens = len(handles[0].request.prompt_ids)
+    completion_tokens = 0
+    first = [True] * len(handles)
+    pending = set(range(len(handles)))
+    try:
+        while pending:
+            for index in sorted(pending):
+                handle = handles[index]
+                try:
+                    kind, payload = handle.events.get_nowait()
+                except asyncio.QueueEmpty:
+                    continue
+                if kind == "token":
+                    completion_tokens += 1
+                    yield sse(chunk_for(index, payload, first[index]))
+                    first[index] = False
+                elif kind == "done":
+                    pending.discard(index)
+                elif kind == "error":
+                    raise payload
+                elif kind == "cancelled":
+                    pending.discard(index)
+            if pending:
+                if await request.is_disconnected():
+                    raise ClientGone()
+                await _wait_any([handles[i] for i in pending])
+        if include_usage:
+            yield sse(usage_chunk(usage(prompt_tokens, completion_tokens)))
+    except ClientGone:
+        return
+    except (KvmuxError, Exception) as exc:  # noqa: BLE001 - any failure becomes an in-stream error event
+        _, body = to_error_body(exc)
+        yield sse(body)
+    finally:
+        for handle in handles:
+            handle.cancel()
+    yield sse("[DONE]")
+
+
+async def _wait_any(handles: list[Handle]) -> None:
+    """Sleep until one handle has an event (or a short poll interval passes)."""
+    deadline = time.monotonic() + DISCONNECT_POLL_S
+    while time.monotonic() < deadline:
+        if any(not h.events.empty() for h in handles):
+            return
+        await asyncio.sleep(0.005)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"

@@ -1,0 +1,165 @@
+"""OpenAI-compatible request models (completions, chat) with kvmux's extension fields.
+
+Fields follow the OpenAI API order, then the vLLM-style sampling extras, then kvmux's own
+(`kv_policy`). Unknown top-level fields are accepted and logged (as vLLM does); every known field
+is validated so a bad value is a 400 naming the field.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+from kvmux.server.errors import RequestError
+from kvmux.server.sampling import SamplingParams
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+log = logging.getLogger("kvmux.server")
+
+MAX_LOGPROBS = 20
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    include_usage: bool = False
+
+
+class OpenAIRequest(BaseModel):
+    """Fields shared by completions and chat."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = None
+    max_tokens: int | None = Field(None, description="tokens to generate (default 16)")
+    n: int = Field(1, ge=1, le=16)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    user: str | None = None
+    # -- vLLM / SGLang sampling extras --
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    # -- kvmux extensions --
+    kv_policy: str | dict[str, Any] | None = Field(
+        None, description="preset name, or {'preset': name, <param>: value, 'query': text}"
+    )
+
+    @model_validator(mode="after")
+    def _log_ignored_fields(self):
+        if self.model_extra:
+            log.info("ignoring unknown request fields: %s", sorted(self.model_extra))
+        return self
+
+    def _logprobs(self) -> int | None:
+        return None
+
+    def _max_tokens(self) -> int:
+        return 16 if self.max_tokens is None else self.max_tokens
+
+    def to_sampling(self) -> SamplingParams:
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                raise RequestError(f"{name} is not supported; use repetition_penalty instead.", name)
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return SamplingParams(
+            max_tokens=self._max_tokens(),
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=0 if self.top_k in (None, -1) else self.top_k,
+            min_p=self.min_p or 0.0,
+            repetition_penalty=self.repetition_penalty or 1.0,
+            seed=self.seed,
+            stop=stop,
+            stop_token_ids=list(self.stop_token_ids or []),
+            ignore_eos=self.ignore_eos,
+            logprobs=self._logprobs(),
+        )
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(OpenAIRequest):
+    prompt: str | list[str] | list[int] = Field(..., description="text, a list with one text, or token ids")
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    suffix: str | None = None
+
+    @model_validator(mode="after")
+    def _check_prompt(self):
+        if self.echo:
+            raise RequestError("echo is not supported.", "echo")
+        if self.suffix:
+            raise RequestError("suffix is not supported.", "suffix")
+        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], str) and len(self.prompt) > 1:
+            raise RequestError("Send one prompt per request (a list of several prompts is not supported).", "prompt")
+        return self
+
+    def prompt_input(self) -> str | list[int]:
+        if isinstance(self.prompt, list):
+            if not self.prompt:
+                return ""
+            return self.prompt[0] if isinstance(self.prompt[0], str) else list(self.prompt)
+        return self.prompt
+
+    def _logprobs(self) -> int | None:
+        return self.logprobs
+
+
+class ContentPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str | list[ContentPart]
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(OpenAIRequest):
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    def _max_tokens(self) -> int:
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens
+        return super()._max_tokens()
+
+    def _logprobs(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise RequestError("top_logprobs requires logprobs: true.", "top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def message_dicts(self) -> list[dict[str, str]]:
+        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+    tokens: list[int]
