@@ -1,1 +1,38 @@
-"""kvmux package."""
+"""Long-context task generators, by name (RULER-style tasks, passkey, document QA, stream perplexity).
+
+Every generation task has `name`, `metric`, `max_new_tokens`, `uses_depth` and
+`make(renderer, length, depth, index, seed, max_new_tokens=0) -> Sample`; `stream_ppl` instead
+yields a token stream for the perplexity measurement.
+"""
+
+from __future__ import annotations
+
+from kvmux.evals.tasks.cwe import CommonWordsTask
+from kvmux.evals.tasks.niah import NIAH_TASKS, NiahTask
+from kvmux.evals.tasks.passkey import PasskeyTask
+from kvmux.evals.tasks.qa import DocumentQATask
+from kvmux.evals.tasks.stream_ppl import StreamPPLTask
+from kvmux.evals.tasks.vt import VariableTrackingTask
+
+Task = PasskeyTask | NiahTask | VariableTrackingTask | CommonWordsTask | DocumentQATask | StreamPPLTask
+
+TASKS: dict[str, Task] = {
+    task.name: task
+    for task in (
+        PasskeyTask(),
+        *NIAH_TASKS,
+        VariableTrackingTask(),
+        CommonWordsTask(),
+        DocumentQATask(),
+        StreamPPLTask(),
+    )
+}
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise KeyError(f"unknown task '{name}'; available: {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+__all__ = ["TASKS", "Task", "get_task"]

@@ -1,0 +1,33 @@
+"""The stream-perplexity task: consecutive tokens of a long natural-English text.
+
+StreamingLLM (Xiao et al., 2024, https://arxiv.org/abs/2309.17453, Fig. 3 and §4.1) streams
+PG-19 books token by token and reports perplexity along the stream. We stream the shipped
+public-domain novel (see `corpus.py`); the measurement itself is `kvmux.evals.stream_ppl`.
+Sample i starts at a seeded random token offset (sample 0 too), and a stream longer than the
+book wraps around to its beginning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvmux.evals.tasks.common import sample_rng
+from kvmux.evals.tasks.corpus import corpus_text
+
+
+@dataclass(frozen=True)
+class StreamPPLTask:
+    name: str = "stream_ppl"
+    metric: str = "perplexity"
+    max_new_tokens: int = 0
+    uses_depth: bool = False
+
+    def tokens(self, tokenizer, length: int, index: int, seed: int) -> list[int]:
+        """`length` consecutive token ids of the corpus for sample `index`."""
+        ids = list(tokenizer(corpus_text(), add_special_tokens=False)["input_ids"])
+        start = sample_rng(seed, self.name, index).randrange(len(ids))
+        out: list[int] = []
+        while len(out) < length:
+            out.extend(ids[start : start + length - len(out)])
+            start = 0
+        return out

@@ -1,0 +1,13 @@
+"""Fixtures for the eval tests: the embedded model's real tokenizer (no weights needed)."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer():
+    from kvmux.models.embedded import embedded_gguf_path, materialize_gguf
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(materialize_gguf(embedded_gguf_path()))
