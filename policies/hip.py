@@ -1,0 +1,367 @@
+"""HiP: hierarchically pruned attention (prefill and decode), the full KV cache kept.
+
+A Training-Free Sub-quadratic Cost Transformer Model Serving Framework with Hierarchically Pruned
+Attention, Lee et al., ICLR 2025, https://arxiv.org/abs/2406.09827 (algorithm of the v1.1 kernel).
+
+Algorithm: queries are tiled into blocks of `block_size_q` (b_q) and keys into blocks of
+`block_size_k` (b_k). Per query block and query head, a branch-and-prune search (`hip_search`)
+estimates the top `mask_k / b_k` key blocks over the causal prefix minus the sinks and the
+sliding window, scoring each branch by its center key block against every `block_stride_q`-th
+query of the block, for about log2(T / k) rounds. Each query then attends, in one softmax, to
+the `sink_tokens` first tokens, the selected key blocks and its last `window` tokens (causal;
+a key in two of these sets counts once), so it sees at most `mask_k + sink_tokens + window` keys.
+The first `dense_layers` layers, and every call whose keys fit that budget, run dense attention.
+Decoding searches with the single query, keeps the selection per layer and re-searches every
+`refresh_interval` steps; between refreshes the new tokens are covered by the window. Every
+token stays in the KV cache: HiP saves attention compute, not memory.
+
+Two implementations of the sparse attention with one meaning: `reference` gathers every
+attended key (sinks, selected blocks, window) per query block and head and takes one masked
+softmax; `fast` (default) reads sinks and window as shared slices per KV head (a strided view,
+no copy per query head) and gathers only the selected blocks. Tests check both against a dense
+computation with the equivalent token mask.
+
+Deviations from the paper / reference code:
+- The candidate range of a query block ends at `last query + 1 - window` rounded *up* to a whole
+  block, and starts at block `floor(sinks / b_k)`; keys of those edge blocks that are also sinks
+  or in a query's window count once. When every candidate is selected the result is exactly
+  dense attention (the reference rounds the other way and may skip up to b_k - 1 tokens).
+- Decode: at a refresh the candidate range extends `refresh_interval - 1` tokens into the
+  window (masked until they leave the window), so tokens sliding out of the window between
+  refreshes are never out of both the selection and the window; the interval is capped at
+  `window` for the same reason (the reference lets such tokens drop out until the next refresh).
+- The score of a key block is the max of q . k over the sampled queries and all b_k keys
+  (b_sk = 1), in fp32; the scale is not applied (it does not change the ranking).
+- `score_mode=table` (chosen by `auto` on short ranges) scores all candidate blocks with one
+  matmul instead of gathering representatives each round; it selects the same blocks. No Triton
+  kernel: pure PyTorch on CPU and CUDA; flex_attention block masks are too coarse for b_k = 2.
+- One request per session: a padding mask handed in by transformers is not applied on the sparse
+  path (the causal structure is rebuilt from positions, aligned bottom-right).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from kvmux.policies.base import AttentionCall, Policy, PolicyParams, PolicySession
+from kvmux.policies.dense import dense_attention
+from kvmux.policies.hip_search import ScoreMode, Selection, SparseGeometry, hip_search
+from kvmux.policies.registry import register
+from pydantic import Field, model_validator
+
+CHUNK_BYTES = {"cpu": 64 << 20, "cuda": 2 << 30}  # working set of one slice of query blocks, per device type
+
+
+@dataclass(slots=True)
+class Segments:
+    """Attended keys of a slice of query blocks: sinks, selected blocks, window; masks per query row."""
+
+    sink_mask: torch.Tensor  # bool [c, b_q, S]
+    sel_tokens: torch.Tensor  # int64 [B, Hq, c, n_sel]
+    sel_mask: torch.Tensor  # bool [B, Hq, c, b_q, n_sel]
+    win_tokens: torch.Tensor  # int64 [c, W] (may run outside the cache where masked)
+    win_mask: torch.Tensor  # bool [c, b_q, W]
+
+    def counts(self) -> torch.Tensor:
+        """Keys attended per query row: [B, Hq, c, b_q]."""
+        fixed = self.sink_mask.sum(-1) + self.win_mask.sum(-1)
+        return self.sel_mask.sum(-1) + fixed
+
+
+def segments(geo: SparseGeometry, sel: Selection, first: int, last: int) -> Segments:
+    """Keys that query blocks [first, last) attend, each key once, causal."""
+    bq, bk, window, sinks = geo.block_q, geo.block_k, geo.window, geo.sinks
+    pos = geo.positions[first * bq : last * bq].view(-1, bq, 1)  # [c, b_q, 1]
+    sink_idx = torch.arange(min(sinks, geo.num_keys), device=pos.device)
+    sink_mask = sink_idx <= pos
+    blocks = sel.blocks[:, :, first:last]
+    tokens = (blocks[..., None] * bk + torch.arange(bk, device=pos.device)).flatten(-2)
+    valid = sel.valid[:, :, first:last, :, None].expand(*blocks.shape, bk).flatten(-2)
+    sel_mask = (valid & (tokens >= sinks))[..., None, :] & (tokens[..., None, :] <= pos - window)
+    win_tokens = pos[:, 0] - window + 1 + torch.arange(window + bq - 1, device=pos.device)  # [c, W]
+    low = (pos - window).clamp(min=sinks - 1)
+    win_mask = (win_tokens[:, None, :] > low) & (win_tokens[:, None, :] <= pos)
+    return Segments(sink_mask, tokens, sel_mask, win_tokens, win_mask)
+
+
+def _gather_rows(x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """x [B, Hkv, T, D], tokens [B, H, ...] with H a multiple of Hkv (head h reads KV head h // (H / Hkv),
+    or tokens [B, Hkv, ...] directly) -> [B, H, ..., D]."""
+    b, hkv, t, d = x.shape
+    heads = tokens.shape[1]
+    kv_head = torch.arange(heads, device=x.device) // (heads // hkv)
+    base = (torch.arange(b, device=x.device)[:, None] * hkv + kv_head[None, :]) * t
+    flat = tokens.clamp(0, t - 1) + base.view(b, heads, *([1] * (tokens.dim() - 2)))
+    return x.reshape(-1, d).index_select(0, flat.reshape(-1)).view(*tokens.shape, d)
+
+
+def _softmax(scores: torch.Tensor, mask: torch.Tensor, scaling: float) -> torch.Tensor:
+    return torch.softmax((scores.float() * scaling).masked_fill(~mask, float("-inf")), dim=-1)
+
+
+def _reference_slice(qb, key, value, seg: Segments, scaling: float) -> torch.Tensor:
+    """One gather of every attended key per query block and head, one masked softmax."""
+    b, hq, c, bq, _ = qb.shape
+    sinks = seg.sink_mask.shape[-1]
+    tokens = torch.cat(
+        [
+            torch.arange(sinks, device=qb.device).expand(b, hq, c, sinks),
+            seg.sel_tokens,
+            seg.win_tokens.expand(b, hq, *seg.win_tokens.shape),
+        ],
+        dim=-1,
+    )
+    mask = torch.cat(
+        [seg.sink_mask.expand(b, hq, *seg.sink_mask.shape), seg.sel_mask, seg.win_mask.expand(b, hq, -1, -1, -1)], -1
+    )
+    keys, values = _gather_rows(key, tokens), _gather_rows(value, tokens)
+    probs = _softmax(torch.matmul(qb, keys.transpose(-1, -2)), mask, scaling)
+    return torch.matmul(probs.to(values.dtype), values)
+
+
+def _fast_slice(qg, key, value, padded, seg: Segments, scaling: float) -> torch.Tensor:
+    """Grouped layout [B, Hkv, c, G, b_q, D]: sinks and window are shared per KV head (the window a
+    strided view, no copy per query head); only the selected blocks are gathered."""
+    b, hkv, c, g, bq, d = qg.shape
+    sinks, nsel, width = seg.sink_mask.shape[-1], seg.sel_tokens.shape[-1], seg.win_tokens.shape[-1]
+    kpad, vpad, offset = padded
+    start, tpad = int(seg.win_tokens[0, 0]) + offset, kpad.shape[2]
+    size, stride = (b, hkv, c, width, d), (hkv * tpad * d, tpad * d, bq * d, d, 1)
+    kwin = kpad.as_strided(size, stride, kpad.storage_offset() + start * d)
+    vwin = vpad.as_strided(size, stride, vpad.storage_offset() + start * d)
+    tokens = seg.sel_tokens.view(b, hkv, g, c, nsel).transpose(2, 3)  # [B, Hkv, c, G, n]
+    ksel, vsel = _gather_rows(key, tokens), _gather_rows(value, tokens)
+    flat_q = qg.view(b, hkv, c * g * bq, d)
+    scores = torch.cat(
+        [
+            torch.matmul(flat_q, key[:, :, :sinks].transpose(-1, -2)).view(b, hkv, c, g, bq, sinks),
+            torch.matmul(qg, ksel.transpose(-1, -2)),
+            torch.matmul(qg.view(b, hkv, c, g * bq, d), kwin.transpose(-1, -2)).view(b, hkv, c, g, bq, width),
+        ],
+        dim=-1,
+    )
+    sel_mask = seg.sel_mask.view(b, hkv, g, c, bq, nsel).transpose(2, 3)
+    mask = torch.cat(
+        [
+            seg.sink_mask[:, None].expand(c, g, bq, sinks).expand(b, hkv, -1, -1, -1, -1),
+            sel_mask,
+            seg.win_mask[:, None].expand(c, g, bq, width).expand(b, hkv, -1, -1, -1, -1),
+        ],
+        dim=-1,
+    )
+    probs = _softmax(scores, mask, scaling).to(value.dtype)
+    p_sink, p_sel, p_win = probs.split([sinks, nsel, width], dim=-1)
+    out = torch.matmul(p_sel, vsel)
+    out += torch.matmul(p_sink.reshape(b, hkv, c * g * bq, sinks), value[:, :, :sinks]).view(b, hkv, c, g, bq, d)
+    out += torch.matmul(p_win.reshape(b, hkv, c, g * bq, width), vwin).view(b, hkv, c, g, bq, d)
+    return out
+
+
+def sparse_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    sel: Selection,
+    geo: SparseGeometry,
+    scaling: float,
+    kernel: Literal["fast", "reference"] = "fast",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """HiP attention of `query` [B, Hq, Tq, D] over key/value [B, Hkv, Tk, D].
+
+    Returns (output [B, Tq, Hq, D], keys attended per query row [B, Hq, Tq]).
+    """
+    b, hq, tq, d = query.shape
+    hkv = key.shape[1]
+    qb = geo.query_blocks(query)
+    width = geo.window + geo.block_q - 1
+    padded = None
+    if kernel == "fast":
+        # pad the cache only where a window runs before key 0 or past the last key (prefill edges)
+        front = max(0, geo.window - 1 - (geo.num_keys - tq))
+        back = geo.num_blocks * geo.block_q - tq
+        if front or back or not (key.is_contiguous() and value.is_contiguous()):
+            pad = (0, 0, front, back)
+            padded = (torch.nn.functional.pad(key, pad), torch.nn.functional.pad(value, pad), front)
+        else:
+            padded = (key, value, 0)
+        qb = qb.view(b, hkv, hq // hkv, geo.num_blocks, geo.block_q, d).transpose(2, 3).contiguous()
+    per_block = b * hq * (sel.blocks.shape[-1] * geo.block_k + width + geo.sinks) * (2 * d + 3 * geo.block_q) * 4
+    step = max(1, CHUNK_BYTES.get(query.device.type, 64 << 20) // max(per_block, 1))
+    outs, counts = [], []
+    for first in range(0, geo.num_blocks, step):
+        last = min(first + step, geo.num_blocks)
+        seg = segments(geo, sel, first, last)
+        if kernel == "fast":
+            outs.append(_fast_slice(qb[:, :, first:last].contiguous(), key, value, padded, seg, scaling))
+        else:
+            outs.append(_reference_slice(qb[:, :, first:last], key, value, seg, scaling))
+        counts.append(seg.counts())
+    out = torch.cat(outs, dim=2)
+    if kernel == "fast":  # [B, Hkv, nQB, G, b_q, D] -> [B, Tq, Hq, D]
+        out = out.permute(0, 2, 4, 1, 3, 5).reshape(b, -1, hq, d)[:, :tq]
+    else:  # [B, Hq, nQB, b_q, D] -> [B, Tq, Hq, D]
+        out = out.view(b, hq, -1, d)[:, :, :tq].transpose(1, 2)
+    count = torch.cat(counts, dim=2).view(b, hq, -1)[:, :, :tq]
+    return out.contiguous(), count
+
+
+class HipParams(PolicyParams):
+    mask_k: int = Field(512, ge=1, le=1_000_000, description="k: key tokens selected per query block (paper: 512)")
+    block_size_q: int = Field(32, ge=1, le=1024, description="b_q: queries sharing one selection (paper: 32)")
+    block_stride_q: int = Field(2, ge=1, le=1024, description="b_sq: every b_sq-th query scores branches (paper: 2)")
+    block_size_k: int = Field(2, ge=1, le=256, description="b_k: tokens per key block (paper: 2)")
+    sink_tokens: int = Field(16, ge=0, le=65536, description="first tokens always attended (paper: 16)")
+    window: int = Field(256, ge=1, le=1_000_000, description="last tokens always attended (paper: 256)")
+    dense_layers: int = Field(3, ge=0, le=1024, description="l_d: first layers kept dense (paper: 3)")
+    refresh_interval: int = Field(8, ge=1, le=1_000_000, description="r_m: decode steps between searches (paper: 8)")
+    score_mode: ScoreMode = Field("auto", description="branch scoring: gathered representatives or a score table")
+    kernel: Literal["fast", "reference"] = Field("fast", description="sparse attention implementation")
+
+    @model_validator(mode="after")
+    def _check(self) -> HipParams:
+        if self.mask_k % self.block_size_k:
+            raise ValueError(f"mask_k ({self.mask_k}) must be a multiple of block_size_k ({self.block_size_k})")
+        if self.block_stride_q > self.block_size_q:
+            raise ValueError("block_stride_q must not exceed block_size_q")
+        return self
+
+    @property
+    def budget(self) -> int:
+        """Most keys one query attends on the sparse path."""
+        return self.mask_k + self.sink_tokens + self.window
+
+    @property
+    def effective_refresh(self) -> int:
+        return min(self.refresh_interval, self.window)
+
+
+@dataclass(slots=True)
+class DecodeMask:
+    """A layer's cached decode selection and the steps it has served."""
+
+    selection: Selection
+    steps: int = 0
+
+
+class HipSession(PolicySession):
+    params: HipParams
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.decode_masks: dict[int, DecodeMask] = {}
+        self.searches = 0  # (layer, forward) pairs that ran the branch-and-prune search
+        self.mask_reuses = 0  # decode (layer, step) pairs that reused a cached selection
+        self.attended_sum = 0.0  # keys attended, summed over query rows, heads and layers
+        self.causal_sum = 0.0  # keys dense causal attention would see, same sum
+        self.max_attended = 0  # most keys any query row attended on the sparse path
+        self.rounds = 0
+
+    # -- geometry ---------------------------------------------------------------------------
+    def _geometry(self, call: AttentionCall, block_q: int, lookahead: int) -> SparseGeometry:
+        p = self.params
+        return SparseGeometry.build(
+            num_queries=call.query.shape[2],
+            num_keys=call.key.shape[2],
+            block_q=block_q,
+            block_k=p.block_size_k,
+            sinks=p.sink_tokens,
+            window=p.window,
+            lookahead=lookahead,
+            device=call.query.device,
+        )
+
+    def select(self, call: AttentionCall, geo: SparseGeometry, block_stride: int) -> Selection:
+        """Run the branch-and-prune search for every query block of the call."""
+        p = self.params
+        sel = hip_search(
+            geo.query_blocks(call.query),
+            call.key,
+            geo.lo,
+            geo.hi,
+            num_groups=p.mask_k // p.block_size_k,
+            block_k=p.block_size_k,
+            query_stride=block_stride,
+            score_mode=p.score_mode,
+        )
+        self.searches += 1
+        self.rounds = max(self.rounds, sel.rounds)
+        return sel
+
+    # -- attention --------------------------------------------------------------------------
+    def attention(self, call: AttentionCall) -> torch.Tensor:
+        p = self.params
+        tq, tk = call.query.shape[2], call.key.shape[2]
+        if tq > 1:
+            self.decode_masks.pop(call.layer_idx, None)  # new prompt tokens: the decode mask is stale
+        if call.layer_idx < p.dense_layers or tk <= p.budget:
+            self._count_dense(call)
+            return dense_attention(call)
+        if call.is_decode:
+            geo, sel = self._decode_selection(call)
+        else:
+            geo = self._geometry(call, p.block_size_q, lookahead=0)
+            sel = self.select(call, geo, min(p.block_stride_q, p.block_size_q))
+        out, counts = sparse_attention(call.query, call.key, call.value, sel, geo, call.scaling, kernel=p.kernel)
+        self._count_sparse(counts, tk, tq)
+        return out
+
+    def _decode_selection(self, call: AttentionCall) -> tuple[SparseGeometry, Selection]:
+        p = self.params
+        cached = self.decode_masks.get(call.layer_idx)
+        if (
+            cached is None
+            or cached.steps >= p.effective_refresh
+            or cached.selection.blocks.shape[0] != call.query.shape[0]
+        ):
+            geo = self._geometry(call, 1, lookahead=p.effective_refresh - 1)
+            cached = DecodeMask(self.select(call, geo, 1))
+            self.decode_masks[call.layer_idx] = cached
+        else:
+            geo = self._geometry(call, 1, lookahead=0)
+            self.mask_reuses += 1
+        cached.steps += 1
+        return geo, cached.selection
+
+    # -- accounting -------------------------------------------------------------------------
+    def _count_dense(self, call: AttentionCall) -> None:
+        b, hq, tq = call.query.shape[:3]
+        tk = call.key.shape[2]
+        visible = float(b * hq * (tq * (tk - tq) + tq * (tq + 1) / 2))
+        self.attended_sum += visible
+        self.causal_sum += visible
+
+    def _count_sparse(self, counts: torch.Tensor, tk: int, tq: int) -> None:
+        b, hq = counts.shape[:2]
+        self.attended_sum += float(counts.sum())
+        self.causal_sum += float(b * hq * (tq * (tk - tq) + tq * (tq + 1) / 2))
+        self.max_attended = max(self.max_attended, int(counts.max()))
+
+    def stats(self):
+        stats = super().stats()
+        rows = self.causal_sum and self.attended_sum / max(self.causal_sum, 1.0)
+        stats.extra.update(
+            {
+                "hip_budget_per_query": self.params.budget,
+                "hip_max_keys_per_query": self.max_attended,
+                "hip_density": round(float(rows), 4) if self.causal_sum else 1.0,
+                "hip_searches": self.searches,
+                "hip_mask_reuses": self.mask_reuses,
+                "hip_rounds": self.rounds,
+            }
+        )
+        return stats
+
+    def close(self) -> None:
+        self.decode_masks.clear()
+        super().close()
+
+
+@register
+class HipPolicy(Policy):
+    name = "hip"
+    paper = "2406.09827"
+    Params = HipParams
+    session_class = HipSession
+    summary = "hierarchically pruned top-k key blocks + sinks + window (compute only; full KV kept)"

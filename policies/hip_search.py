@@ -1,0 +1,228 @@
+"""HiP's hierarchical branch-and-prune top-k key-block search (arXiv 2406.09827, §3.1-3.2).
+
+For one query block, the candidate key blocks `[lo, hi)` are split into `K_b = k / b_k` equal
+groups. Every round splits each group into two halves (sizes `floor(s/2)` and `s - floor(s/2)`),
+scores each half by its *center* key block (the max of `q . k` over the block's sampled queries
+and the representative block's keys; an empty half scores -inf), and keeps the `K_b` best of the
+`2 K_b` halves. Rounds repeat until every group holds one block (about log2(n / K_b) rounds);
+the surviving groups are the selected key blocks.
+
+Two ways to score the representatives, which select the same blocks:
+- `gather` (the paper's O(T log T) form): each round gathers the representative blocks' keys.
+- `table`: one batched matmul scores every candidate block of a query block up front and each
+  round reads its representatives from that table; it touches more keys but is a plain GEMM, which
+  is faster than the gathers while the candidate range is no more than a few times `2 K_b` per round.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+ScoreMode = Literal["auto", "gather", "table"]
+SEARCH_BYTES = {"cpu": 64 << 20, "cuda": 2 << 30}  # working set of one slice of query blocks, per device type
+
+
+@dataclass(frozen=True, slots=True)
+class Selection:
+    """Selected key blocks per (batch, query head, query block)."""
+
+    blocks: torch.Tensor  # int64 [B, Hq, nQB, K_b] key-block ids (block j covers tokens j*b_k .. j*b_k+b_k-1)
+    valid: torch.Tensor  # bool [B, Hq, nQB, K_b]; False where a group ended empty
+    rounds: int  # branch-and-prune rounds that were run
+
+
+def initial_groups(lo: torch.Tensor, hi: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split blocks [lo, hi) (per query block, [nQB]) into `num_groups` equal groups: (starts, sizes) [nQB, K_b]."""
+    count = (hi - lo).clamp(min=0)
+    j = torch.arange(num_groups + 1, device=lo.device)
+    bounds = lo[:, None] + torch.div(j[None, :] * count[:, None], num_groups, rounding_mode="floor")
+    return bounds[:, :-1], bounds[:, 1:] - bounds[:, :-1]
+
+
+def sampled_queries(query_blocks: torch.Tensor, stride: int) -> torch.Tensor:
+    """[B, Hq, nQB, b_q, D] -> every `stride`-th query of each block."""
+    return query_blocks[..., ::stride, :]
+
+
+def _gather_scores(queries: torch.Tensor, key: torch.Tensor, rep: torch.Tensor, block_k: int) -> torch.Tensor:
+    """Score representative blocks by gathering their keys.
+
+    queries [B, Hq, nQB, S, D]; key [B, Hkv, Tk, D]; rep [B, Hq, nQB, C] block ids. Returns [B, Hq, nQB, C]
+    (max over sampled queries and block keys; a block running past the cache reuses its last key).
+    """
+    b, hq, nqb, c = rep.shape
+    hkv, tk, d = key.shape[1], key.shape[2], key.shape[3]
+    groups = hq // hkv
+    offs = torch.arange(block_k, device=rep.device)
+    tokens = rep[..., None] * block_k + offs  # [B, Hq, nQB, C, b_k]
+    tokens = tokens.clamp(min=0, max=tk - 1)
+    kv_head = torch.arange(hq, device=rep.device) // groups
+    base = (torch.arange(b, device=rep.device)[:, None] * hkv + kv_head[None, :]) * tk  # [B, Hq]
+    flat = (tokens + base.view(b, hq, 1, 1, 1)).reshape(-1)
+    keys = key.reshape(-1, d).index_select(0, flat).view(b, hq, nqb, c * block_k, d)
+    scores = torch.matmul(queries, keys.transpose(-1, -2)).float()  # [B, Hq, nQB, S, C*b_k]
+    return scores.amax(dim=-2).view(b, hq, nqb, c, block_k).amax(dim=-1)
+
+
+def keys_by_offset(key: torch.Tensor, num_blocks: int, block_k: int) -> list[torch.Tensor]:
+    """[B, Hkv, Tk, D] -> b_k contiguous [B, Hkv, num_blocks, D]: key `offset` of every block (a block
+    running past the cache repeats the last key, which leaves its max unchanged)."""
+    b, hkv, tk, d = key.shape
+    need = num_blocks * block_k
+    keys = key[:, :, : min(need, tk)]
+    if keys.shape[2] < need:
+        keys = torch.cat([keys, keys[:, :, -1:].expand(b, hkv, need - keys.shape[2], d)], dim=2)
+    keys = keys.view(b, hkv, num_blocks, block_k, d)
+    return [keys[:, :, :, offset].contiguous() for offset in range(block_k)]
+
+
+def block_score_table(queries: torch.Tensor, split_keys: list[torch.Tensor], num_blocks: int) -> torch.Tensor:
+    """Score of every key block < `num_blocks` for every query block: [B, Hq, nQB, num_blocks].
+
+    queries [B, Hq, nQB, S, D]; split_keys from `keys_by_offset`. The score is the max of q . k over the
+    block's sampled queries and the block's keys (the same quantity `_gather_scores` computes). One matmul
+    per key offset inside a block keeps every reduction elementwise or contiguous.
+    """
+    b, hq, nqb, s, d = queries.shape
+    hkv = split_keys[0].shape[1]
+    groups = hq // hkv
+    q = queries.reshape(b, hkv, groups * nqb * s, d)
+    table = None
+    for keys in split_keys:
+        part = torch.matmul(q, keys[:, :, :num_blocks].transpose(-1, -2))  # [B, Hkv, G*nQB*S, nKB]
+        table = part if table is None else torch.maximum(table, part, out=table)
+    return table.view(b, hq, nqb, s, num_blocks).amax(dim=-2).float()
+
+
+def choose_score_mode(mode: ScoreMode, candidates: int, num_groups: int) -> Literal["gather", "table"]:
+    """`auto`: the table while the candidate blocks are at most 4x the blocks one gather round scores."""
+    if mode != "auto":
+        return mode
+    return "table" if candidates <= 8 * num_groups else "gather"
+
+
+def hip_search(
+    query_blocks: torch.Tensor,
+    key: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    num_groups: int,
+    block_k: int,
+    query_stride: int = 1,
+    score_mode: ScoreMode = "auto",
+) -> Selection:
+    """Branch-and-prune top-`num_groups` key blocks for each query block and query head.
+
+    query_blocks [B, Hq, nQB, b_q, D] (post-RoPE); key [B, Hkv, Tk, D]; lo/hi [nQB] int64: candidate
+    key blocks [lo, hi) per query block (the caller excludes sinks and the sliding window). Query
+    blocks are searched in slices that bound the working memory.
+    """
+    b, hq, nqb = query_blocks.shape[:3]
+    queries = sampled_queries(query_blocks, query_stride)
+    most = int((hi - lo).max().clamp(min=0)) if nqb else 0
+    mode = choose_score_mode(score_mode, most, num_groups)
+    if mode == "table":
+        per_block = 8 * b * hq * queries.shape[3] * max(int(hi.max()), 1)
+    else:
+        per_block = 4 * b * hq * 2 * num_groups * block_k * (key.shape[-1] + queries.shape[3])
+    step = max(1, SEARCH_BYTES.get(key.device.type, 64 << 20) // per_block)
+    split = keys_by_offset(key, int(hi.max()), block_k) if mode == "table" and nqb and int(hi.max()) > 0 else None
+    parts = [
+        _search_slice(queries[:, :, i : i + step], key, split, lo[i : i + step], hi[i : i + step], num_groups, block_k)
+        for i in range(0, nqb, step)
+    ]
+    return Selection(
+        blocks=torch.cat([p.blocks for p in parts], dim=2),
+        valid=torch.cat([p.valid for p in parts], dim=2),
+        rounds=max(p.rounds for p in parts),
+    )
+
+
+def _search_slice(
+    queries: torch.Tensor,
+    key: torch.Tensor,
+    split_keys: list[torch.Tensor] | None,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    num_groups: int,
+    block_k: int,
+) -> Selection:
+    b, hq, nqb = queries.shape[:3]
+    starts, sizes = initial_groups(lo, hi, num_groups)
+    starts = starts.expand(b, hq, nqb, num_groups).contiguous()
+    sizes = sizes.expand(b, hq, nqb, num_groups).contiguous()
+    max_hi = int(hi.max())
+    table = block_score_table(queries, split_keys, max_hi) if split_keys is not None and max_hi > 0 else None
+    last_block = (hi - 1).clamp(min=0).view(1, 1, nqb, 1)
+    rounds = 0
+    while bool((sizes > 1).any()):
+        left = torch.div(sizes, 2, rounding_mode="floor")
+        cand_start = torch.cat([starts, starts + left], dim=-1)
+        cand_size = torch.cat([left, sizes - left], dim=-1)
+        rep = torch.minimum(cand_start + torch.div(cand_size, 2, rounding_mode="floor"), last_block)  # center
+        scores = table.gather(-1, rep) if table is not None else _gather_scores(queries, key, rep, block_k)
+        scores = scores.masked_fill(cand_size == 0, float("-inf"))
+        keep = scores.topk(num_groups, dim=-1).indices
+        starts, sizes = cand_start.gather(-1, keep), cand_size.gather(-1, keep)
+        rounds += 1
+    valid = sizes == 1
+    blocks = torch.where(valid, starts, torch.zeros_like(starts))
+    order = torch.where(valid, blocks, torch.full_like(blocks, torch.iinfo(torch.int64).max)).argsort(dim=-1)
+    return Selection(blocks=blocks.gather(-1, order), valid=valid.gather(-1, order), rounds=rounds)
+
+
+@dataclass(frozen=True, slots=True)
+class SparseGeometry:
+    """Where each query block of one attention call sits and which key blocks it may search.
+
+    Queries are the last `num_queries` of `num_keys` positions (bottom-right causal). They are cut
+    into blocks of `block_q`; the last block is padded by repeating the last query. The candidate key
+    blocks of a block are [lo, hi): from `floor(sinks / b_k)` to the block holding token
+    `last query - window + lookahead` (sinks and window are attended anyway).
+    """
+
+    block_q: int
+    block_k: int
+    sinks: int
+    window: int
+    num_queries: int
+    num_keys: int
+    positions: torch.Tensor  # int64 [nQB * b_q]: absolute position of every (padded) query row
+    lo: torch.Tensor  # int64 [nQB]
+    hi: torch.Tensor  # int64 [nQB]
+
+    @classmethod
+    def build(
+        cls,
+        num_queries: int,
+        num_keys: int,
+        block_q: int,
+        block_k: int,
+        sinks: int,
+        window: int,
+        lookahead: int,
+        device: torch.device,
+    ) -> SparseGeometry:
+        num_blocks = -(-num_queries // block_q)
+        rows = torch.arange(num_blocks * block_q, device=device).clamp(max=num_queries - 1)
+        positions = num_keys - num_queries + rows
+        last = positions.view(num_blocks, block_q)[:, -1]
+        end = (last + 1 - window + lookahead).clamp(max=num_keys)  # exclusive token limit
+        lo = torch.full((num_blocks,), sinks // block_k, dtype=torch.int64, device=device)
+        hi = torch.maximum(torch.div(end + block_k - 1, block_k, rounding_mode="floor"), lo)
+        return cls(block_q, block_k, sinks, window, num_queries, num_keys, positions, lo, hi)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.lo.shape[0]
+
+    def query_blocks(self, query: torch.Tensor) -> torch.Tensor:
+        """[B, H, Tq, D] -> [B, H, nQB, b_q, D], the last block padded with the last query."""
+        b, h, tq, d = query.shape
+        pad = self.num_blocks * self.block_q - tq
+        if pad:
+            query = torch.cat([query, query[:, :, -1:].expand(b, h, pad, d)], dim=2)
+        return query.view(b, h, self.num_blocks, self.block_q, d)

@@ -1,0 +1,237 @@
+"""HiP: sparse attention kernels vs a dense-mask oracle, the branch-and-prune search, decode mask reuse."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kvmux.policies.base import AttentionCall
+from kvmux.policies.dense import repeat_kv, sdpa
+from kvmux.policies.hip import HipParams, sparse_attention
+from kvmux.policies.hip_search import Selection, SparseGeometry, hip_search
+
+from tests.policies.helpers import full_logits, new_session, run_prefill, stepwise_logits
+from tests.tiny_models import make_tiny
+
+SMALL = dict(mask_k=32, sink_tokens=4, window=16, block_size_q=16, dense_layers=0)  # budget 52
+
+
+def oracle(q, k, v, sel: Selection, geo: SparseGeometry, scaling: float):
+    """Dense attention with the token mask the selection means: sinks, selected blocks and window, causal."""
+    b, hq, tq, _ = q.shape
+    tk = k.shape[2]
+    pos = torch.arange(tk - tq, tk)
+    keys = torch.arange(tk)
+    causal = keys[None, :] <= pos[:, None]
+    fixed = causal & ((keys[None, :] < geo.sinks) | (keys[None, :] > pos[:, None] - geo.window))
+    mask = fixed.expand(b, hq, tq, tk).clone()
+    tokens = sel.blocks[..., None] * geo.block_k + torch.arange(geo.block_k)  # [B, Hq, nQB, K_b, b_k]
+    tokens = torch.where(sel.valid[..., None], tokens, torch.full_like(tokens, -1)).flatten(-2)
+    for row in range(tq):
+        chosen = tokens[:, :, row // geo.block_q]
+        hit = (keys.view(1, 1, 1, tk) == chosen[..., None]).any(-2)  # [B, Hq, Tk]
+        mask[:, :, row] |= hit & causal[row]
+    groups = hq // k.shape[1]
+    scores = torch.matmul(q, repeat_kv(k, groups).transpose(-1, -2)) * scaling
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+    return torch.matmul(probs, repeat_kv(v, groups)).transpose(1, 2), mask.sum(-1)
+
+
+@pytest.mark.parametrize(
+    "tq,tk,bq,bk,sinks,window,groups,mode",
+    [
+        (70, 300, 8, 2, 5, 20, 8, "gather"),
+        (70, 300, 8, 2, 5, 20, 8, "table"),
+        (64, 64, 16, 2, 4, 8, 4, "auto"),  # prefill from empty: first windows start before key 0
+        (33, 200, 16, 4, 0, 3, 6, "gather"),  # no sinks, window < b_q, partial last query block
+        (1, 180, 1, 2, 16, 30, 10, "table"),  # decode shape
+        (40, 260, 32, 1, 7, 64, 5, "table"),
+    ],
+)
+def test_fast_and_reference_match_dense_mask_oracle(tq, tk, bq, bk, sinks, window, groups, mode):
+    torch.manual_seed(tq + tk)
+    q, k, v = torch.randn(2, 6, tq, 16), torch.randn(2, 3, tk, 16), torch.randn(2, 3, tk, 16)
+    geo = SparseGeometry.build(tq, tk, bq, bk, sinks, window, lookahead=0, device=q.device)
+    sel = hip_search(geo.query_blocks(q), k, geo.lo, geo.hi, groups, bk, query_stride=2 if bq > 1 else 1, score_mode=mode)
+    want, want_counts = oracle(q, k, v, sel, geo, 0.25)
+    for kernel in ("reference", "fast"):
+        out, counts = sparse_attention(q, k, v, sel, geo, 0.25, kernel=kernel)
+        torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-4)
+        assert torch.equal(counts, want_counts)
+        assert int(counts.max()) <= sinks + groups * bk + window
+
+
+def test_every_candidate_selected_is_exact_dense_attention():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 4, 50, 16), torch.randn(1, 2, 120, 16), torch.randn(1, 2, 120, 16)
+    geo = SparseGeometry.build(50, 120, 16, 2, 3, 10, lookahead=0, device=q.device)
+    sel = hip_search(geo.query_blocks(q), k, geo.lo, geo.hi, 64, 2, query_stride=2)
+    assert bool(sel.valid.sum(-1).eq(geo.hi - geo.lo).all()) and sel.rounds == 0
+    for kernel in ("reference", "fast"):
+        out, counts = sparse_attention(q, k, v, sel, geo, 0.25, kernel=kernel)
+        torch.testing.assert_close(out, sdpa(q, k, v, None, 0.25), atol=1e-5, rtol=1e-4)
+        assert counts[0, 0].tolist() == list(range(71, 121))  # query at position p sees p + 1 keys
+
+
+def test_gather_and_table_scoring_select_the_same_blocks():
+    torch.manual_seed(1)
+    q, k = torch.randn(1, 4, 96, 32), torch.randn(1, 2, 900, 32)
+    geo = SparseGeometry.build(96, 900, 32, 2, 16, 64, lookahead=0, device=q.device)
+    a = hip_search(geo.query_blocks(q), k, geo.lo, geo.hi, 32, 2, query_stride=2, score_mode="gather")
+    b = hip_search(geo.query_blocks(q), k, geo.lo, geo.hi, 32, 2, query_stride=2, score_mode="table")
+    assert a.rounds == b.rounds == 4  # ~400 candidate blocks in 32 groups of ~13: 4 halvings
+    assert torch.equal(a.blocks, b.blocks) and torch.equal(a.valid, b.valid)
+    assert bool(a.valid.all())
+    in_range = (a.blocks >= geo.lo.view(1, 1, -1, 1)) & (a.blocks < geo.hi.view(1, 1, -1, 1))
+    assert bool(in_range.all())  # never a sink or window block
+
+
+def test_search_finds_planted_high_score_blocks_better_than_random():
+    """Keys follow a smooth random walk (attention locality) with 12 planted regions of 6 blocks aligned to q."""
+    torch.manual_seed(2)
+    d, num_blocks, groups = 32, 1024, 64
+    walk = torch.cumsum(torch.randn(num_blocks * 2, d) * 0.05, dim=0)
+    keys = walk - walk.mean(0)
+    q = torch.randn(d)
+    q = q / q.norm()
+    planted = (torch.randperm(num_blocks // 8)[:12] * 8).tolist()  # region starts, in blocks
+    for start in planted:
+        keys[start * 2 : (start + 6) * 2] += 4.0 * q
+    k = keys.view(1, 1, -1, d)
+    sel = hip_search(q.view(1, 1, 1, 1, d), k, torch.tensor([0]), torch.tensor([num_blocks]), groups, 2)
+    assert sel.rounds == 4  # groups of 16 blocks halve down to 1
+    chosen = set(sel.blocks.flatten().tolist())
+    targets = {s + i for s in planted for i in range(6)}  # 72 blocks
+    block_scores = (k[0, 0].view(num_blocks, 2, d) @ q).amax(-1)
+    true_top = set(block_scores.topk(groups).indices.tolist())
+    random_hits = [len(targets & set(torch.randperm(num_blocks)[:groups].tolist())) for _ in range(50)]
+    assert len(targets & chosen) >= 40 and len(true_top & chosen) >= 40
+    assert sum(any(s + i in chosen for i in range(6)) for s in planted) >= 10  # regions reached
+    assert len(targets & chosen) > 4 * max(random_hits)
+
+
+def test_budget_covering_sequence_reproduces_full(tiny):
+    model, info, runner = tiny
+    ids = torch.randint(0, 256, (1, 80))
+    session = new_session("hip", info, mask_k=64, sink_tokens=4, window=16, dense_layers=0)  # budget 84
+    got = stepwise_logits(session, runner, ids, chunk=16)
+    torch.testing.assert_close(got, full_logits(model, ids), atol=2e-5, rtol=1e-4)
+    assert session.stats().extra["hip_searches"] == 0 and session.stats().extra["hip_density"] == 1.0
+
+
+def test_dense_layers_cover_every_layer_reproduces_full(tiny_llama):
+    model, info, runner = tiny_llama
+    ids = torch.randint(0, 256, (1, 200))
+    session = new_session("hip", info, **{**SMALL, "dense_layers": info.num_layers})
+    torch.testing.assert_close(stepwise_logits(session, runner, ids, 64), full_logits(model, ids), atol=2e-5, rtol=1e-4)
+    assert session.stats().extra["hip_searches"] == 0
+
+
+def test_sparse_path_bounds_keys_per_query_and_keeps_full_cache(tiny_llama):
+    model, info, runner = tiny_llama
+    ids = torch.randint(0, 256, (1, 300))
+    session = new_session("hip", info, **SMALL)
+    logits = run_prefill(session, runner, ids)
+    for token in range(5):
+        logits = session.decode(runner, int(logits.argmax()))
+    stats = session.stats()
+    budget = 32 + 4 + 16
+    assert stats.extra["hip_budget_per_query"] == budget
+    assert stats.extra["hip_max_keys_per_query"] == budget  # reached, never exceeded
+    assert 0.0 < stats.extra["hip_density"] < 0.5
+    assert stats.tokens_kept == stats.tokens_seen == 305 and stats.kv_bytes_kept == stats.kv_bytes_full
+    dense = full_logits(model, ids)[-1]
+    sparse_first = run_prefill(new_session("hip", info, **SMALL), runner, ids)
+    assert not torch.allclose(sparse_first, dense, atol=1e-3)  # the sparse path really ran
+
+
+def test_chunked_prefill_aligned_to_query_blocks_equals_one_forward(tiny_llama):
+    model, info, runner = tiny_llama
+    ids = torch.randint(0, 256, (1, 260))
+    chunked = stepwise_logits(new_session("hip", info, **SMALL), runner, ids, chunk=32)
+    whole = stepwise_logits(new_session("hip", info, **SMALL), runner, ids, chunk=260)
+    torch.testing.assert_close(chunked, whole, atol=2e-5, rtol=1e-4)
+
+
+def test_decode_with_refresh_every_step_equals_a_search_per_query(tiny_llama):
+    """r_m = 1 decode re-searches every step; that is a prefill whose query blocks hold one query."""
+    model, info, runner = tiny_llama
+    ids = torch.randint(0, 256, (1, 220))
+    decode = new_session("hip", info, **SMALL, refresh_interval=1)
+    per_step = stepwise_logits(decode, runner, ids, chunk=1)
+    single = new_session("hip", info, **{**SMALL, "block_size_q": 1, "block_stride_q": 1})
+    torch.testing.assert_close(per_step, stepwise_logits(single, runner, ids, chunk=220), atol=2e-5, rtol=1e-4)
+    assert decode.stats().extra["hip_mask_reuses"] == 0
+
+
+def test_decode_reuses_mask_and_refreshes_every_interval(tiny_llama):
+    model, info, runner = tiny_llama
+    ids = torch.randint(0, 256, (1, 120))
+    session = new_session("hip", info, **SMALL, refresh_interval=4)
+    logits = run_prefill(session, runner, ids)
+    selections = []
+    for _ in range(9):
+        logits = session.decode(runner, int(logits.argmax()))
+        selections.append(session.decode_masks[1].selection)
+    assert [s is selections[0] for s in selections[:4]] == [True] * 4
+    assert selections[4] is not selections[3] and selections[8] is not selections[7]
+    extra = session.stats().extra
+    assert extra["hip_mask_reuses"] == 2 * 6  # 2 layers x steps 2-4 and 6-8
+    # a new prompt chunk invalidates the decode masks
+    runner.forward(session, torch.randint(0, 256, (1, 5)))
+    assert session.decode_masks == {}
+
+
+def test_refresh_interval_longer_than_window_is_capped():
+    params = HipParams(window=4, refresh_interval=8)
+    assert params.effective_refresh == 4
+    # at a refresh the candidate range reaches into the window far enough that no token falls out
+    for lookahead in range(params.effective_refresh):
+        geo = SparseGeometry.build(1, 500, 1, 2, 16, params.window, params.effective_refresh - 1, torch.device("cpu"))
+        later_position = 499 + lookahead
+        assert int(geo.hi[0]) * 2 >= later_position - params.window + 1
+
+
+def test_concurrent_sessions_are_independent(tiny_llama):
+    model, info, runner = tiny_llama
+    ids = torch.randint(0, 256, (1, 150))
+    solo_a = stepwise_logits(new_session("hip", info, **SMALL), runner, ids, chunk=1)
+    solo_b = stepwise_logits(new_session("hip", info, **{**SMALL, "mask_k": 16, "refresh_interval": 3}), runner, ids, 1)
+    a = new_session("hip", info, **SMALL)
+    b = new_session("hip", info, **{**SMALL, "mask_k": 16, "refresh_interval": 3})
+    got_a, got_b = [], []
+    for t in range(150):
+        got_a.append(runner.forward(a, ids[:, t : t + 1], all_logits=True)[0])
+        got_b.append(runner.forward(b, ids[:, t : t + 1], all_logits=True)[0])
+    torch.testing.assert_close(torch.cat(got_a), solo_a, atol=1e-6, rtol=0)
+    torch.testing.assert_close(torch.cat(got_b), solo_b, atol=1e-6, rtol=0)
+    assert not torch.allclose(solo_a[-1], solo_b[-1], atol=1e-4)
+
+
+def test_decode_call_without_session_state_uses_single_query_geometry(tiny_llama):
+    """A decode call on a sparse layer searches over one query block of one query."""
+    model, info, runner = tiny_llama
+    session = new_session("hip", info, **SMALL)
+    q, k = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 100, 16)
+    out = session.attention(AttentionCall(1, q, k, torch.randn(1, 2, 100, 16), None, 0.25))
+    assert out.shape == (1, 1, 4, 16)
+    sel = session.decode_masks[1].selection
+    assert sel.blocks.shape == (1, 4, 1, 16) and sel.rounds > 0
+
+
+def test_params_validation():
+    with pytest.raises(ValueError):
+        HipParams(mask_k=31, block_size_k=2)
+    with pytest.raises(ValueError):
+        HipParams(block_size_q=4, block_stride_q=8)
+    assert HipParams().budget == 512 + 16 + 256
+
+
+@pytest.mark.model
+def test_embedded_model_passkey_at_2k(smollm):
+    from scripts.measure_hip import passkey_prompt, run_sample
+
+    ids = passkey_prompt(smollm.tokenizer, 2048, 0.4, 73915)
+    out = run_sample(smollm, "hip", {}, ids, max_new=7)
+    assert "73915" in out["text"]
+    assert out["stats"]["hip_max_keys_per_query"] <= 784 and out["stats"]["hip_searches"] > 0
+
