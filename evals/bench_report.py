@@ -1,0 +1,205 @@
+"""Reports of `kvmux bench`: the results JSON, a Markdown table and PNG plots.
+
+In-process results (kind "kvmux-bench") become `bench.json`, `bench.md` and `bench.png`
+(TTFT, decode rate, KV kept and peak-memory growth against prompt length, one line per preset,
+the transformers baseline dashed). Serving-load results (kind "kvmux-serve-load") become
+`serve_load.json`, `serve_load.md` and `serve_load.png` (output tokens/s, TTFT and ITL p50/p99
+against concurrency).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+MIB = 1024 * 1024
+
+
+def _fmt(value: float | None, spec: str = ".1f", scale: float = 1.0, missing: str = "–") -> str:
+    return missing if value is None else format(value * scale, spec)
+
+
+def _ratio(value: float | None) -> str:
+    return "–" if value is None else f"×{value:.2f}"
+
+
+def _spread(summary: dict[str, Any], spec: str, scale: float = 1.0) -> str:
+    if not summary or summary.get("median") is None:
+        return "–"
+    med = _fmt(summary["median"], spec, scale)
+    if summary.get("n", 0) < 2:
+        return med
+    return f"{med} [{_fmt(summary['min'], spec, scale)}–{_fmt(summary['max'], spec, scale)}]"
+
+
+def bench_markdown(doc: dict[str, Any]) -> str:
+    model, settings, env = doc["model"], doc["settings"], doc["environment"]
+    lines = [
+        f"# kvmux bench: {model['name']}",
+        "",
+        f"- model: `{model['name']}` ({model['source']}), {model['num_layers']} layers, {model['num_heads']} heads / "
+        f"{model['num_kv_heads']} KV heads × {model['head_dim']}, {model['dtype']} on {model['device']}",
+        f"- machine: {env.get('gpu') or env['processor']}, torch {env['torch']}, transformers {env['transformers']}, "
+        f"{env['torch_threads']} threads",
+        f"- {settings['new_tokens']} greedy tokens per run; {settings['warmup']} warm-up round(s) excluded; "
+        f"{settings['repeats']} measured round(s), median [min–max]; prefill chunk {settings['prefill_chunk_tokens']}",
+        f"- baseline: {settings['baseline']}; ratios (×) are to its median in the same run",
+        f"- memory: {settings['memory_measure']} (Δ = growth over the start of the run); prompt: {settings['prompt']}",
+    ]
+    if doc.get("command"):
+        lines.append(f"- command: `{doc['command']}`")
+    lines += [
+        "",
+        "| length | preset | policy | TTFT ms | TTFT × | decode tok/s | decode × | KV kept MiB | KV % full "
+        "| peak mem MiB | Δ mem MiB | Δ mem × | sparsity | tokens = baseline | note |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for row in doc["results"]:
+        s, r = row["summary"], row.get("ratios") or {}
+        if row["status"] != "ok" or not s:
+            lines.append(f"| {row['length']} | {row['preset']} | {row['policy']} |" + " – |" * 11 + f" {row['note']} |")
+            continue
+        kv_ratio = s["kv_ratio"]["median"]
+        match = row.get("tokens_match_baseline")
+        lines.append(
+            f"| {row['length']} | {row['preset']} | {row['policy']} | {_spread(s['ttft_s'], '.1f', 1e3)} "
+            f"| {_ratio(r.get('ttft_s'))} | {_spread(s['decode_tokens_per_s'], '.1f')} "
+            f"| {_ratio(r.get('decode_tokens_per_s'))} | {_fmt(s['kv_bytes_kept_peak']['median'], '.1f', 1 / MIB)} "
+            f"| {_fmt(kv_ratio, '.1f', 100)} | {_fmt(s['peak_mem_bytes']['median'], '.0f', 1 / MIB)} "
+            f"| {_fmt(s['peak_mem_delta_bytes']['median'], '.1f', 1 / MIB)} | {_ratio(r.get('peak_mem_delta_bytes'))} "
+            f"| {_fmt(s['attention_sparsity']['median'], '.2f')} | {_fmt(match, '.0%', missing='–')} | {row['note']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def token_label(n: int) -> str:
+    """2048 -> '2K', 131072 -> '128K', 1000 -> '1000'."""
+    return f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else str(n)
+
+
+def _length_axis(ax, lengths: list[int]) -> None:
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(lengths, [token_label(n) for n in lengths])
+    ax.minorticks_off()
+    ax.set_xlabel("prompt tokens")
+
+
+def _series(doc: dict[str, Any], metric: str, scale: float = 1.0) -> dict[str, tuple[list[int], list[float]]]:
+    out: dict[str, tuple[list[int], list[float]]] = {}
+    for row in doc["results"]:
+        summary = row["summary"].get(metric) if row["status"] == "ok" else None
+        if not summary or summary.get("median") is None:
+            continue
+        xs, ys = out.setdefault(row["preset"], ([], []))
+        xs.append(row["length"])
+        ys.append(summary["median"] * scale)
+    return out
+
+
+def bench_plot(doc: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from kvmux.evals.bench_measure import BASELINE_NAME
+
+    panels = [
+        ("ttft_s", 1e3, "TTFT (ms)"),
+        ("decode_tokens_per_s", 1.0, "decode tokens/s"),
+        ("kv_bytes_kept_peak", 1 / MIB, "peak KV kept (MiB)"),
+        ("peak_mem_delta_bytes", 1 / MIB, "peak memory growth (MiB)"),
+    ]
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    for ax, (metric, scale, label) in zip(axes.flat, panels, strict=True):
+        for name, (xs, ys) in _series(doc, metric, scale).items():
+            style = {"color": "black", "linestyle": "--"} if name == BASELINE_NAME else {}
+            ax.plot(xs, ys, marker="o", label=name, **style)
+        _length_axis(ax, sorted({row["length"] for row in doc["results"]}))
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    if axes.flat[0].get_legend_handles_labels()[0]:
+        axes.flat[0].legend(fontsize=8)
+    fig.suptitle(f"kvmux bench — {doc['model']['name']} on {doc['environment'].get('gpu') or doc['model']['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def load_markdown(doc: dict[str, Any]) -> str:
+    settings = doc["settings"]
+    lines = [
+        f"# kvmux bench (serving load): {doc['model']} at {doc['url']}",
+        "",
+        f"- {settings['endpoint']} endpoint, {settings['max_tokens']} output tokens (ignore_eos, temperature 0), "
+        f"streamed with usage; all requests released at once, at most `concurrency` in flight",
+    ]
+    if doc.get("command"):
+        lines.append(f"- command: `{doc['command']}`")
+    lines += [
+        "",
+        "| preset | prompt tok | conc | ok / failed | req/s | out tok/s | TTFT p50 ms | TTFT p99 ms "
+        "| ITL p50 ms | ITL p99 ms | TPOT p50 ms | E2E p50 ms | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for row in doc["results"]:
+        errors = "; ".join(f"{e['count']}× {e['message'][:80]}" for e in row["errors"][:3])
+        prompt = row.get("mean_prompt_tokens") or row["prompt_tokens_target"]
+        lines.append(
+            f"| {row['preset']} | {_fmt(prompt, '.0f')} | {row['concurrency']} | {row['completed']} / {row['failed']} "
+            f"| {_fmt(row['request_throughput'], '.2f')} | {_fmt(row['output_throughput'], '.1f')} "
+            f"| {_fmt(row['ttft_ms']['median'], '.0f')} | {_fmt(row['ttft_ms']['p99'], '.0f')} "
+            f"| {_fmt(row['itl_ms']['median'], '.1f')} | {_fmt(row['itl_ms']['p99'], '.1f')} "
+            f"| {_fmt(row['tpot_ms']['median'], '.1f')} | {_fmt(row['e2el_ms']['median'], '.0f')} | {errors} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def load_plot(doc: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in doc["results"]:
+        groups.setdefault(f"{row['preset']} @ {row['prompt_tokens_target']}", []).append(row)
+    for label, rows in groups.items():
+        xs = [r["concurrency"] for r in rows]
+        axes[0].plot(xs, [r["output_throughput"] or 0 for r in rows], marker="o", label=label)
+        for ax, key in ((axes[1], "ttft_ms"), (axes[2], "itl_ms")):
+            (line,) = ax.plot(xs, [r[key]["median"] or float("nan") for r in rows], marker="o", label=f"{label} p50")
+            ax.plot(
+                xs, [r[key]["p99"] or float("nan") for r in rows], marker="x", linestyle=":", color=line.get_color()
+            )
+    levels = sorted({row["concurrency"] for row in doc["results"]})
+    for ax, label in zip(axes, ("output tokens/s", "TTFT ms (p50 ─, p99 ┈)", "ITL ms (p50 ─, p99 ┈)"), strict=True):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(levels, [str(c) for c in levels])
+        ax.minorticks_off()
+        ax.set_xlabel("concurrency")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    if groups:
+        axes[0].legend(fontsize=8)
+    fig.suptitle(f"kvmux serving load — {doc['model']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(doc: dict[str, Any], out_dir: Path) -> dict[str, Path]:
+    """Write JSON, Markdown and PNG for a bench or load document; returns their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if doc["kind"] == "kvmux-bench":
+        stem, markdown, plot = "bench", bench_markdown, bench_plot
+    elif doc["kind"] == "kvmux-serve-load":
+        stem, markdown, plot = "serve_load", load_markdown, load_plot
+    else:
+        raise ValueError(f"unknown results kind {doc['kind']!r}")
+    paths = {"json": out_dir / f"{stem}.json", "md": out_dir / f"{stem}.md", "png": out_dir / f"{stem}.png"}
+    paths["json"].write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    paths["md"].write_text(markdown(doc))
+    plot(doc, paths["png"])
+    return paths
