@@ -1,0 +1,340 @@
+"""InfiniRetri: read a long context in chunks and keep the sentences the model's attention retrieves.
+
+Infinite Retrieval: Attention Enhanced LLMs in Long-Context Processing, Ye, Wang & Wang, 2025,
+https://arxiv.org/abs/2502.12962 (reference code: the PyPI package `infini-retri` 0.0.3).
+
+Algorithm: the prompt is split into instruction (kept verbatim), context and question. The
+context is cut into sentences and packed into chunks of at most `chunk_tokens` whole sentences.
+For each chunk, one forward over instruction + sentences retained so far + chunk + question
+(fresh positions, throwaway cache) gives, in one layer, the attention of every question token to
+every candidate token, summed over heads, summed over a centred window of `window` tokens
+("phrases"), and weighted per question row by the square of the attention that row pays inside
+the question (computed at the first scored chunk). The `top_k` best tokens select sentences:
+every sentence that contains one is retained, the rest is dropped; old and new sentences compete
+again at every chunk. After the last chunk the real cache is rebuilt from instruction + retained
+sentences + question, and generation continues normally from there with the request's sampling.
+
+Prompt layout (how the request's own template is preserved):
+- Chat: the context is the last user message; everything before it (the rendered template,
+  system prompt, earlier turns) is the instruction, kept token for token. Completions: the whole
+  prompt is the context (leading special tokens such as BOS are kept as the instruction).
+- The question: `kv_policy.query` if given. If it occurs in that text, its last occurrence
+  starts the question; otherwise it is appended after the context as "\\n\\n" + query. Without a
+  query, the question is the text after the last blank line, or after the last line break when
+  that paragraph is longer than `max_question_tokens`; a text with no line break is all question
+  (nothing to read). The question runs to the end of the prompt, so it includes the chat
+  template's closing tokens and assistant header, as in the reference.
+- Kept sentences are the prompt's own token ids, so when every sentence is kept the rebuilt
+  prompt is the original prompt, token for token.
+
+Deviations from the reference, and why:
+- Scoring layer: the reference uses the last layer. On small models the last layer is a poor
+  retriever (SmolLM2-135M, 30 layers: needle rank 26-268 in layer 29 vs ~12 in layer 18), so the
+  layer is configurable (`layer`, negative counts from the end; -1 = the paper) and by default
+  taken at `layer_depth` of the stack (0.62: layer 18 of 30).
+- Attention sinks: the first `sink_tokens` positions of each scoring input are left out of the
+  ranking (their attention is zeroed before smoothing), so sink mass does not spill into
+  neighbouring tokens' phrase scores.
+- Only the question rows of the scoring layer are materialised (exact fp32 softmax); other
+  layers use dense SDPA and the forward stops after the scoring layer, since the layers above
+  cannot change its attention. The reference runs eager attention with all layers' maps.
+- Sentences are split in token space (line breaks also end a sentence; see `sentences.py`) and
+  kept as token ids instead of being decoded and re-encoded, so no tokenisation drift.
+- When the candidates of a chunk number at most `top_k`, all are kept without a forward (the
+  reference's scoring would keep them all too).
+- The last two chunks are not rebalanced; the retained text is capped so that every scoring
+  input and the final prompt leave `chunk_tokens` of the model's context free (lowest-scoring
+  sentences go first).
+- The final answer is decoded with the request's sampling settings (the reference samples at
+  temperature 0.5).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Generator
+from dataclasses import dataclass
+
+import torch
+from kvmux.policies.base import AttentionCall, Policy, PolicyInputError, PolicyParams, PolicySession, SessionRequest
+from kvmux.policies.dense import attention_probs, dense_attention
+from kvmux.policies.registry import register
+from kvmux.policies.sentences import (
+    Span,
+    decode,
+    gather,
+    pack_chunks,
+    sentence_spans,
+    span_length,
+    token_boundary,
+    token_pieces,
+)
+from pydantic import Field
+from transformers import DynamicCache
+
+
+class InfiniRetriParams(PolicyParams):
+    chunk_tokens: int = Field(1024, ge=16, le=65536, description="context tokens read per chunk (paper: 1024)")
+    top_k: int = Field(300, ge=1, le=100_000, description="best-scored tokens whose sentences are kept (paper: 300)")
+    window: int = Field(8, ge=1, le=256, description="phrase window: token scores summed over this many (paper: 8)")
+    layer: int | None = Field(
+        None, ge=-1024, le=1023, description="scoring layer (negative from the end; -1 = last, the paper)"
+    )
+    layer_depth: float = Field(0.62, ge=0.0, le=1.0, description="when layer is unset: fraction of the layer stack")
+    sink_tokens: int = Field(4, ge=0, le=1024, description="first positions of each scoring input left out")
+    question_weight: bool = Field(True, description="weight question rows by their in-question attention squared")
+    max_question_tokens: int = Field(512, ge=1, le=65536, description="longest default question paragraph")
+
+
+@dataclass(slots=True)
+class PromptLayout:
+    """The prompt as instruction + context span + question (token ids of the original prompt)."""
+
+    prefix: list[int]
+    context: Span
+    question: list[int]
+    source: str  # how the question was found
+
+
+class _ProbeDone(Exception):
+    """Raised inside the scoring forward once the scoring layer's rows are captured."""
+
+
+@dataclass(slots=True)
+class _Probe:
+    layer: int
+    question_start: int
+    rows: torch.Tensor | None = None  # [R, N] question rows' probabilities, summed over heads
+
+
+def _last_user_text(messages: list[dict]) -> str | None:
+    for message in reversed(messages):
+        if message.get("role") == "user":
+            content = message.get("content")
+            if isinstance(content, list):  # OpenAI content parts
+                content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+            return content if isinstance(content, str) else None
+    return None
+
+
+def _default_question_starts(region: str) -> list[tuple[int, str]]:
+    """Candidate question starts in `region` (character offsets), preferred first."""
+    text = region.rstrip()
+    starts = []
+    blank = [m.end() for m in re.finditer(r"\n[ \t]*\n", text)]
+    if blank:
+        starts.append((blank[-1], "after_last_blank_line"))
+    line = text.rfind("\n")
+    if line >= 0:
+        starts.append((line + 1, "last_line"))
+    return starts
+
+
+def split_prompt(tokenizer, ids: list[int], request: SessionRequest, max_question_tokens: int) -> PromptLayout:
+    """Find instruction, context and question in the prompt ids (see the module docstring)."""
+    text = decode(tokenizer, ids)
+    if request.messages:
+        content = _last_user_text(request.messages)
+        if not content or not content.strip():
+            raise PolicyInputError("infiniretri needs a non-empty user message holding the context and question")
+        start = text.rfind(content)
+        if start < 0:
+            content = content.strip()
+            start = text.rfind(content)
+        if start < 0:
+            raise PolicyInputError("infiniretri could not find the last user message in the rendered prompt")
+        r0, r1 = start, start + len(content)
+    else:
+        special = set(getattr(tokenizer, "all_special_ids", None) or [])
+        lead = 0
+        while lead < len(ids) and ids[lead] in special:
+            lead += 1
+        r0, r1 = len(decode(tokenizer, ids[:lead])), len(text)
+    region = text[r0:r1]
+    if not region.strip():
+        raise PolicyInputError("infiniretri needs a question: the prompt is empty")
+    c0 = token_boundary(tokenizer, ids, r0, after=True)
+    query = request.query_text
+    if query is not None:
+        if not query.strip():
+            raise PolicyInputError("kv_policy.query is empty", "kv_policy.query")
+        found = region.rfind(query)
+        if found < 0:  # the question is not in the prompt: read all of it, ask the query after it
+            tail = max(c0, token_boundary(tokenizer, ids, r1, after=False))
+            asked = list(tokenizer.encode("\n\n" + query, add_special_tokens=False))
+            return PromptLayout(ids[:c0], (c0, tail), asked + ids[tail:], "query_appended")
+        q = max(c0, token_boundary(tokenizer, ids, r0 + found, after=False))
+        return PromptLayout(ids[:c0], (c0, q), ids[q:], "query")
+    starts = _default_question_starts(region)
+    if not starts:  # a single line: all question, nothing to read
+        return PromptLayout(ids[:c0], (c0, c0), ids[c0:], "whole_prompt")
+    r1_token = token_boundary(tokenizer, ids, r1, after=True)
+    for offset, source in starts:
+        q = max(c0, token_boundary(tokenizer, ids, r0 + offset, after=False))
+        if r1_token - q <= max_question_tokens:
+            return PromptLayout(ids[:c0], (c0, q), ids[q:], source)
+    raise PolicyInputError(
+        f"infiniretri found no question: the last line is longer than max_question_tokens "
+        f"({max_question_tokens}); pass kv_policy.query or end the prompt with the question on its own line"
+    )
+
+
+def window_sum(x: torch.Tensor, window: int) -> torch.Tensor:
+    """[R, L] -> [R, L]: each column replaced by the sum over columns j-window//2 .. j+(window-1)//2."""
+    padded = torch.nn.functional.pad(x, (window // 2, (window - 1) // 2))
+    kernel = torch.ones(1, 1, window, dtype=x.dtype, device=x.device)
+    return torch.nn.functional.conv1d(padded[:, None], kernel)[:, 0]
+
+
+def score_candidates(
+    rows: torch.Tensor, start: int, end: int, window: int, sink_tokens: int, row_weights: torch.Tensor | None
+) -> torch.Tensor:
+    """Phrase scores [end-start] of candidate positions [start, end) from question rows [R, N]."""
+    region = rows[:, start:end].clone()
+    if sink_tokens > start:
+        region[:, : sink_tokens - start] = 0.0
+    smoothed = window_sum(region, window)
+    if row_weights is not None:
+        smoothed = smoothed * row_weights[:, None]
+    return smoothed.sum(0)
+
+
+def select_sentences(scores: torch.Tensor, lengths: list[int], top_k: int) -> tuple[list[int], torch.Tensor]:
+    """(indices of the sentences holding a top-k token, in order; each sentence's best score)."""
+    owner = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    top = scores.topk(min(top_k, scores.numel())).indices.cpu()
+    best = torch.full((len(lengths),), float("-inf")).scatter_reduce(0, owner, scores.float().cpu(), "amax")
+    return owner[top].unique().tolist(), best
+
+
+def cap_sentences(chosen: list[int], best: torch.Tensor, lengths: list[int], limit: int) -> list[int]:
+    """Keep the best-scoring chosen sentences whose total length fits `limit` (document order)."""
+    if sum(lengths[i] for i in chosen) <= limit:
+        return chosen
+    kept, total = [], 0
+    for i in sorted(chosen, key=lambda i: -float(best[i])):
+        if total + lengths[i] <= limit:
+            kept.append(i)
+            total += lengths[i]
+    return sorted(kept)
+
+
+class InfiniRetriSession(PolicySession):
+    params: InfiniRetriParams
+
+    def __init__(self, policy, params, info, request):
+        super().__init__(policy, params, info, request)
+        self.scoring_layer = self._resolve_layer()
+        self._probe: _Probe | None = None
+        self._row_weights: torch.Tensor | None = None
+        self._report: dict = {}
+        self.retained: list[Span] = []  # token spans of the prompt kept after the last chunk
+
+    def _resolve_layer(self) -> int:
+        n = self.info.num_layers
+        if self.params.layer is None:
+            return round(self.params.layer_depth * (n - 1))
+        layer = self.params.layer + n if self.params.layer < 0 else self.params.layer
+        if not 0 <= layer < n:
+            raise PolicyInputError(
+                f"layer {self.params.layer} is out of range for a {n}-layer model", "kv_policy.layer"
+            )
+        return layer
+
+    def next_position_ids(self, num_tokens: int) -> torch.Tensor:
+        start = self.cache.get_seq_length()  # the rebuilt prompt is shorter than the tokens seen
+        return torch.arange(start, start + num_tokens, device=self.info.device).unsqueeze(0)
+
+    def attention(self, call: AttentionCall) -> torch.Tensor:
+        probe = self._probe
+        if probe is None or call.layer_idx != probe.layer:
+            return dense_attention(call)
+        rows = call.query[:, :, probe.question_start :]
+        mask = None if call.mask is None else call.mask[:, :, probe.question_start :, :]
+        probe.rows = attention_probs(rows, call.key, call.scaling, mask)[0].sum(0)
+        raise _ProbeDone
+
+    def _question_rows(self, runner, ids: list[int], question_start: int) -> torch.Tensor:
+        """One scoring forward over `ids` (positions 0..N-1, throwaway cache) -> rows [R, N]."""
+        probe = _Probe(self.scoring_layer, question_start)
+        self._probe, self.cache = probe, DynamicCache(config=self.info.config)
+        positions = torch.arange(len(ids), device=self.info.device).unsqueeze(0)
+        try:
+            runner.forward(self, torch.tensor([ids]), position_ids=positions)
+        except _ProbeDone:
+            pass
+        finally:
+            self._probe = None
+        assert probe.rows is not None, "scoring layer was not reached"
+        return probe.rows
+
+    def prefill(self, runner, input_ids: torch.Tensor) -> Generator[None, None, torch.Tensor]:
+        p = self.params
+        tokenizer = self.info.tokenizer
+        if tokenizer is None:
+            raise PolicyInputError("infiniretri needs the model's tokenizer to find sentences")
+        ids = input_ids[0].tolist()
+        layout = split_prompt(tokenizer, ids, self.request, p.max_question_tokens)
+        prefix, question = layout.prefix, layout.question
+        c0, c1 = layout.context
+        fixed = len(prefix) + len(question)
+        limit = self.info.max_context - fixed - p.chunk_tokens  # room for retained sentences
+        if c1 > c0 and limit < 0:
+            raise PolicyInputError(
+                f"infiniretri: instruction and question take {fixed} tokens; with a {p.chunk_tokens}-token "
+                f"chunk they exceed the model's context ({self.info.max_context})"
+            )
+        pieces = token_pieces(tokenizer, ids[c0:c1])
+        spans = [(s + c0, e + c0) for s, e in sentence_spans(pieces, 0, c1 - c0, p.chunk_tokens)]
+        chunks = pack_chunks(spans, p.chunk_tokens)
+        retained: list[Span] = []
+        forwards = 0
+        for chunk in chunks:
+            candidates = retained + chunk
+            lengths = [e - s for s, e in candidates]
+            if sum(lengths) <= p.top_k:
+                retained = candidates
+                continue
+            seq = prefix + gather(ids, candidates) + question
+            q0 = len(seq) - len(question)
+            rows = self._question_rows(runner, seq, q0)
+            forwards += 1
+            if p.question_weight and self._row_weights is None:
+                self._row_weights = rows[:, q0:].sum(-1) ** 2
+            weights = self._row_weights if p.question_weight else None
+            scores = score_candidates(rows, len(prefix), q0, p.window, p.sink_tokens, weights)
+            chosen, best = select_sentences(scores, lengths, p.top_k)
+            retained = [candidates[i] for i in cap_sentences(chosen, best, lengths, max(limit, 0))]
+            yield
+        self.retained = retained
+        final = prefix + gather(ids, retained) + question
+        self._report = {
+            "chunks_read": len(chunks),
+            "scoring_forwards": forwards,
+            "context_tokens": c1 - c0,
+            "tokens_retained": span_length(retained),
+            "retention_ratio": round(span_length(retained) / (c1 - c0), 4) if c1 > c0 else 1.0,
+            "question_tokens": len(question),
+            "question_source": layout.source,
+            "final_prompt_tokens": len(final),
+            "scoring_layer": self.scoring_layer,
+        }
+        self.cache = self.make_cache()
+        logits = yield from super().prefill(runner, torch.tensor([final]))
+        self.tokens_seen = len(ids)  # the original prompt was read, whatever was kept
+        return logits
+
+    def stats(self):
+        stats = super().stats()
+        stats.extra.update(self._report)
+        return stats
+
+
+@register
+class InfiniRetriPolicy(Policy):
+    name = "infiniretri"
+    paper = "2502.12962"
+    Params = InfiniRetriParams
+    session_class = InfiniRetriSession
+    extends_context = True
+    summary = "reads the context in sentence chunks, keeps sentences the question attends to"
