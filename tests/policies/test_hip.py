@@ -10,7 +10,6 @@ from kvmux.policies.hip import HipParams, sparse_attention
 from kvmux.policies.hip_search import Selection, SparseGeometry, hip_search
 
 from tests.policies.helpers import full_logits, new_session, run_prefill, stepwise_logits
-from tests.tiny_models import make_tiny
 
 SMALL = dict(mask_k=32, sink_tokens=4, window=16, block_size_q=16, dense_layers=0)  # budget 52
 
@@ -51,7 +50,8 @@ def test_fast_and_reference_match_dense_mask_oracle(tq, tk, bq, bk, sinks, windo
     torch.manual_seed(tq + tk)
     q, k, v = torch.randn(2, 6, tq, 16), torch.randn(2, 3, tk, 16), torch.randn(2, 3, tk, 16)
     geo = SparseGeometry.build(tq, tk, bq, bk, sinks, window, lookahead=0, device=q.device)
-    sel = hip_search(geo.query_blocks(q), k, geo.lo, geo.hi, groups, bk, query_stride=2 if bq > 1 else 1, score_mode=mode)
+    stride = 2 if bq > 1 else 1
+    sel = hip_search(geo.query_blocks(q), k, geo.lo, geo.hi, groups, bk, query_stride=stride, score_mode=mode)
     want, want_counts = oracle(q, k, v, sel, geo, 0.25)
     for kernel in ("reference", "fast"):
         out, counts = sparse_attention(q, k, v, sel, geo, 0.25, kernel=kernel)
@@ -131,7 +131,7 @@ def test_sparse_path_bounds_keys_per_query_and_keeps_full_cache(tiny_llama):
     ids = torch.randint(0, 256, (1, 300))
     session = new_session("hip", info, **SMALL)
     logits = run_prefill(session, runner, ids)
-    for token in range(5):
+    for _token in range(5):
         logits = session.decode(runner, int(logits.argmax()))
     stats = session.stats()
     budget = 32 + 4 + 16
@@ -234,4 +234,3 @@ def test_embedded_model_passkey_at_2k(smollm):
     out = run_sample(smollm, "hip", {}, ids, max_new=7)
     assert "73915" in out["text"]
     assert out["stats"]["hip_max_keys_per_query"] <= 784 and out["stats"]["hip_searches"] > 0
-
