@@ -1,0 +1,207 @@
+"""`kvmux eval`: long-context quality of every policy preset on the same seeded tasks.
+
+Tasks: passkey (landmark attention), RULER's niah family, vt and cwe, a synthetic document QA
+and stream perplexity (StreamingLLM). Runs in-process on a loaded model, or against any
+OpenAI-compatible server with --url (the question is sent as kv_policy.query; `default` as a
+preset name sends no kv_policy). Results are resumable: re-running the same command skips the
+cells already in <out>/results.json. Writes results.json, summary.md and PNG plots.
+
+Examples:
+  kvmux eval --presets full,streaming_llm --tasks passkey --lengths 2K --depths 0,100 --samples 1
+  kvmux eval --tasks stream_ppl --lengths 16K --presets streaming_llm --ppl-chunk 1
+  kvmux eval --url http://127.0.0.1:8000 --presets full,streaming_llm --tasks niah_single
+  kvmux eval --presets streaming_llm --policy-overrides '{"streaming_llm": [{"window": 256}, {"window": 1020}]}'
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+DEFAULT_TASKS = "passkey,niah_single,niah_multikey,niah_multivalue,niah_multiquery,vt,cwe,qa"
+
+
+def token_count(text: str) -> int:
+    """'2K' -> 2048, '1.5k' -> 1536, '3000' -> 3000."""
+    text = text.strip()
+    if text[-1:].lower() == "k":
+        return int(float(text[:-1]) * 1024)
+    return int(text)
+
+
+def _list(convert):
+    def parse(text: str) -> list:
+        try:
+            return [convert(part) for part in text.split(",") if part.strip()]
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
+
+
+def add_eval_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `eval` on an argparse subparsers object; returns the new parser."""
+    p = subparsers.add_parser(
+        "eval",
+        help="long-context quality per preset (passkey, RULER tasks, QA, stream perplexity)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--presets", type=_list(str), default=None, help="comma list (default: all; --url: 'default')")
+    p.add_argument("--tasks", type=_list(str), default=_list(str)(DEFAULT_TASKS), help=f"comma list ({DEFAULT_TASKS})")
+    p.add_argument("--lengths", type=_list(token_count), default=[2048, 4096, 8192], help="tokens, e.g. 2K,4K,8K")
+    p.add_argument("--depths", type=_list(float), default=[0, 25, 50, 75, 100], help="needle depths in percent")
+    p.add_argument("--samples", type=int, default=3, help="samples per cell")
+    p.add_argument("--seed", type=int, default=42)
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--chat", dest="chat", action="store_true", help="chat template, answer prefix opens the reply")
+    fmt.add_argument("--raw", dest="chat", action="store_false", help="plain prompt + answer prefix (default)")
+    p.set_defaults(chat=False)
+    p.add_argument("--out", type=Path, default=Path("eval-results"), help="output folder (resumable)")
+    p.add_argument("--max-tokens", type=int, default=None, help="tokens to generate (default: per task, as RULER)")
+    p.add_argument(
+        "--policy-overrides",
+        default=None,
+        help='JSON: {"preset": {param: value}} or {"preset": [{...}, {...}]} for a budget sweep',
+    )
+    p.add_argument("--no-query", dest="send_query", action="store_false", help="do not pass the question")
+    p.add_argument("--ppl-chunk", type=int, default=1, help="stream_ppl tokens per forward (1 = token by token)")
+    p.add_argument("--ppl-window", type=int, default=256, help="stream_ppl tokens per reported window")
+    p.add_argument("--url", default=None, help="OpenAI-compatible server to score instead of the in-process model")
+    p.add_argument("--served-model", default=None, help="--url: model name (default: the first of /v1/models)")
+    p.add_argument("--tokenizer", default=None, help="--url: tokenizer folder (default: the embedded model's)")
+    p.add_argument("--model", default=None, help="hub id, local folder or .gguf (default: embedded)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--presets-dir", type=Path, default=None, help="policy preset YAML folder")
+    p.add_argument("--prefill-chunk", type=int, default=2048, help="tokens per prefill forward")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--report-only", action="store_true", help="only rewrite the report from <out>/results.json")
+    p.set_defaults(func=eval_command)
+    return p
+
+
+def _presets_dir(args: argparse.Namespace) -> Path:
+    if args.presets_dir:
+        return args.presets_dir
+    from kvmux.server.config import REPO_CONFIGS
+
+    return REPO_CONFIGS / "policies"
+
+
+def build_engine_backend(args: argparse.Namespace):
+    import torch
+    from kvmux.evals.backends import EngineBackend
+    from kvmux.models.loader import ModelSpec, load_model
+    from kvmux.policies.presets import load_presets
+    from kvmux.server.engine import Engine
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    presets = load_presets(_presets_dir(args))
+    spec = ModelSpec(
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        max_model_len=args.max_model_len,
+        prefill_chunk_tokens=args.prefill_chunk,
+    )
+    loaded = load_model(spec)
+    default = "full" if "full" in presets else next(iter(presets))
+    engine = Engine(loaded, presets, default_preset=default, prefill_chunk_tokens=args.prefill_chunk)
+    return EngineBackend(engine), list(presets)
+
+
+def build_http_backend(args: argparse.Namespace):
+    from kvmux.evals.backends import HTTPBackend
+    from transformers import AutoTokenizer
+
+    source = args.tokenizer
+    if source is None:
+        from kvmux.models.embedded import embedded_gguf_path, materialize_gguf
+
+        source = str(materialize_gguf(embedded_gguf_path()))
+    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+    return HTTPBackend(args.url, tokenizer, model=args.served_model), ["default"]
+
+
+def parse_overrides(text: str | None) -> dict[str, Any]:
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SystemExit(f"--policy-overrides is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise SystemExit('--policy-overrides must be a JSON object: {"preset": {"param": value}}')
+    return value
+
+
+def eval_command(args: argparse.Namespace) -> int:
+    from kvmux.evals.report import write_report
+    from kvmux.evals.results import load_results
+    from kvmux.evals.runner import EvalConfig, EvalRunner, make_variants
+
+    if args.report_only:
+        for path in write_report(load_results(args.out), args.out):
+            print(f"wrote {path}", file=sys.stderr)
+        return 0
+    overrides = parse_overrides(args.policy_overrides)
+    backend, available = build_http_backend(args) if args.url else build_engine_backend(args)
+    try:
+        names = args.presets or available
+        try:
+            variants = make_variants(names, overrides)
+        except ValueError as exc:
+            raise SystemExit(str(exc)) from None
+        config = EvalConfig(
+            variants=variants,
+            tasks=args.tasks,
+            lengths=args.lengths,
+            depths=args.depths,
+            samples=args.samples,
+            seed=args.seed,
+            chat=args.chat,
+            max_new_tokens=args.max_tokens,
+            send_query=args.send_query,
+            ppl_chunk=args.ppl_chunk,
+            ppl_window=args.ppl_window,
+            out=args.out,
+        )
+        try:
+            runner = EvalRunner(config, backend, progress=args.progress)
+        except (KeyError, ValueError) as exc:
+            raise SystemExit(str(exc.args[0] if exc.args else exc)) from None
+        data = runner.run()
+        data["meta"]["command"] = _command_line()
+        runner.store.save()
+    finally:
+        backend.close()
+    for path in write_report(data, args.out):
+        print(f"wrote {path}", file=sys.stderr)
+    print((args.out / "summary.md").read_text())
+    return 0
+
+
+def _command_line() -> str:
+    words = sys.argv[1:]
+    if words[:1] == ["eval"]:
+        words = words[1:]
+    return shlex.join(["kvmux", "eval", *words])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kvmux")
+    add_eval_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["eval", *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
