@@ -1,0 +1,294 @@
+"""ActQKV: equivalence to full, the block memory, representatives, Activation Bias, the budget, retrieval."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import pytest
+import torch
+from kvmux.policies.actqkv import ActQKVParams, BlockBudget
+from kvmux.policies.base import AttentionCall, PolicyInputError, SessionRequest
+from kvmux.policies.context_memory import ActivationStats, ContextMemory
+from kvmux.policies.dense import attention_probs
+from kvmux.policies.registry import get_policy
+from kvmux.policies.rope import rotate
+from pydantic import ValidationError
+
+from scripts.measure_actqkv import generate, passkey_prompt
+from tests.policies.helpers import full_logits, new_session, run_prefill, stepwise_logits
+from tests.tiny_models import make_tiny
+
+SMALL = dict(n_init=8, n_local=32, block_size=8, window=16)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_for_tiny_models(request):
+    """Tiny models are dominated by per-op overhead, which extra threads only add to."""
+    if request.node.get_closest_marker("model"):
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_budget_covering_everything_with_absolute_positions_reproduces_full(tiny):
+    model, info, runner = tiny
+    ids = torch.randint(0, 256, (1, 200))
+    session = new_session("actqkv", info, **SMALL, topk=100, min_blocks=0, positions="absolute")
+    prompt = stepwise_logits(session, runner, ids[:, :150], chunk=40)  # windows straddle forwards
+    decoded = stepwise_logits(session, runner, ids[:, 150:], chunk=1)
+    torch.testing.assert_close(torch.cat([prompt, decoded]), full_logits(model, ids), atol=2e-5, rtol=1e-4)
+    assert session.stats().extra["blocks"] == (200 - 8 - 32) // 8
+
+
+def test_inf_llm_positions_are_exact_inside_the_local_window(tiny):
+    model, info, runner = tiny
+    ids = torch.randint(0, 256, (1, 60))
+    session = new_session("actqkv", info, n_init=4, n_local=64, block_size=8, window=16)
+    got = stepwise_logits(session, runner, ids, chunk=20)
+    torch.testing.assert_close(got, full_logits(model, ids), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("positions", ["inf_llm", "absolute"])
+def test_global_tokens_all_sit_at_distance_n_local(positions):
+    """One layer: k/v depend on the token alone. Swapping two retrieved blocks changes nothing under
+    the InfLLM scheme (every global key is n_local away) but does with absolute positions."""
+    model, info, runner = make_tiny("llama", num_hidden_layers=1)
+    ids = torch.randint(0, 256, (1, 120))
+    swapped = ids.clone()
+    swapped[:, 8:16], swapped[:, 24:32] = ids[:, 24:32], ids[:, 8:16]
+    last = []
+    for seq in (ids, swapped):
+        session = new_session("actqkv", info, **SMALL, topk=100, min_blocks=0, positions=positions)
+        last.append(run_prefill(session, runner, seq))
+    same = torch.allclose(last[0], last[1], atol=1e-5)
+    assert same == (positions == "inf_llm")
+
+
+def test_model_runs_at_position_zero_and_context_limit(tiny_llama):
+    model, info, runner = tiny_llama
+    session = new_session("actqkv", info)
+    assert session.next_position_ids(3).tolist() == [[0, 0, 0]]
+    policy = get_policy("actqkv")
+    assert policy.context_limit(ActQKVParams(), info) is None
+    assert policy.context_limit(ActQKVParams(positions="absolute"), info) == info.max_context
+    with pytest.raises(ValidationError):
+        ActQKVParams(window=600, n_local=512)
+
+
+def test_memory_layout_after_feeding_tokens(tiny_llama):
+    model, info, runner = tiny_llama
+    ids = torch.randint(0, 256, (1, 100))
+    ref = new_session("full", info)
+    run_prefill(ref, runner, ids)
+    session = new_session("actqkv", info, **SMALL)
+    run_prefill(session, runner, ids)
+    mem = session.cache.layers[0]
+    # init: tokens 0..7; blocks while recent - 8 >= 32: (100 - 8 - 32) // 8 = 7; recent: the last 36
+    assert mem.init_k.shape[1] == 8 and mem.num_blocks == 7 and mem.recent_len == 36
+    assert mem.recent_start == 64 and mem.tokens_held == 100
+    # layer-0 values depend on the token alone; keys are stored un-rotated
+    values = ref.cache.layers[0].values[0]
+    keys = rotate(ref.cache.layers[0].keys[0], -torch.arange(100), info.inv_freq)
+    blocks_v = mem.blk_v[:, :7].reshape(values.shape[0], -1, values.shape[-1])
+    blocks_k = mem.blk_k[:, :7].reshape(keys.shape[0], -1, keys.shape[-1])
+    torch.testing.assert_close(torch.cat([mem.init_v, blocks_v, mem.rec_v], dim=1), values)
+    torch.testing.assert_close(torch.cat([mem.init_k, blocks_k, mem.rec_k], dim=1), keys, atol=1e-5, rtol=1e-4)
+    stats = session.stats()
+    assert stats.tokens_seen == stats.tokens_kept == 100 and stats.extra["blocks"] == 7
+    assert stats.kv_bytes_kept >= stats.kv_bytes_full  # nothing is evicted, representatives come on top
+
+
+def test_local_scores_are_the_attention_each_key_received():
+    """Inside the local window the accumulated score of key j is sum_i p(i, j) of dense causal attention."""
+    model, info, runner = make_tiny("llama", num_hidden_layers=1)
+    session = new_session("actqkv", info, n_init=4, n_local=64, block_size=8, window=16)
+    seen = {}
+    inner = session.attention
+
+    def spy(call):
+        seen["q"], seen["k"] = call.query, call.key
+        return inner(call)
+
+    session.attention = spy
+    runner.forward(session, torch.randint(0, 256, (1, 40)))
+    pos = torch.arange(40)
+    q, k = rotate(seen["q"], pos, info.inv_freq), rotate(seen["k"], pos, info.inv_freq)
+    probs = attention_probs(q, k, model.model.layers[0].self_attn.scaling)
+    torch.testing.assert_close(session.cache.layers[0].rec_score, probs[0].sum(dim=1), atol=1e-5, rtol=1e-4)
+
+
+def test_representative_is_mean_of_most_attended_keys():
+    torch.manual_seed(0)
+    heads, kv_heads, dim, bs, topk = 4, 2, 6, 8, 3
+    mem = ContextMemory(0, 4, bs, topk, heads, ActivationStats(0, 10))
+    keys, values = torch.randn(1, kv_heads, bs + 4, dim), torch.randn(1, kv_heads, bs + 4, dim)
+    mem.update(keys, values)
+    mem.append(keys[0], values[0])
+    scores = torch.rand(heads, bs + 4)
+    mem.add_local_scores(scores)
+    mem.advance()
+    assert mem.num_blocks == 1 and mem.recent_len == 4
+    expected = []
+    for h in range(heads):
+        order = sorted(range(bs), key=lambda j: -scores[h, j].item())[:topk]
+        expected.append(torch.stack([keys[0, h // (heads // kv_heads), j] for j in order]).mean(dim=0))
+    torch.testing.assert_close(mem.reprs[0], torch.cat(expected))
+
+
+def test_activation_bias_weights_on_constructed_input():
+    h = torch.tensor([[0.0, 1.0, 0.0], [0.1, 0.9, 0.0], [5.0, -3.0, 2.0], [0.0, 1.1, 0.1]])
+    stats = ActivationStats(warmup=0, horizon=1000)
+    weights = stats.weights(h)
+    mu, var = h.mean(0), h.var(0, unbiased=False)
+    bias = ((h - mu) ** 2 / (var + var.mean() / 100 + 1e-12)).mean(1)
+    torch.testing.assert_close(weights, bias / bias.sum())
+    assert weights.argmax().item() == 2 and weights[2] > 0.7
+    warming = ActivationStats(warmup=1, horizon=1000)
+    assert torch.allclose(warming.weights(h), torch.full((4,), 0.25))
+    # equal-size windows merged with one unit each = statistics of their union
+    other = torch.randn(4, 3) * 2 + 1
+    warming.update(other)
+    both = torch.cat([h, other])
+    torch.testing.assert_close(warming.mean, both.mean(0))
+    torch.testing.assert_close(warming.var, both.var(0, unbiased=False))
+
+
+def test_budget_allocator_conserves_pool_and_respects_clamps():
+    layers, topk = 4, 5
+    budget = BlockBudget(layers, topk, min_blocks=3, history=2)
+    flat, peaked = torch.zeros(40), torch.cat([torch.tensor([12.0]), torch.zeros(39)])
+    budget.start_forward(1)
+    ks = [budget.take(layer, 0, flat, entropy_split=False) for layer in range(layers)]
+    assert ks == [5, 5, 5, 5] and budget.pools[0] == 0  # equal split of topk*layers
+    for _ in range(2):  # history: layers 0 and 2 spread out, 1 and 3 concentrated
+        budget.start_forward(1)
+        for layer in range(layers):
+            budget.take(layer, 0, flat if layer % 2 == 0 else peaked, entropy_split=True)
+    budget.start_forward(1)
+    ks = [budget.take(layer, 0, flat, entropy_split=True) for layer in range(layers)]
+    # w_l = mean entropy / remaining sum; layer 3 is lifted to the floor (the pool is overdrawn by it)
+    assert ks == [10, 3, 7, 3] and budget.pools[0] == -3
+    # clamps: fewer blocks than the floor -> all of them; never above 2*topk
+    budget.start_forward(1)
+    assert budget.take(0, 0, torch.zeros(2), entropy_split=False) == 2
+    assert budget.take(1, 0, torch.zeros(1), entropy_split=False) == 1
+    wide = BlockBudget(2, topk=3, min_blocks=0, history=5)
+    wide.start_forward(1)
+    wide.pools[0] = 100.0
+    assert wide.take(0, 0, flat, entropy_split=False) == 6
+
+
+def _planted_session(info, question=None):
+    """Layer-0 memory of random keys where block 3 holds copies of direction u; returns (session, u)."""
+    session = new_session("actqkv", info, n_init=4, n_local=16, block_size=4, window=8, topk=1, min_blocks=1)
+    torch.manual_seed(1)
+    kv_heads, dim, heads = info.num_kv_heads, info.head_dim, info.num_heads
+    u = torch.randn(kv_heads, 1, dim) * 4
+    keys = torch.randn(kv_heads, 64, dim) * 0.1
+    keys[:, 4 + 3 * 4 : 4 + 4 * 4] = u  # the tokens of block 3
+    values = torch.randn(kv_heads, 64, dim)
+    mem = session.cache.layers[0]
+    mem.update(keys[None, :, :1], values[None, :, :1])
+    for start in range(0, 64, 8):
+        query = torch.randn(1, heads, 8, dim) * 0.1
+        session.attention(
+            AttentionCall(0, query, keys[None, :, start : start + 8], values[None, :, start : start + 8], None, 0.25)
+        )
+    if question is not None:
+        mem.question = question
+    return session, mem, u
+
+
+@pytest.mark.parametrize("decoding", [True, False])
+def test_retrieval_picks_the_planted_block(tiny_llama, decoding):
+    model, info, runner = tiny_llama
+    session, mem, u = _planted_session(info)
+    assert mem.num_blocks == 11
+    picked = []
+    gather = mem.gather_blocks
+    mem.gather_blocks = lambda idx: picked.append(idx.tolist()) or gather(idx)
+    groups = info.num_heads // info.num_kv_heads
+    q = rotate(u.repeat_interleave(groups, dim=0), torch.tensor([-16]), info.inv_freq)  # probe = u
+    n = 1 if decoding else 2
+    new = torch.zeros(1, info.num_kv_heads, n, info.head_dim)
+    session.attention(AttentionCall(0, q.expand(-1, n, -1)[None], new, new, None, 0.25))
+    assert 3 in picked[0] and len(picked[0]) <= 2
+
+
+def test_question_term_steers_the_prompt_not_decoding(tiny_llama):
+    model, info, runner = tiny_llama
+    session, mem, u = _planted_session(info)
+    question = mem.reprs[7].clone()  # the question points at block 7; the probe at block 3
+    mem.question = question
+    groups = info.num_heads // info.num_kv_heads
+    q = rotate(u.repeat_interleave(groups, dim=0), torch.tensor([-16]), info.inv_freq)[None]
+    picked = []
+    gather = mem.gather_blocks
+    mem.gather_blocks = lambda idx: picked.append(idx.tolist()) or gather(idx)
+    for n in (2, 1):  # a prompt window, then a decoding step
+        new = torch.zeros(1, info.num_kv_heads, n, info.head_dim)
+        session.attention(AttentionCall(0, q.expand(-1, -1, n, -1), new, new, None, 0.25))
+    assert 7 in picked[0] and 7 not in picked[1] and 3 in picked[1]
+
+
+def test_question_vector_from_kv_policy_query(tiny_llama):
+    model, info, runner = tiny_llama
+
+    class Chars:
+        def encode(self, text, add_special_tokens=False):
+            return [ord(c) % 256 for c in text]
+
+    with_tok = dataclasses.replace(info, tokenizer=Chars())
+    session = new_session("actqkv", with_tok, SessionRequest(query_text="what is the key?"), **SMALL)
+    run_prefill(session, runner, torch.randint(0, 256, (1, 50)))
+    assert session.tokens_seen == 50 and session.cache.layers[0].tokens_held == 50
+    for mem in session.cache.layers:
+        assert mem.question is not None and mem.question.shape == (info.num_heads * info.head_dim,)
+    no_tok = new_session("actqkv", info, SessionRequest(query_text="what?"), **SMALL)
+    with pytest.raises(PolicyInputError):
+        run_prefill(no_tok, runner, torch.randint(0, 256, (1, 10)))
+
+
+def test_two_sessions_are_independent(tiny_llama):
+    model, info, runner = tiny_llama
+    ids = torch.randint(0, 256, (1, 160))
+    params = [dict(SMALL, topk=1, min_blocks=1), dict(n_init=4, n_local=48, block_size=4, window=8, topk=3)]
+    alone = [stepwise_logits(new_session("actqkv", info, **p), runner, ids, chunk=32) for p in params]
+    sessions = [new_session("actqkv", info, **p) for p in params]
+    mixed = [[], []]
+    for start in range(0, 160, 32):
+        for i, s in enumerate(sessions):
+            mixed[i].append(runner.forward(s, ids[:, start : start + 32], all_logits=True)[0])
+    for i in range(2):
+        torch.testing.assert_close(torch.cat(mixed[i]), alone[i])
+    assert not torch.allclose(alone[0], alone[1])
+
+
+def test_attended_keys_per_query_stay_bounded_as_the_prompt_grows(tiny_llama):
+    model, info, runner = tiny_llama
+    params = dict(n_init=4, n_local=32, block_size=8, window=16, topk=2, min_blocks=1)
+    means = []
+    for length in (512, 1024):
+        session = new_session("actqkv", info, **params)
+        run_prefill(session, runner, torch.randint(0, 256, (1, length)))
+        extra = session.stats().extra
+        means.append(extra["attended_keys_mean"])
+        # init + local window + at most 2*topk blocks + remainder (< block + window)
+        assert extra["attended_keys_max"] <= 4 + 32 + 2 * 2 * 8 + 8 + 16
+    assert abs(means[1] - means[0]) / means[0] < 0.1  # full attention would double
+
+
+@pytest.mark.model
+def test_embedded_model_retrieves_a_passkey_beyond_the_local_window(smollm):
+    runner, tokenizer = smollm.runner(1024), smollm.tokenizer
+    ids, key = passkey_prompt(tokenizer, 1500, 0.3, random.Random(3))
+    params = dict(n_init=32, n_local=256, block_size=32, window=128, topk=4, min_blocks=2)
+    session = new_session("actqkv", smollm.info, **params)
+    out, _ = generate(session, runner, ids, 6)
+    assert key in tokenizer.decode(out)
+    extra = session.stats().extra
+    assert extra["attended_keys_max"] <= 32 + 256 + 8 * 32 + 32 + 128 < len(ids)
