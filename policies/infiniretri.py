@@ -288,7 +288,7 @@ class InfiniRetriSession(PolicySession):
         spans = [(s + c0, e + c0) for s, e in sentence_spans(pieces, 0, c1 - c0, p.chunk_tokens)]
         chunks = pack_chunks(spans, p.chunk_tokens)
         retained: list[Span] = []
-        forwards = 0
+        forwards = scored_tokens = 0
         for chunk in chunks:
             candidates = retained + chunk
             lengths = [e - s for s, e in candidates]
@@ -299,6 +299,7 @@ class InfiniRetriSession(PolicySession):
             q0 = len(seq) - len(question)
             rows = self._question_rows(runner, seq, q0)
             forwards += 1
+            scored_tokens += len(seq)
             if p.question_weight and self._row_weights is None:
                 self._row_weights = rows[:, q0:].sum(-1) ** 2
             weights = self._row_weights if p.question_weight else None
@@ -308,9 +309,15 @@ class InfiniRetriSession(PolicySession):
             yield
         self.retained = retained
         final = prefix + gather(ids, retained) + question
+        if len(final) > self.info.max_context:  # only when there was nothing to read
+            raise PolicyInputError(
+                f"infiniretri found no context to read apart from a {len(final)}-token question, longer than the "
+                f"model's context ({self.info.max_context}); pass kv_policy.query or put the question on its own line"
+            )
         self._report = {
             "chunks_read": len(chunks),
             "scoring_forwards": forwards,
+            "scoring_tokens": scored_tokens,
             "context_tokens": c1 - c0,
             "tokens_retained": span_length(retained),
             "retention_ratio": round(span_length(retained) / (c1 - c0), 4) if c1 > c0 else 1.0,

@@ -135,6 +135,7 @@ def test_missing_question_is_a_clear_input_error(tiny_llama):
         (TOK.encode(" \n \n"), SessionRequest()),
         (*chat("   ")[:1], SessionRequest(messages=[{"role": "user", "content": "   "}])),
         (TOK.encode("Doc.\n" + "word " * 60), SessionRequest()),  # last line over max_question_tokens
+        (TOK.encode("word " * 900), SessionRequest()),  # one line (all question) longer than the context
     ]
     for ids, request in cases:
         ids = ids if torch.is_tensor(ids) else torch.tensor([ids])
