@@ -1,0 +1,293 @@
+"""LazyEviction: lagged KV eviction driven by how often tokens come back into focus.
+
+LazyEviction: Lagged KV Eviction with Attention Pattern Observation for Efficient Long
+Reasoning, arXiv 2506.15969 (ACL 2026). Reference code: Halo-949/LazyEviction
+(`model/kv_utils.py`, `model/temp_cacheobs.py`).
+
+Algorithm (decode phase; the prompt is kept whole):
+- Every decode step t observes the current query's softmax attention over the cache. Per layer,
+  token and query head it keeps TS, the last step the token was attended with probability
+  >= `alpha`, and MRI, its maximum recurrence interval (the longest gap between two such steps).
+  Prompt tokens start with TS = 0; a token decoded at step t starts with TS = t - 1, MRI = 0.
+- Every `window` (W) steps, once the cache holds more than `budget` (B) tokens, evict: keep the W
+  newest tokens plus the B - W others with the highest score I = H1 + H2, with (as in the code)
+  H1 = 2*sigmoid(-1 - (t - TS) / (MRI + 1e-5)) (recency relative to the token's own rhythm) and
+  H2 = 2*sigmoid(1 - MRI) if MRI > 0 else 0 (short recurrence intervals score high). The step's
+  output already used the full cache, so the cache swings between B and B + W.
+- `window: auto` sets W to the `window_percentile` (80th) percentile of the MRIs the recorder
+  observes, as the paper tunes W. Observation source: the last `calibration_rows` prompt rows,
+  run through the same recorder as if they were the first decode steps (prompt tokens before
+  them start at TS = 0). Only those rows' probabilities are computed, per layer, in blocks, while
+  the prompt itself runs through SDPA. With no prompt to observe (a stream fed token by token),
+  W is taken from the live decode state the first time the cache exceeds B.
+
+Deviations from the paper / reference code:
+- GQA: the reference repeats K/V to every query head before caching (G times the memory) and
+  selects per query head. Here K/V stay in native GQA layout and each KV head keeps its own token
+  set: TS/MRI stay per query head, and the scores of the query heads sharing a KV head are
+  combined (`group_score`, max by default: a token any head of the group relies on survives).
+- Score formulas follow the code (extra +1 inside H1, H2 = 2*sigmoid(1 - MRI)), not the paper's
+  printed forms. Step counters, TS and MRI are integers (the reference keeps them in fp16, which
+  rounds timestamps past 2048); scores are fp32 and ties go to the older token, so rankings can
+  differ from the reference's fp16 tie order.
+- W is calibrated per request from its own prompt (the paper calibrates offline on ~1% of the
+  test set). `budget_ratio` expresses B as a fraction of the tokens seen so far (the paper's r).
+- Multi-token forwards after the prompt (teacher-forced chunks) are observed row by row as
+  consecutive decode steps; evictions then happen after the forward in which a multiple of W was
+  reached, so the peak is B + W + chunk - 1 unless the chunk size divides W.
+- Survivors stay in time order (the reference stores them in top-k order; both are equivalent
+  because keys are already rotated at their absolute positions, which never change).
+- Batch size 1 per session (the reference's state is global and also batch 1).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Literal
+
+import torch
+from kvmux.policies.base import AttentionCall, Policy, PolicyParams, PolicySession
+from kvmux.policies.dense import dense_attention
+from kvmux.policies.eviction import (
+    gather_tokens,
+    grouped_activations,
+    grouped_output,
+    grouped_probs,
+    percentile_from_counts,
+    reduce_groups,
+    select_recent_and_top,
+)
+from kvmux.policies.registry import register
+from pydantic import Field
+
+ROW_BLOCK = 64  # query rows observed per probability block (bounds the [Hq, rows, L] tensor)
+
+
+class LazyEvictionParams(PolicyParams):
+    budget: int = Field(1024, ge=1, le=10_000_000, description="B: tokens per KV head kept after an eviction")
+    budget_ratio: float | None = Field(
+        None, gt=0, le=1, description="if set, B = ceil(ratio * tokens seen so far), replacing budget"
+    )
+    window: Annotated[int, Field(ge=1, le=1_000_000)] | Literal["auto"] = Field(
+        64, description="W: steps between evictions and newest tokens always kept; 'auto' = calibrate"
+    )
+    alpha: float = Field(1e-4, gt=0, lt=1, description="a token counts as attended when its probability >= alpha")
+    window_percentile: float = Field(80, gt=0, le=100, description="auto W: percentile of observed MRIs (paper: 80)")
+    calibration_rows: int = Field(512, ge=1, le=65_536, description="auto W: last prompt rows observed")
+    group_score: Literal["max", "mean"] = Field("max", description="how a KV head combines its query heads' scores")
+
+
+class RecurrenceState:
+    """TS and MRI (int32, [Hq, L]) for the tokens of one layer, in cache order."""
+
+    def __init__(self, num_heads: int, device: torch.device):
+        self.ts = torch.zeros(num_heads, 0, dtype=torch.int32, device=device)
+        self.mri = torch.zeros(num_heads, 0, dtype=torch.int32, device=device)
+
+    @property
+    def length(self) -> int:
+        return self.ts.shape[1]
+
+    def append(self, arrival_ts: torch.Tensor) -> None:
+        """Add tokens whose initial TS is `arrival_ts` [n] (MRI 0)."""
+        new = arrival_ts.to(torch.int32)[None, :].expand(self.ts.shape[0], -1)
+        self.ts = torch.cat([self.ts, new], dim=1)
+        self.mri = torch.cat([self.mri, torch.zeros_like(new)], dim=1)
+
+    def record(self, active: torch.Tensor, first_step: int) -> None:
+        """Apply steps first_step .. first_step+R-1 with `active` bool [Hq, L, R] (attended >= alpha)."""
+        self.ts, self.mri = record_steps(self.ts, self.mri, active, first_step)
+
+    def keep(self, index: torch.Tensor) -> None:
+        """Keep tokens `index` [Hkv, K] of each KV head (query heads follow their KV head)."""
+        self.ts, self.mri = gather_tokens(self.ts, index), gather_tokens(self.mri, index)
+
+
+def record_steps(
+    ts: torch.Tensor, mri: torch.Tensor, active: torch.Tensor, first_step: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference's update for R consecutive steps at once: at step s, every token attended
+    >= alpha gets MRI = max(MRI, s - TS) and TS = s. ts/mri [H, L]; active bool [H, L, R]."""
+    if active.shape[2] == 1:
+        hit = active[..., 0]
+        gap = torch.where(hit, first_step - ts, 0)
+        return torch.where(hit, first_step, ts), torch.maximum(mri, gap)
+    steps = torch.arange(first_step, first_step + active.shape[2], dtype=ts.dtype, device=ts.device)
+    # last activation at or before each step (TS itself when none yet; TS < every later step)
+    latest = torch.cummax(torch.where(active, steps, ts[:, :, None]), dim=2).values
+    inner = torch.where(active[..., 1:], steps[1:] - latest[..., :-1], 0).amax(dim=2)
+    first = torch.where(active[..., 0], first_step - ts, 0)
+    return latest[..., -1].contiguous(), torch.maximum(mri, torch.maximum(inner, first))
+
+
+def recurrence_score(ts: torch.Tensor, mri: torch.Tensor, step: int) -> torch.Tensor:
+    """I = H1 + H2 per token and query head (fp32), the reference code's formulas."""
+    period = mri.float()
+    h1 = 2.0 * torch.sigmoid(-1.0 - (step - ts).float() / (period + 1e-5))
+    h2 = torch.where(mri > 0, 2.0 * torch.sigmoid(1.0 - period), torch.zeros_like(period))
+    return h1 + h2
+
+
+class LazyEvictionSession(PolicySession):
+    params: LazyEvictionParams
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        layers, device = self.info.num_layers, self.info.device
+        self.steps = 0  # decode steps observed (t)
+        self.state = [RecurrenceState(self.info.num_heads, device) for _ in range(layers)]
+        # absolute positions [Hkv, n] of the tokens kept by the last eviction; every later token
+        # is appended behind them, so the rest of the cache is the last tokens seen, in order
+        self._kept: list[torch.Tensor | None] = [None] * layers
+        self.window: int | None = None if self.params.window == "auto" else int(self.params.window)
+        self.window_source = "fixed" if self.window is not None else "pending"
+        self.evictions = 0
+        self.tokens_evicted = 0  # per layer and KV head
+        self.peak_tokens = 0
+        self._in_prefill = False
+        self._calib_from: int | None = None  # absolute position of the first observed prompt row
+        self._calib: list[RecurrenceState] | None = None
+
+    # -- budget ---------------------------------------------------------------------------------
+    def budget(self) -> int:
+        if self.params.budget_ratio is not None:
+            return max(1, math.ceil(self.params.budget_ratio * self.tokens_seen))
+        return self.params.budget
+
+    # -- attention --------------------------------------------------------------------------------
+    def attention(self, call: AttentionCall) -> torch.Tensor:
+        if call.query.shape[0] != 1:
+            raise ValueError("lazy_eviction sessions run one sequence at a time (batch 1)")
+        if self._in_prefill:
+            out = dense_attention(call)
+            if self._calib is not None:
+                first_row = max(0, self._calib_from - self.tokens_seen)
+                if first_row < call.query.shape[2]:
+                    done = max(0, self.tokens_seen - self._calib_from)  # prompt rows observed so far
+                    self._observe(self._calib[call.layer_idx], call, first_row, done + 1, with_output=False)
+            return out
+        return self._observe(self.state[call.layer_idx], call, 0, self.steps + 1, with_output=True)
+
+    def _observe(
+        self, state: RecurrenceState, call: AttentionCall, first_row: int, first_step: int, with_output: bool
+    ) -> torch.Tensor | None:
+        """Record query rows first_row.. of `call` as steps first_step.. . With `with_output`, return
+        the attention output [1, Tq, Hq, D] (from the same probabilities for a single row)."""
+        tq, length = call.query.shape[2], call.key.shape[2]
+        base = length - tq  # cache index of the call's first token
+        device = call.key.device
+        if state.length < base + first_row:  # tokens that arrived unobserved (the prompt)
+            state.append(torch.full((base + first_row - state.length,), first_step - 1, device=device))
+        if tq == 1 and first_row == 0:
+            state.append(torch.full((1,), first_step - 1, device=device))
+            probs = grouped_probs(call.query, call.key, call.scaling)  # [Hq, 1, L]
+            state.record((probs >= self.params.alpha).transpose(1, 2), first_step)
+            return grouped_output(probs, call.value) if with_output else None
+        for start in range(first_row, tq, ROW_BLOCK):
+            stop = min(tq, start + ROW_BLOCK)
+            step0 = first_step + start - first_row
+            state.append(torch.arange(step0 - 1, step0 - 1 + stop - start, device=device))
+            visible = call.key[:, :, : base + stop]
+            active = grouped_activations(call.query[:, :, start:stop], visible, call.scaling, self.params.alpha)
+            state.record(active, step0)
+        return dense_attention(call) if with_output else None
+
+    # -- phases ---------------------------------------------------------------------------------
+    def prefill(self, runner, input_ids):
+        calibrate = self.window is None and input_ids.shape[1] > 0
+        if calibrate:
+            rows = min(self.params.calibration_rows, input_ids.shape[1])
+            self._calib_from = self.tokens_seen + input_ids.shape[1] - rows
+            self._calib = [RecurrenceState(self.info.num_heads, self.info.device) for _ in self.state]
+        self._in_prefill = True
+        try:
+            logits = yield from super().prefill(runner, input_ids)
+        finally:
+            self._in_prefill = False
+            if calibrate:
+                self._set_window(self._calib, "prefill")
+                self._calib = None
+        return logits
+
+    def after_forward(self, num_tokens: int) -> None:
+        length = self.cache.layers[0].keys.shape[-2]
+        self.peak_tokens = max(self.peak_tokens, length)
+        if self._in_prefill:
+            return
+        before, self.steps = self.steps, self.steps + num_tokens
+        budget = self.budget()
+        if length <= budget:
+            return
+        if self.window is None:
+            self._set_window(self.state, "decode")
+            if self.window is None:
+                return
+        if self.steps // self.window > before // self.window:
+            self.evict(budget)
+
+    def _set_window(self, states: list[RecurrenceState], source: str) -> None:
+        """W = the configured percentile of the observed MRIs (tokens attended at least once)."""
+        observed = torch.cat([state.mri[state.mri > 0].flatten().long().cpu() for state in states])
+        window = percentile_from_counts(torch.bincount(observed), self.params.window_percentile)
+        if window is not None:
+            self.window, self.window_source = max(1, window), source
+
+    def evict(self, budget: int) -> None:
+        """Keep, per layer and KV head, the W newest tokens and the best B - W others."""
+        dropped = 0
+        for i, layer in enumerate(self.cache.layers):
+            length = layer.keys.shape[-2]
+            if length <= budget:
+                continue
+            state = self.state[i]
+            assert state.length == length, "recurrence state out of step with the cache"
+            score = recurrence_score(state.ts, state.mri, self.steps)
+            index = select_recent_and_top(
+                reduce_groups(score, self.info.num_kv_heads, self.params.group_score), budget, self.window
+            )
+            self._kept[i] = gather_tokens(self.kept_positions(i), index)
+            layer.keys = gather_tokens(layer.keys, index)
+            layer.values = gather_tokens(layer.values, index)
+            state.keep(index)
+            dropped = max(dropped, length - budget)
+        if dropped:
+            self.evictions += 1
+            self.tokens_evicted += dropped
+
+    # -- reporting -------------------------------------------------------------------------------
+    def kept_positions(self, layer_idx: int) -> torch.Tensor:
+        """Absolute positions [Hkv, L] of the tokens layer `layer_idx` holds, in cache order."""
+        device, heads = self.info.device, self.info.num_kv_heads
+        kept = self._kept[layer_idx]
+        if kept is None:
+            kept = torch.zeros(heads, 0, dtype=torch.long, device=device)
+        layer = self.cache.layers[layer_idx]
+        length = layer.keys.shape[-2] if getattr(layer, "keys", None) is not None else 0
+        recent = torch.arange(self.tokens_seen - (length - kept.shape[1]), self.tokens_seen, device=device)
+        return torch.cat([kept, recent[None, :].expand(heads, -1)], dim=1)
+
+    def stats(self):
+        stats = super().stats()
+        stats.extra.update(
+            budget=self.budget(),
+            window=self.window,
+            window_source=self.window_source,
+            evictions=self.evictions,
+            tokens_evicted=self.tokens_evicted,
+            peak_tokens_kept=self.peak_tokens,
+            decode_steps=self.steps,
+        )
+        return stats
+
+    def close(self) -> None:
+        super().close()
+        self.state, self._kept, self._calib = [], [], None
+
+
+@register
+class LazyEvictionPolicy(Policy):
+    name = "lazy_eviction"
+    paper = "2506.15969"
+    Params = LazyEvictionParams
+    session_class = LazyEvictionSession
+    summary = "lagged eviction every W steps: W newest + top tokens by recurrence-interval score"
