@@ -112,8 +112,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         request = engine.prepare(prompt=args.prompt, sampling=sampling, kv_policy=kv_policy)
     state = engine.start(request)
-    for event in state.steps():
-        if event is not None and event.text:
+    for event in engine.drive(state):
+        if event.text:
             sys.stdout.write(event.text)
             sys.stdout.flush()
     sys.stdout.write("\n")

@@ -101,3 +101,10 @@ class Runner:
         session.tokens_seen += num_tokens
         session.after_forward(num_tokens)
         return out.logits.float()
+
+    @torch.inference_mode()
+    def decode_batch(self, sessions: list[PolicySession], tokens: list[int]) -> torch.Tensor:
+        """One decode step for several sessions in one forward (policies with `batched_decode`)."""
+        from kvmux.models.batching import batched_decode_forward
+
+        return batched_decode_forward(self.model, sessions, tokens, self._cache_kw)

@@ -188,12 +188,17 @@ class Policy:
     Params: ClassVar[type[PolicyParams]] = PolicyParams
     session_class: ClassVar[type[PolicySession]] = PolicySession
     extends_context: ClassVar[bool] = False  # may read prompts longer than the model's context
+    batched_decode: ClassVar[bool] = False  # decode steps may share one forward with other requests
     summary: ClassVar[str] = ""
 
     def new_session(self, params: PolicyParams, info: ModelInfo, request: SessionRequest) -> PolicySession:
         if not isinstance(params, self.Params):
             raise TypeError(f"{self.name} expects {self.Params.__name__}, got {type(params).__name__}")
         return self.session_class(self, params, info, request)
+
+    def kv_bytes_needed(self, params: PolicyParams, info: ModelInfo, num_tokens: int) -> int:
+        """Upper bound of the KV bytes a request of `num_tokens` tokens will hold (admission)."""
+        return info.kv_bytes_per_token * num_tokens
 
     def context_limit(self, params: PolicyParams, info: ModelInfo) -> int | None:
         """Longest prompt this policy accepts (None = unbounded)."""

@@ -15,4 +15,5 @@ class FullPolicy(Policy):
     name = "full"
     paper = ""
     Params = FullParams
+    batched_decode = True
     summary = "dense attention over the whole cache (baseline)"

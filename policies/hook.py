@@ -32,6 +32,14 @@ def kvmux_attention(
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if attention_mask is not None and attention_mask.dtype != torch.bool:
         attention_mask = attention_mask > -1  # additive float mask -> boolean (0 = keep)
+    batch = kwargs.get("kvmux_batch")
+    if batch is not None:  # batched decode: each row attends through its own session
+        rows = batch.rows[module.layer_idx]
+        outs = [
+            session.attention(AttentionCall(module.layer_idx, query[i : i + 1], k, v, None, scale))
+            for i, (session, (k, v)) in enumerate(zip(batch.sessions, rows, strict=True))
+        ]
+        return torch.cat(outs, dim=0), None
     session = kwargs.get("kvmux_session")
     if session is None:
         return sdpa(query, key, value, attention_mask, scale), None

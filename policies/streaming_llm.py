@@ -117,7 +117,13 @@ class StreamingLLMPolicy(Policy):
     paper = "2309.17453"
     Params = StreamingLLMParams
     session_class = StreamingLLMSession
+    batched_decode = True
     summary = "attention sinks + recent window, evicted between forwards"
+
+    def kv_bytes_needed(self, params, info, num_tokens: int) -> int:
+        # the cache never holds more than sinks + window (+ one prefill chunk before eviction)
+        held = min(num_tokens, params.sink_tokens + 2 * params.window)
+        return info.kv_bytes_per_token * held
 
     def context_limit(self, params, info):
         # in cache mode positions never exceed the cache, so any prompt length streams through

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -48,6 +48,14 @@ class TokenEvent:
 
 
 @dataclass
+class NeedDecode:
+    """Yielded by a running request: feed `token` through its session and send back the logits."""
+
+    session: PolicySession
+    token: int
+
+
+@dataclass
 class GenerationResult:
     text: str
     finish_reason: str
@@ -59,7 +67,12 @@ class GenerationResult:
 
 
 class RequestState:
-    """One in-flight request. `steps()` yields None after a prefill chunk, a TokenEvent per token."""
+    """One in-flight request as a coroutine.
+
+    `steps()` yields None after each prefill chunk, a TokenEvent per generated token, and a
+    NeedDecode after each non-final token; the driver answers a NeedDecode with `send(logits)`
+    (so a scheduler can run the decode forwards of several requests as one batch).
+    """
 
     def __init__(self, engine: Engine, request: GenerationRequest):
         self.engine = engine
@@ -74,7 +87,7 @@ class RequestState:
         self.finish_reason: str | None = None
         self.final_stats: dict[str, Any] = {}
 
-    def steps(self) -> Iterator[TokenEvent | None]:
+    def steps(self) -> Generator[TokenEvent | NeedDecode | None, torch.Tensor | None, None]:
         req, engine = self.request, self.engine
         preset = req.preset
         try:
@@ -89,7 +102,7 @@ class RequestState:
                 self.final_stats = self.session.stats().as_dict()
                 self.session.close()
 
-    def _decode_loop(self, logits: torch.Tensor) -> Iterator[TokenEvent]:
+    def _decode_loop(self, logits: torch.Tensor) -> Generator[TokenEvent | NeedDecode, torch.Tensor, None]:
         req, engine = self.request, self.engine
         sampling = req.sampling
         sampler = Sampler(sampling, engine.info.device)
@@ -120,7 +133,7 @@ class RequestState:
                 return
             yield event
             history = torch.cat([history, history.new_tensor([token])])
-            logits = self.session.decode(engine.runner, token)
+            logits = yield NeedDecode(self.session, token)
 
     def _append_text(self, delta: str, stops: StopStrings) -> str:
         """Add a delta, cut at a stop string, and return the text that is safe to emit now."""
@@ -243,6 +256,23 @@ class Engine:
     def start(self, request: GenerationRequest) -> RequestState:
         return RequestState(self, request)
 
+    def drive(self, state: RequestState) -> Iterator[TokenEvent]:
+        """Run a request alone in this thread, yielding its token events."""
+        steps = state.steps()
+        reply = None
+        try:
+            while True:
+                event = steps.send(reply)
+                reply = None
+                if isinstance(event, NeedDecode):
+                    reply = event.session.decode(self.runner, event.token)
+                elif event is not None:
+                    yield event
+        except StopIteration:
+            return
+        finally:
+            steps.close()
+
     def generate(
         self,
         prompt: str | list[int] | None = None,
@@ -254,8 +284,8 @@ class Engine:
         request = self.prepare(prompt, messages, sampling, kv_policy)
         state = self.start(request)
         logprobs = []
-        for event in state.steps():
-            if event is not None and event.logprob is not None:
+        for event in self.drive(state):
+            if event.logprob is not None:
                 logprobs.append((event.token_id, event.logprob, event.top_logprobs or []))
         return GenerationResult(
             text=state.text,

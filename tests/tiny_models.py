@@ -35,3 +35,39 @@ def make_tiny(arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.flo
     install_attention(model)
     info = ModelInfo.from_model(model, served_name=f"tiny-{arch}", root="random")
     return model, info, Runner(model, info, prefill_chunk_tokens=64)
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+
+
+def byte_tokenizer():
+    """A 256-token byte-level tokenizer (one token per byte) that fits the tiny models' vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=alphabet[0])
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def tiny_engine(prefill_chunk_tokens: int = 16, **engine_kwargs):
+    """An Engine around a tiny random Llama with a byte tokenizer and the repository's presets."""
+    from pathlib import Path
+
+    from kvmux.models.loader import LoadedModel
+    from kvmux.policies.presets import load_presets
+    from kvmux.server.engine import Engine
+
+    model, info, _ = make_tiny("llama")
+    tokenizer = byte_tokenizer()
+    info = ModelInfo.from_model(model, served_name="tiny-llama", root="random", tokenizer=tokenizer)
+    presets = load_presets(Path(__file__).resolve().parents[1] / "configs" / "policies")
+    loaded = LoadedModel(model=model, tokenizer=tokenizer, info=info)
+    return Engine(loaded, presets, prefill_chunk_tokens=prefill_chunk_tokens, **engine_kwargs)

@@ -1,0 +1,60 @@
+"""Batched decode across requests: one forward for the linear layers, attention per request.
+
+Sessions keep their own caches (different lengths, different policies). `RowSplitCache` is the
+cache the model sees during a batched decode step: it appends each row's new K/V to that row's
+own session cache and remembers what the session cache returned, and the kvmux attention function
+then runs each row's attention through its own session. The weights are read once for the whole
+batch, which is where decode time goes on small batches.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from transformers.cache_utils import Cache
+
+if TYPE_CHECKING:
+    from kvmux.policies.base import PolicySession
+
+
+class RowSplitCache(Cache):
+    """A pass-through cache for one batched decode forward (batch row i = sessions[i])."""
+
+    def __init__(self, sessions: list[PolicySession]):
+        super().__init__(layers=[])
+        self.sessions = sessions
+        self.rows: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        self.rows[layer_idx] = [
+            session.cache.update(key_states[i : i + 1], value_states[i : i + 1], layer_idx)
+            for i, session in enumerate(self.sessions)
+        ]
+        return key_states, value_states
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0
+
+
+def batched_decode_forward(model: torch.nn.Module, sessions: list[PolicySession], tokens: list[int], cache_kw: str):
+    """Feed one token per session in a single forward; returns logits [B, V]."""
+    device = next(model.parameters()).device
+    ids = torch.tensor(tokens, device=device)[:, None]
+    positions = torch.cat([s.next_position_ids(1) for s in sessions], dim=0)
+    cache = RowSplitCache(sessions)
+    # a 4-D mask is passed through untouched; each row's attention runs in its own session
+    mask = torch.ones(len(sessions), 1, 1, 1, dtype=torch.bool, device=device)
+    out = model(
+        input_ids=ids,
+        position_ids=positions,
+        attention_mask=mask,
+        use_cache=True,
+        logits_to_keep=1,
+        kvmux_batch=cache,
+        **{cache_kw: cache},
+    )
+    for session in sessions:
+        session.tokens_seen += 1
+        session.after_forward(1)
+    return out.logits[:, -1].float()
