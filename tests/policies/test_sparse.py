@@ -1,0 +1,117 @@
+"""The block-sparse helper: block grid, exactness against dense attention, eager vs flex_attention."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kvmux.policies import sparse
+from kvmux.policies.dense import causal_mask, sdpa
+
+BS = 16
+SCALE = 16**-0.5
+
+
+def qkv(tq: int, tk: int, hq: int = 4, hkv: int = 2, d: int = 16, batch: int = 1, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, hq, tq, d, generator=gen)
+    k = torch.randn(batch, hkv, tk, d, generator=gen)
+    v = torch.randn(batch, hkv, tk, d, generator=gen)
+    return q, k, v
+
+
+def masked_reference(q, k, v, blocks, bs):
+    """Dense attention with an element mask expanded from the normalised block selection."""
+    b, hq, tq, _ = q.shape
+    tk = k.shape[2]
+    sel = sparse.normalize_blocks(blocks, b, hq, tq, tk, bs)
+    first = sparse.first_query_block(tq, tk, bs)
+    q_block = (torch.arange(tk - tq, tk) // bs) - first
+    k_block = torch.arange(tk) // bs
+    allowed = sel[:, :, q_block][:, :, :, k_block] & causal_mask(tq, tk, q.device)
+    groups = hq // k.shape[1]
+    kr, vr = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    out = torch.nn.functional.scaled_dot_product_attention(q, kr, vr, attn_mask=allowed, scale=SCALE)
+    return out.transpose(1, 2)
+
+
+def test_block_grid_is_absolute():
+    # 37 queries that are the last of 133 keys: positions 96..132 -> absolute blocks 6, 7, 8
+    assert sparse.first_query_block(37, 133, 16) == 6
+    assert sparse.query_blocks(37, 133, 16) == 3
+    causal = sparse.causal_blocks(37, 133, 16)
+    assert causal.shape == (3, 9)
+    assert causal.sum(-1).tolist() == [7, 8, 9]
+    assert sparse.diagonal_blocks(37, 133, 16).nonzero().tolist() == [[0, 6], [1, 7], [2, 8]]
+
+
+def test_normalize_drops_future_cells_and_adds_diagonal():
+    blocks = torch.zeros(1, 1, 3, 3, dtype=torch.bool)
+    blocks[0, 0, 0, 2] = True  # above the diagonal: ignored
+    blocks[0, 0, 2, 0] = True
+    sel = sparse.normalize_blocks(blocks, 1, 2, 48, 48, 16)
+    expected = torch.eye(3, dtype=torch.bool)
+    expected[2, 0] = True
+    assert sel.shape == (1, 2, 3, 3)
+    assert torch.equal(sel[0, 0], expected) and torch.equal(sel[0, 1], expected)
+    with pytest.raises(ValueError):
+        sparse.normalize_blocks(torch.ones(1, 1, 2, 3, dtype=torch.bool), 1, 1, 48, 48, 16)
+
+
+def test_blocks_from_indices_and_density():
+    indices = torch.tensor([[[0, 0], [0, 1], [2, 0]]])  # padding entries point at block 0
+    counts = torch.tensor([[1, 2, 1]])
+    blocks = sparse.blocks_from_indices(indices, counts, 3)
+    assert blocks[0].int().tolist() == [[1, 0, 0], [1, 1, 0], [0, 0, 1]]
+    # 4 kept of 6 causal cells (the diagonal is always kept)
+    assert sparse.density(blocks[None], 48, 48, 16) == pytest.approx(4 / 6)
+    assert sparse.density(torch.ones(1, 1, 3, 3, dtype=torch.bool), 48, 48, 16) == 1.0
+
+
+@pytest.mark.parametrize("tq,tk", [(100, 100), (37, 133), (16, 64), (1, 50)])
+def test_eager_all_blocks_equals_dense_causal(tq, tk):
+    q, k, v = qkv(tq, tk)
+    nqb, nkb = sparse.query_blocks(tq, tk, BS), sparse.num_blocks(tk, BS)
+    everything = torch.ones(1, 1, nqb, nkb, dtype=torch.bool)
+    got = sparse.block_sparse_attention(q, k, v, everything, BS, SCALE, backend="eager")
+    torch.testing.assert_close(got, sdpa(q, k, v, None, SCALE), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tq,tk,batch", [(100, 100, 1), (37, 133, 2), (70, 70, 1)])
+def test_eager_equals_masked_dense_reference(tq, tk, batch):
+    q, k, v = qkv(tq, tk, batch=batch, seed=tq)
+    nqb, nkb = sparse.query_blocks(tq, tk, BS), sparse.num_blocks(tk, BS)
+    blocks = torch.rand(batch, 4, nqb, nkb, generator=torch.Generator().manual_seed(1)) < 0.3
+    got = sparse.block_sparse_attention(q, k, v, blocks, BS, SCALE, backend="eager")
+    torch.testing.assert_close(got, masked_reference(q, k, v, blocks, BS), atol=1e-5, rtol=1e-5)
+    # dropping cells really changes the result (the selection is not silently ignored)
+    assert not torch.allclose(got, sdpa(q, k, v, None, SCALE), atol=1e-3)
+
+
+def test_eager_batches_rows_of_different_widths(monkeypatch):
+    """Tiny gather batches (one row at a time) give the same result as one batch."""
+    q, k, v = qkv(100, 100, seed=3)
+    blocks = torch.rand(1, 4, 7, 7, generator=torch.Generator().manual_seed(2)) < 0.5
+    one_batch = sparse.block_sparse_attention(q, k, v, blocks, BS, SCALE, backend="eager")
+    monkeypatch.setattr(sparse, "EAGER_SLOTS_PER_BATCH", 1)
+    row_by_row = sparse.block_sparse_attention(q, k, v, blocks, BS, SCALE, backend="eager")
+    torch.testing.assert_close(one_batch, row_by_row, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("tq,tk", [(100, 100), (37, 133)])
+def test_flex_agrees_with_eager(tq, tk):
+    """GQA (4 query heads on 2 KV heads), ragged last block, and Tq < Tk with an unaligned start."""
+    q, k, v = qkv(tq, tk, seed=tk)
+    nqb, nkb = sparse.query_blocks(tq, tk, BS), sparse.num_blocks(tk, BS)
+    blocks = torch.rand(1, 4, nqb, nkb, generator=torch.Generator().manual_seed(tq)) < 0.35
+    eager = sparse.block_sparse_attention(q, k, v, blocks, BS, SCALE, backend="eager")
+    flex = sparse.block_sparse_attention(q, k, v, blocks, BS, SCALE, backend="flex")
+    torch.testing.assert_close(flex, eager, atol=1e-5, rtol=1e-5)
+    everything = torch.ones(1, 1, nqb, nkb, dtype=torch.bool)
+    dense = sparse.block_sparse_attention(q, k, v, everything, BS, SCALE, backend="flex")
+    torch.testing.assert_close(dense, sdpa(q, k, v, None, SCALE), atol=1e-5, rtol=1e-5)
+
+
+def test_unknown_backend_rejected():
+    q, k, v = qkv(32, 32)
+    with pytest.raises(ValueError):
+        sparse.block_sparse_attention(q, k, v, torch.ones(1, 1, 2, 2, dtype=torch.bool), BS, SCALE, backend="nope")
