@@ -196,7 +196,7 @@ class FakeState:
 
 
 class FakeEngine:
-    info = None
+    info = runner = None  # never used: the fake requests ask for no decode forwards
 
     def start(self, request):
         return FakeState(request.sampling.max_tokens)
@@ -213,7 +213,7 @@ def test_real_scheduler_events_produce_consistent_counts():
             request = fake_request("streaming_llm" if i % 2 else "full", 4, max_tokens=3)
             handles.append(scheduler.submit(request))
         for h in handles:
-            while (await h.events.get())[0] != "done":
+            while (await asyncio.wait_for(h.events.get(), timeout=30))[0] != "done":
                 pass
 
     asyncio.run(drive())
