@@ -17,9 +17,17 @@ Algorithm (decode phase; the prompt is kept whole):
 - `window: auto` sets W to the `window_percentile` (80th) percentile of the MRIs the recorder
   observes, as the paper tunes W. Observation source: the last `calibration_rows` prompt rows,
   run through the same recorder as if they were the first decode steps (prompt tokens before
-  them start at TS = 0). Only those rows' probabilities are computed, per layer, in blocks, while
-  the prompt itself runs through SDPA. With no prompt to observe (a stream fed token by token),
-  W is taken from the live decode state the first time the cache exceeds B.
+  them start at TS = 0). Only those rows' scores are computed, per layer, in blocks of rows, and
+  only the test p >= alpha is kept (score >= logsumexp + log alpha); the prompt's own attention
+  runs through SDPA. Cost: about calibration_rows / prompt_length of the prompt's attention-score
+  work. Intervals longer than calibration_rows cannot be observed, so W <= calibration_rows. With
+  no prompt to observe (a stream fed token by token from the start), W is taken from the live
+  decode state the first time the cache exceeds B.
+
+Decode cost: one [Hq, 1, L] score row per layer, computed per KV-head group (keys are never
+repeated); the step's output is computed from the same fp32 probabilities (cast to the model dtype
+for the value product, as transformers' eager attention does), so K is read once. Every W steps:
+an fp32 score, a sort and a gather over B + W tokens per KV head. State: two int32 [Hq, L] per layer.
 
 Deviations from the paper / reference code:
 - GQA: the reference repeats K/V to every query head before caching (G times the memory) and
@@ -37,7 +45,12 @@ Deviations from the paper / reference code:
   reached, so the peak is B + W + chunk - 1 unless the chunk size divides W.
 - Survivors stay in time order (the reference stores them in top-k order; both are equivalent
   because keys are already rotated at their absolute positions, which never change).
-- Batch size 1 per session (the reference's state is global and also batch 1).
+- Ties (e.g. every token attended above alpha each step, as happens with flat attention over short
+  caches) go to the older token; the reference leaves them to torch.topk's order.
+- A prompt longer than B is kept whole, as in the reference: the cache holds prompt + up to W
+  tokens until the first eviction, and B + W at most afterwards.
+- Batch size 1 per session (the reference's state is global and also batch 1); masks are taken to
+  be causal (no padding), which is what a batch-1 request produces.
 """
 
 from __future__ import annotations
@@ -60,7 +73,10 @@ from kvmux.policies.eviction import (
 from kvmux.policies.registry import register
 from pydantic import Field
 
-ROW_BLOCK = 64  # query rows observed per probability block (bounds the [Hq, rows, L] tensor)
+# elements of one [Hq, L, rows] block of observed query rows (bounds the transient memory; larger
+# on CUDA, where the cost is in the number of kernel launches rather than in memory traffic)
+BLOCK_ELEMENTS = {"cuda": 1 << 25}
+BLOCK_ELEMENTS_DEFAULT = 1 << 22
 
 
 class LazyEvictionParams(PolicyParams):
@@ -183,8 +199,9 @@ class LazyEvictionSession(PolicySession):
             probs = grouped_probs(call.query, call.key, call.scaling)  # [Hq, 1, L]
             state.record((probs >= self.params.alpha).transpose(1, 2), first_step)
             return grouped_output(probs, call.value) if with_output else None
-        for start in range(first_row, tq, ROW_BLOCK):
-            stop = min(tq, start + ROW_BLOCK)
+        block = max(1, BLOCK_ELEMENTS.get(device.type, BLOCK_ELEMENTS_DEFAULT) // (call.query.shape[1] * length))
+        for start in range(first_row, tq, block):
+            stop = min(tq, start + block)
             step0 = first_step + start - first_row
             state.append(torch.arange(step0 - 1, step0 - 1 + stop - start, device=device))
             visible = call.key[:, :, : base + stop]
@@ -290,4 +307,5 @@ class LazyEvictionPolicy(Policy):
     paper = "2506.15969"
     Params = LazyEvictionParams
     session_class = LazyEvictionSession
+    batched_decode = True  # a decode step is one query row through the session's own attention
     summary = "lagged eviction every W steps: W newest + top tokens by recurrence-interval score"

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from kvmux.policies import lazy_eviction
 from kvmux.policies.base import AttentionCall
 from kvmux.policies.eviction import percentile_from_counts, reduce_groups, select_recent_and_top
 from kvmux.policies.lazy_eviction import LazyEvictionParams, record_steps, recurrence_score
@@ -32,24 +33,16 @@ def sharpen(model, factor: float = 6.0):
 
 
 def spy_evictions(session):
-    """Record (step, budget, positions, ts, mri, keys) of every layer just before each eviction."""
+    """Record step, budget, and each layer's positions / TS / MRI before and after every eviction."""
     snapshots = []
     evict = session.evict
 
     def spy(budget):
-        snapshots.append(
-            dict(
-                step=session.steps,
-                budget=budget,
-                before=[
-                    (session.kept_positions(i).clone(), s.ts.clone(), s.mri.clone(), session.cache.layers[i].keys)
-                    for i, s in enumerate(session.state)
-                ],
-            )
-        )
+        before = [(session.kept_positions(i), s.ts.clone(), s.mri.clone()) for i, s in enumerate(session.state)]
         evict(budget)
-        snapshots[-1]["after"] = [session.kept_positions(i).clone() for i in range(len(session.state))]
-        snapshots[-1]["after_ts"] = [s.ts.clone() for s in session.state]
+        after = [session.kept_positions(i) for i in range(len(session.state))]
+        after_ts = [s.ts.clone() for s in session.state]
+        snapshots.append(dict(step=session.steps, budget=budget, before=before, after=after, after_ts=after_ts))
 
     session.evict = spy
     return snapshots
@@ -66,7 +59,7 @@ def check_selection(snapshot, window: int, groups: int, reduce=max):
     """The kept set is exactly: the `window` newest tokens plus the best budget - window others
     by the brute-force score (ties may go either way, so compare score bounds)."""
     step, budget = snapshot["step"], snapshot["budget"]
-    for (positions, ts, mri, _), kept in zip(snapshot["before"], snapshot["after"], strict=True):
+    for (positions, ts, mri), kept in zip(snapshot["before"], snapshot["after"], strict=True):
         for kv_head in range(positions.shape[0]):
             heads = range(kv_head * groups, (kv_head + 1) * groups)
             length = positions.shape[1]
@@ -85,7 +78,6 @@ def check_selection(snapshot, window: int, groups: int, reduce=max):
             assert kept[kv_head].tolist() == sorted(kept_set)  # survivors stay in time order
 
 
-# -- equivalence ------------------------------------------------------------------------------
 @pytest.mark.parametrize("chunk", [1, 5])
 def test_budget_covering_sequence_reproduces_full(tiny, chunk):
     model, info, runner = tiny
@@ -99,7 +91,6 @@ def test_budget_covering_sequence_reproduces_full(tiny, chunk):
     assert stats.extra["evictions"] == 0 and stats.extra["decode_steps"] == 40 and stats.tokens_kept == 70
 
 
-# -- the B + W bound and the lagged schedule --------------------------------------------------------
 @pytest.mark.parametrize("chunk", [1, 4])
 def test_kv_never_exceeds_budget_plus_window(tiny_llama, chunk):
     model, info, runner = tiny_llama
@@ -132,7 +123,6 @@ def test_budget_ratio_follows_tokens_seen(tiny_llama):
     assert session.stats().extra["budget"] == 60 and session.stats().extra["evictions"] > 0
 
 
-# -- what eviction keeps ------------------------------------------------------------------------------
 @pytest.mark.parametrize("group_score", ["max", "mean"])
 def test_eviction_keeps_window_plus_top_scores(group_score):
     model, info, runner = make_tiny("llama", seed=3)
@@ -167,7 +157,7 @@ def test_eviction_gathers_matching_keys_values_and_state(tiny_llama):
     for head in range(info.num_kv_heads):
         torch.testing.assert_close(session.cache.layers[0].keys[0, head], full_keys[0, head, positions[head]])
     last = snapshots[-1]
-    old_positions, old_ts, _, _ = last["before"][0]
+    old_positions, old_ts, _ = last["before"][0]
     kept_after = last["after"][0]
     groups = info.num_heads // info.num_kv_heads
     # state of query head h follows its KV head's selection (at the time of the last eviction)
@@ -192,19 +182,10 @@ def test_eviction_on_embedded_model(smollm):
     check_selection(sample, 16, groups)
 
 
-# -- the TS / MRI recorder --------------------------------------------------------------------------
 def test_record_steps_hand_made_pattern():
     # tokens 0, 1 (prompt: TS 0); steps 1..6; token 2 arrives at step 1 (TS 0), token 3 at step 4 (TS 3)
-    pattern = {  # step -> tokens attended >= alpha
-        1: [0, 2],
-        2: [0],
-        3: [1],
-        4: [0, 3],
-        5: [],
-        6: [1, 3],
-    }
-    ts = torch.zeros(1, 3, dtype=torch.int32)  # tokens 0, 1, 2 after step 1's arrival
-    mri = torch.zeros(1, 3, dtype=torch.int32)
+    pattern = {1: [0, 2], 2: [0], 3: [1], 4: [0, 3], 5: [], 6: [1, 3]}  # step -> tokens attended >= alpha
+    ts, mri = torch.zeros(1, 3, dtype=torch.int32), torch.zeros(1, 3, dtype=torch.int32)  # tokens 0-2
     for step, hits in pattern.items():
         if step == 4:
             ts = torch.cat([ts, torch.tensor([[3]], dtype=torch.int32)], dim=1)
@@ -214,14 +195,12 @@ def test_record_steps_hand_made_pattern():
         ts, mri = record_steps(ts, mri, active, step)
     # token 0: hits at 1, 2, 4 -> gaps 1, 1, 2; token 1: hits at 3, 6 -> gaps 3, 3
     # token 2: hit at 1 (TS 0) -> gap 1; token 3: arrives TS 3, hits at 4, 6 -> gaps 1, 2
-    assert ts.tolist() == [[4, 6, 1, 6]]
-    assert mri.tolist() == [[2, 3, 1, 2]]
+    assert ts.tolist() == [[4, 6, 1, 6]] and mri.tolist() == [[2, 3, 1, 2]]
 
 
 def test_record_steps_block_equals_step_by_step():
     torch.manual_seed(0)
-    ts = torch.randint(0, 5, (3, 40), dtype=torch.int32)
-    mri = torch.randint(0, 3, (3, 40), dtype=torch.int32)
+    ts, mri = torch.randint(0, 5, (3, 40), dtype=torch.int32), torch.randint(0, 3, (3, 40), dtype=torch.int32)
     active = torch.rand(3, 40, 9) < 0.3
     block = record_steps(ts, mri, active, 6)
     seq_ts, seq_mri = ts, mri
@@ -255,6 +234,45 @@ def test_session_observes_hand_made_attention(tiny_llama):
     assert state.ts[1].tolist() == [10] * 6 and state.mri[1].tolist() == [1] * 6
 
 
+def test_prefill_calibration_observes_prompt_tail_like_decode_steps(tiny_llama):
+    """Calibration replays the prompt's last rows through the decode recorder: its MRIs equal those
+    of a session that prefilled the head of the prompt and decoded the tail, even when the tail
+    straddles prefill chunks (the tiny runner prefills 64 tokens per forward)."""
+    model, info, runner = tiny_llama
+    ids = torch.randint(0, 256, (1, 150))
+    calibrated = new_session("lazy_eviction", info, window="auto", alpha=0.008, calibration_rows=100)
+    seen, set_window = [], calibrated._set_window
+
+    def spy(states, source):
+        seen.append([s.mri.clone() for s in states])
+        set_window(states, source)
+
+    calibrated._set_window = spy
+    run_prefill(calibrated, runner, ids)
+    decoded = new_session("lazy_eviction", info, window=1000, alpha=0.008)
+    run_prefill(decoded, runner, ids[:, :50])
+    stepwise_logits(decoded, runner, ids[:, 50:], chunk=7)
+    for layer, mri in enumerate(seen[0]):
+        assert torch.equal(mri, decoded.state[layer].mri)
+    assert any(bool((mri > 1).any()) for mri in seen[0])  # varied recurrences were observed
+    decoded._set_window(decoded.state, "decode")
+    assert calibrated.window == decoded.window and calibrated.window_source == "prefill"
+
+
+def test_observation_blocks_do_not_change_the_record(tiny_llama, monkeypatch):
+    model, info, runner = tiny_llama
+    ids = torch.randint(0, 256, (1, 60))
+    sessions = []
+    for block_elements in (1 << 22, 1):  # one block per forward vs one query row per block
+        monkeypatch.setattr(lazy_eviction, "BLOCK_ELEMENTS_DEFAULT", block_elements)
+        session = new_session("lazy_eviction", info, window=1000, alpha=0.03)
+        run_prefill(session, runner, ids[:, :20])
+        sessions.append((stepwise_logits(session, runner, ids[:, 20:], chunk=20), session))
+    torch.testing.assert_close(sessions[0][0], sessions[1][0])
+    for a, b in zip(sessions[0][1].state, sessions[1][1].state, strict=True):
+        assert torch.equal(a.ts, b.ts) and torch.equal(a.mri, b.mri)
+
+
 def test_recurrence_score_prefers_short_recent_rhythms():
     ts = torch.tensor([[10, 10, 4, 3]], dtype=torch.int32)
     mri = torch.tensor([[1, 5, 1, 0]], dtype=torch.int32)
@@ -266,7 +284,6 @@ def test_recurrence_score_prefers_short_recent_rhythms():
     assert score[0] > score[2] > score[1] > score[3] == pytest.approx(0.0, abs=1e-6)
 
 
-# -- GQA --------------------------------------------------------------------------------------------
 def test_gqa_selection_aggregates_only_its_own_query_heads(tiny_llama):
     model, info, runner = tiny_llama  # 4 query heads, 2 KV heads: q 0,1 -> kv 0; q 2,3 -> kv 1
     session = new_session("lazy_eviction", info, budget=6, window=2)
@@ -293,7 +310,6 @@ def test_select_recent_and_top():
     assert select_recent_and_top(score, keep=3, recent=5).tolist() == [[4, 5, 6]]  # W >= B: window only
 
 
-# -- isolation --------------------------------------------------------------------------------------
 def test_two_sessions_with_different_params_do_not_interfere(tiny_llama):
     model, info, runner = tiny_llama
     ids = torch.randint(0, 256, (2, 80))
@@ -319,7 +335,24 @@ def test_two_sessions_with_different_params_do_not_interfere(tiny_llama):
     assert sessions[0].stats().extra["window"] == 4 and sessions[1].stats().extra["window_source"] == "prefill"
 
 
-# -- window: auto -------------------------------------------------------------------------------------
+def test_batched_decode_matches_decoding_alone(tiny_llama):
+    model, info, runner = tiny_llama
+    ids = torch.randint(0, 256, (2, 60))
+    params = [dict(budget=20, window=4, alpha=0.03), dict(budget=30, window=8, alpha=0.01)]
+    alone, batched = [], []
+    for i, p in enumerate(params):
+        alone.append(new_session("lazy_eviction", info, **p))
+        batched.append(new_session("lazy_eviction", info, **p))
+        run_prefill(alone[i], runner, ids[i : i + 1, :10])
+        run_prefill(batched[i], runner, ids[i : i + 1, :10])
+    for t in range(10, 60):
+        expected = torch.stack([s.decode(runner, int(ids[i, t])) for i, s in enumerate(alone)])
+        torch.testing.assert_close(runner.decode_batch(batched, ids[:, t].tolist()), expected, atol=1e-5, rtol=1e-4)
+    for a, b in zip(alone, batched, strict=True):
+        assert torch.equal(a.kept_positions(1), b.kept_positions(1)) and a.stats().extra == b.stats().extra
+    assert alone[0].stats().extra["evictions"] > 0
+
+
 def test_percentile_from_counts():
     counts = torch.bincount(torch.tensor([1, 1, 2, 3, 3, 3, 5, 8, 8, 9]))
     assert percentile_from_counts(counts, 80) == 8  # 8 of 10 values are <= 8
@@ -358,15 +391,8 @@ def test_auto_window_on_embedded_model_is_sensible(smollm):
 
 
 def test_params_validation():
-    assert LazyEvictionParams().model_dump() == dict(
-        budget=1024,
-        budget_ratio=None,
-        window=64,
-        alpha=1e-4,
-        window_percentile=80,
-        calibration_rows=512,
-        group_score="max",
-    )
+    defaults = LazyEvictionParams()
+    assert (defaults.budget, defaults.window, defaults.alpha, defaults.window_percentile) == (1024, 64, 1e-4, 80)
     assert LazyEvictionParams(window="auto").window == "auto"
     for bad in [dict(window=0), dict(window="sometimes"), dict(alpha=0), dict(budget_ratio=1.5), dict(foo=1)]:
         with pytest.raises(ValidationError):
