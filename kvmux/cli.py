@@ -174,6 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
     pol.add_argument("--json", action="store_true")
     pol.set_defaults(func=cmd_policies)
 
+    from kvmux.evals.bench_cli import add_bench_parser
+    from kvmux.evals.eval_cli import add_eval_parser
+
+    add_eval_parser(sub)
+    add_bench_parser(sub)
     return parser
 
 

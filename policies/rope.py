@@ -26,6 +26,10 @@ def cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tens
 
 def rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
     """Rotate x [..., T, D] to `positions` [T] (negative positions un-rotate)."""
-    cos, sin = cos_sin(positions, inv_freq)
+    return rotate_with(x, *cos_sin(positions, inv_freq))
+
+
+def rotate_with(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [..., T, D] with precomputed tables [T, D] (reuse them across layers)."""
     xf = x.float()
     return (xf * cos + rotate_half(xf) * sin).to(x.dtype)

@@ -35,7 +35,7 @@ import torch
 from kvmux.policies.base import AttentionCall, Policy, PolicyParams, PolicySession
 from kvmux.policies.dense import sdpa
 from kvmux.policies.registry import register
-from kvmux.policies.rope import rotate
+from kvmux.policies.rope import cos_sin, rotate, rotate_with
 from pydantic import Field
 from transformers.cache_utils import Cache, DynamicLayer
 
@@ -71,6 +71,7 @@ def keep_sinks_and_window(tensor: torch.Tensor, sinks: int, window: int) -> torc
 
 class StreamingLLMSession(PolicySession):
     params: StreamingLLMParams
+    _tables: tuple[int, torch.Tensor, torch.Tensor] | None = None  # slot cos/sin of the current length
 
     @property
     def cache_mode(self) -> bool:
@@ -91,9 +92,15 @@ class StreamingLLMSession(PolicySession):
     def attention(self, call: AttentionCall) -> torch.Tensor:
         if not self.cache_mode:
             return super().attention(call)
-        slots = torch.arange(call.key.shape[-2], device=call.key.device)
-        keys = rotate(call.key, slots, self.info.inv_freq.to(call.key.device))
+        keys = rotate_with(call.key, *self._slot_tables(call.key.shape[-2], call.key.device))
         return sdpa(call.query, keys, call.value, call.mask, call.scaling)
+
+    def _slot_tables(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin for slots 0..length-1, computed once per forward and shared by every layer."""
+        if self._tables is None or self._tables[0] != length:
+            slots = torch.arange(length, device=device)
+            self._tables = (length, *cos_sin(slots, self.info.inv_freq.to(device)))
+        return self._tables[1], self._tables[2]
 
     def after_forward(self, num_tokens: int) -> None:
         sinks, window = self.params.sink_tokens, self.params.window

@@ -48,7 +48,8 @@ def _validation_message(exc: ValidationError | RequestValidationError) -> tuple[
 
 def error_response(exc: BaseException) -> JSONResponse:
     status, body = to_error_body(exc)
-    return JSONResponse(body, status_code=status)
+    headers = {"Retry-After": "1"} if status in (429, 503) else None
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 async def read_json(request: Request) -> dict[str, Any]:
@@ -74,7 +75,9 @@ def build_app(state: ServerState) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         state.scheduler.start()
+        state.ready = True
         yield
+        state.ready = False
         state.scheduler.shutdown(state.config.shutdown_grace_s)
 
     app = FastAPI(title="kvmux", version="0.1.0", lifespan=lifespan)
@@ -93,8 +96,9 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        if not state.ready:
-            return JSONResponse(error_body("not ready", "ServiceUnavailableError", 503), status_code=503)
+        if not state.ready or not state.scheduler.alive:
+            message = "The engine cannot serve requests (starting, stopping, or its worker stopped)."
+            return JSONResponse(error_body(message, "ServiceUnavailableError", 503), status_code=503)
         return {"status": "ok"}
 
     @app.get("/v1/models")

@@ -15,5 +15,10 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
         from kvmux.cli import build_engine
 
         engine = build_engine(config)
-    scheduler = Scheduler(engine, config.max_active_sessions, config.max_queued_requests)
+    scheduler = Scheduler(
+        engine,
+        max_active_sessions=config.max_active_sessions,
+        max_queued_requests=config.max_queued_requests,
+        kv_memory_budget_bytes=config.kv_memory_budget_bytes,
+    )
     return build_app(ServerState(config=config, engine=engine, scheduler=scheduler))

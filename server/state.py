@@ -28,7 +28,7 @@ class ServerState:
     engine: Engine
     scheduler: Scheduler
     started: int = field(default_factory=lambda: int(time.time()))
-    ready: bool = True
+    ready: bool = False
 
     def install_middleware(self, app: FastAPI) -> None:
         config = self.config
