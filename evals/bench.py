@@ -32,6 +32,7 @@ from kvmux.policies.base import PolicyInputError, SessionRequest
 from kvmux.policies.presets import Preset
 
 # figures divided by the baseline's; for decode rate higher is better, for the others lower is
+TEXT_PROMPT = "seeded sentences of common words + a question line"
 RATIO_METRICS = ("ttft_s", "decode_tokens_per_s", "peak_mem_bytes", "peak_mem_delta_bytes", "kv_bytes_kept_peak")
 
 
@@ -154,6 +155,31 @@ def _skip_reason(preset: Preset, info, length: int, new_tokens: int) -> str | No
     return None
 
 
+def _document(
+    info, source: str, settings: BenchSettings, memory_measure: str, text_prompts: bool, presets, started, rows
+) -> dict[str, Any]:
+    return {
+        "kind": "kvmux-bench",
+        "version": 1,
+        "created": started.isoformat(timespec="seconds"),
+        "environment": environment(info.device),
+        "model": model_summary(info, source),
+        "settings": {
+            "lengths": list(settings.lengths),
+            "new_tokens": settings.new_tokens,
+            "repeats": settings.repeats,
+            "warmup": settings.warmup,
+            "prefill_chunk_tokens": settings.prefill_chunk_tokens,
+            "seed": settings.seed,
+            "memory_measure": memory_measure,
+            "baseline": f"{BASELINE_NAME}: transformers model.generate, greedy, attn_implementation=sdpa",
+            "prompt": TEXT_PROMPT if text_prompts else "seeded random token ids",
+        },
+        "presets": {name: _preset_summary(preset) for name, preset in presets.items()},
+        "results": rows,
+    }
+
+
 def run_bench(
     model: torch.nn.Module,
     info,
@@ -164,11 +190,13 @@ def run_bench(
     progress: Callable[[str], None] | None = None,
     gate: Callable[[str, int], str | None] | None = None,
     on_run: Callable[[str, int, float], None] | None = None,
+    checkpoint: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Measure every preset and the baseline at every length; returns the results document.
 
     `gate(target, length)` may return a reason to skip a run (time budgets); `on_run(target,
-    length, seconds)` hears the wall time of every run, warm-up included.
+    length, seconds)` hears the wall time of every run, warm-up included; `checkpoint(doc)`
+    receives the document of the lengths finished so far, after each length.
     """
     say = progress or (lambda message: None)
     runner = Runner(model, info, settings.prefill_chunk_tokens)
@@ -176,6 +204,10 @@ def run_bench(
     vocab = int(getattr(info.config, "vocab_size", 0) or model.get_input_embeddings().num_embeddings)
     rows: list[dict[str, Any]] = []
     started = datetime.datetime.now(datetime.UTC)
+
+    def document(rows: list[dict[str, Any]]) -> dict[str, Any]:
+        return _document(info, source, settings, probe.kind, tokenizer is not None, presets, started, rows)
+
     for length in settings.lengths:
         ids = prompt_ids(length, vocab, settings.seed, tokenizer)
         text = tokenizer.decode(ids[0]) if tokenizer is not None else None
@@ -223,23 +255,6 @@ def run_bench(
                 say(f"{label}: ttft {sample.ttft_s * 1e3:.1f} ms, decode {tps or 0:.1f} tok/s")
         base_ref = baseline if baseline.status == "ok" and baseline.samples else None
         rows.extend(target.row(base_ref) for target in targets)
-    return {
-        "kind": "kvmux-bench",
-        "version": 1,
-        "created": started.isoformat(timespec="seconds"),
-        "environment": environment(info.device),
-        "model": model_summary(info, source),
-        "settings": {
-            "lengths": list(settings.lengths),
-            "new_tokens": settings.new_tokens,
-            "repeats": settings.repeats,
-            "warmup": settings.warmup,
-            "prefill_chunk_tokens": settings.prefill_chunk_tokens,
-            "seed": settings.seed,
-            "memory_measure": probe.kind,
-            "baseline": f"{BASELINE_NAME}: transformers model.generate, greedy, attn_implementation=sdpa",
-            "prompt": "seeded sentences of common words + a question line" if tokenizer else "seeded random token ids",
-        },
-        "presets": {name: _preset_summary(preset) for name, preset in presets.items()},
-        "results": rows,
-    }
+        if checkpoint is not None:
+            checkpoint(document(list(rows)))
+    return document(rows)

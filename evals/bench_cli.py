@@ -182,7 +182,9 @@ def _load_model(args: argparse.Namespace):
 
 
 def run_in_process(args: argparse.Namespace) -> dict[str, Any]:
+    """The in-process benchmark; the report is rewritten after each length (a cut run keeps its data)."""
     from kvmux.evals.bench import BenchSettings, run_bench
+    from kvmux.evals.bench_report import write_report
 
     presets = select_presets(args.presets_dir or default_presets_dir(), args.presets, args.policy_overrides)
     settings = BenchSettings(
@@ -197,7 +199,17 @@ def run_in_process(args: argparse.Namespace) -> dict[str, Any]:
     _say(
         f"bench: {loaded.info.served_name} on {loaded.info.device}, presets {list(presets)}, lengths {settings.lengths}"
     )
-    return run_bench(loaded.model, loaded.info, presets, settings, loaded.tokenizer, source, progress=_say)
+    command = _command_line()
+    return run_bench(
+        loaded.model,
+        loaded.info,
+        presets,
+        settings,
+        loaded.tokenizer,
+        source,
+        progress=_say,
+        checkpoint=lambda partial: write_report(partial | {"command": command}, args.out),
+    )
 
 
 def run_serving_load(args: argparse.Namespace) -> dict[str, Any]:

@@ -64,7 +64,7 @@ def bench_markdown(doc: dict[str, Any]) -> str:
         match = row.get("tokens_match_baseline")
         lines.append(
             f"| {row['length']} | {row['preset']} | {row['policy']} | {_spread(s['ttft_s'], '.1f', 1e3)} "
-            f"| {_ratio(r.get('ttft_s'))} | {_spread(s['decode_tokens_per_s'], '.1f')} "
+            f"| {_ratio(r.get('ttft_s'))} | {_spread(s['decode_tokens_per_s'], '.3g')} "
             f"| {_ratio(r.get('decode_tokens_per_s'))} | {_fmt(s['kv_bytes_kept_peak']['median'], '.1f', 1 / MIB)} "
             f"| {_fmt(kv_ratio, '.1f', 100)} | {_fmt(s['peak_mem_bytes']['median'], '.0f', 1 / MIB)} "
             f"| {_fmt(s['peak_mem_delta_bytes']['median'], '.1f', 1 / MIB)} | {_ratio(r.get('peak_mem_delta_bytes'))} "

@@ -15,7 +15,8 @@ Run by `scripts/gpu_check.sh` (under 8 minutes on one H100/H200, nothing downloa
 
 Every run is estimated from the same target's previous run (time grows about as length^1.6)
 and skipped with a note when it would overrun the budget. Results are written after every
-stage: `gpu_check.json` + `gpu_check.md` (agreement), `bench.{json,md,png}` (speed).
+stage and every length, so a run cut short keeps what it measured: `gpu_check.json` +
+`gpu_check.md` (agreement), `bench.{json,md,png}` (speed).
 """
 
 from __future__ import annotations
@@ -173,10 +174,12 @@ def agreement_stage(loaded, presets, clock: Clock, length: int, steps: int, chun
         seconds = time.monotonic() - began
         clock.record(name, length, seconds)
         metrics = compare(ref_logits, logits)
-        passed = metrics["finite"] and (
-            name != "full" or (metrics["top1_agreement"] >= 0.875 and metrics["cosine_min"] >= 0.99)
-        )
-        rows.append(row | metrics | {"status": "pass" if passed else "FAIL", "seconds": round(seconds, 2)})
+        exact = metrics["top1_agreement"] >= 0.875 and metrics["cosine_min"] >= 0.99
+        if not metrics["finite"] or (preset.policy.name == "full" and not exact):
+            status = "FAIL"
+        else:
+            status = "pass" if preset.policy.name == "full" else "ran"
+        rows.append(row | metrics | {"status": status, "seconds": round(seconds, 2)})
         say(
             clock,
             f"agreement {name}: top-1 {metrics['top1_agreement']:.0%}, cos min {metrics['cosine_min']:.4f}, "
@@ -192,8 +195,11 @@ def agreement_markdown(doc: dict[str, Any]) -> str:
         f"- random weights, shape `{doc['shape']}`, bf16; prefill chunk {doc['prefill_chunk_tokens']}; "
         f"budget {doc['budget_s']:.0f} s, used {doc['elapsed_s']:.0f} s",
         f"- agreement at {doc['check_length']} tokens over {doc['check_steps']} teacher-forced steps with "
-        "transformers `generate` (SDPA). `full` must match (pass = top-1 ≥ 87.5% and cosine ≥ 0.99); "
-        "for the other policies the numbers measure their approximation (pass = finite logits).",
+        "transformers `generate` (SDPA). `full` must match it (pass = top-1 ≥ 87.5% and cosine ≥ 0.99; bf16 "
+        "noise flips near-ties of a random model's logits). The other policies must run at this length with "
+        "finite logits (ran); their distance from the reference is shown but says little about quality: "
+        "a random model spreads its attention over the whole context, so dropping or skipping keys moves "
+        "its outputs far more than a trained model's (quality is `kvmux eval`'s job).",
         f"- prompt: {doc['prompt']}; speed: see bench.md (lengths {doc['lengths']})",
         f"- command: `{doc['command']}`",
         "",
@@ -292,9 +298,9 @@ def main(argv: list[str] | None = None) -> int:
         progress=lambda message: say(clock, message),
         gate=lambda target, length: clock.gate(target, length, fallback="generate"),
         on_run=clock.record,
+        checkpoint=lambda partial: write_report(partial | {"command": doc["command"]}, args.out),
     )
-    bench["command"] = doc["command"]
-    write_report(bench, args.out)
+    write_report(bench | {"command": doc["command"]}, args.out)
     save()
     failed = [row["preset"] for row in doc["agreement"] if row["status"] in ("FAIL", "error")]
     say(clock, f"done; wrote {args.out}; failed agreement: {failed or 'none'}")

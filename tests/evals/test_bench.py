@@ -15,6 +15,7 @@ from kvmux.evals.bench_cli import main as bench_main
 from kvmux.evals.bench_cli import parse_tokens, select_presets
 from kvmux.evals.bench_measure import BASELINE_NAME, attention_sparsity, prompt_ids
 from kvmux.evals.bench_report import write_report
+from kvmux.evals.gpu_check import GROWTH, Clock, agreement_stage, compare
 from kvmux.evals.serve_load import (
     LoadSettings,
     RequestRecord,
@@ -138,20 +139,26 @@ def test_bench_reports_are_written(tiny_bench, tmp_path):
     assert paths["png"].read_bytes()[:8] == PNG_MAGIC
 
 
-def test_gate_skips_runs_and_on_run_hears_each():
+def test_gate_skips_runs_and_callbacks_hear_runs_and_lengths():
     loaded = build_random_model("tiny", "cpu", torch.float32)
     presets = {"full": load_presets(PRESETS_DIR)["full"]}
-    heard = []
+    heard, checkpoints = [], []
     doc = run_bench(
         loaded.model,
         loaded.info,
         presets,
-        BenchSettings(lengths=(48,), new_tokens=2, repeats=1, warmup=0),
-        gate=lambda target, length: "over budget" if target == "full" else None,
+        BenchSettings(lengths=(48, 40), new_tokens=2, repeats=1, warmup=0),
+        gate=lambda target, length: "over budget" if (target, length) == ("full", 48) else None,
         on_run=lambda target, length, seconds: heard.append((target, length)),
+        checkpoint=checkpoints.append,
     )
     assert _row(doc, "full", 48)["status"] == "skipped" and _row(doc, "full", 48)["note"] == "over budget"
-    assert heard == [(BASELINE_NAME, 48)]
+    assert _row(doc, "full", 40)["status"] == "ok"
+    assert heard == [(BASELINE_NAME, 48), (BASELINE_NAME, 40), ("full", 40)]
+    assert [[(r["preset"], r["length"]) for r in c["results"]] for c in checkpoints] == [
+        [(BASELINE_NAME, 48), ("full", 48)],
+        [(BASELINE_NAME, 48), ("full", 48), (BASELINE_NAME, 40), ("full", 40)],
+    ]
 
 
 @pytest.mark.model
@@ -260,3 +267,38 @@ def test_load_mode_against_a_fake_server(tmp_path):
     paths = write_report(doc, tmp_path)
     assert "| streaming_llm | 50 | 2 | 3 / 0 |" in paths["md"].read_text()
     assert paths["png"].read_bytes()[:8] == PNG_MAGIC
+
+
+# -- GPU check logic (run here on CPU with a tiny shape) ---------------------------------------
+def test_clock_estimates_grow_with_length_and_gate_on_budget():
+    clock = Clock(budget_s=100.0, reserve_s=0.0)
+    assert clock.estimate("full", 2048) is None and clock.gate("full", 2048) is None
+    clock.record("generate", 1024, 2.0)
+    assert clock.estimate("full", 1024, fallback="generate") == pytest.approx(4.0)  # unknown target: 2× baseline
+    clock.record("full", 1024, 3.0)
+    assert clock.estimate("full", 2048) == pytest.approx(3.0 * 2**GROWTH)
+    clock.record("slow", 1024, 90.0)
+    assert "left in the budget" in clock.gate("slow", 2048)
+    clock.deadline = clock.start
+    assert clock.gate("full", 1024) == "time budget spent"
+
+
+def test_compare_scores_agreement_of_logits():
+    ref = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    same = compare(ref, ref.clone())
+    assert same["finite"] and same["top1_agreement"] == 1.0 and same["first_token_match"]
+    assert same["cosine_min"] == pytest.approx(1.0) and same["kl_max"] == pytest.approx(0.0, abs=1e-6)
+    other = compare(ref, -ref)
+    assert other["top1_agreement"] == 0.0 and other["cosine_min"] == pytest.approx(-1.0) and other["kl_mean"] > 1
+    assert not compare(ref, torch.full_like(ref, float("nan")))["finite"]
+
+
+def test_agreement_stage_passes_full_and_runs_other_policies():
+    loaded = build_random_model("tiny", "cpu", torch.float32, seed=1)
+    presets = load_presets(PRESETS_DIR)
+    small, _ = resolve_request_policy({"preset": "streaming_llm", "window": 16}, presets, "full")
+    rows = agreement_stage(loaded, {"full": presets["full"], "small": small}, Clock(600), 96, 3, 32)
+    full, stream = rows
+    assert full["status"] == "pass" and full["top1_agreement"] == 1.0 and full["cosine_min"] > 0.9999
+    assert stream["status"] == "ran" and stream["policy"] == "streaming_llm" and stream["finite"]
+    assert stream["kl_mean"] > full["kl_mean"]
