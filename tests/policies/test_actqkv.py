@@ -15,7 +15,7 @@ from kvmux.policies.registry import get_policy
 from kvmux.policies.rope import rotate
 from pydantic import ValidationError
 
-from scripts.measure_actqkv import generate, passkey_prompt
+from scripts.measure_actqkv import QUESTION, generate, passkey_prompt
 from tests.policies.helpers import full_logits, new_session, run_prefill, stepwise_logits
 from tests.tiny_models import make_tiny
 
@@ -287,7 +287,8 @@ def test_embedded_model_retrieves_a_passkey_beyond_the_local_window(smollm):
     runner, tokenizer = smollm.runner(1024), smollm.tokenizer
     ids, key = passkey_prompt(tokenizer, 1500, 0.3, random.Random(3))
     params = dict(n_init=32, n_local=256, block_size=32, window=128, topk=4, min_blocks=2)
-    session = new_session("actqkv", smollm.info, **params)
+    request = SessionRequest(query_text=QUESTION)  # the last prompt window needs the question term
+    session = new_session("actqkv", smollm.info, request, **params)
     out, _ = generate(session, runner, ids, 6)
     assert key in tokenizer.decode(out)
     extra = session.stats().extra
