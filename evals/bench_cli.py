@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import shlex
 import sys
 from pathlib import Path
@@ -214,6 +215,8 @@ def run_in_process(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_serving_load(args: argparse.Namespace) -> dict[str, Any]:
     from kvmux.evals.serve_load import LoadSettings, run_load
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
 
     names = args.presets or []
     overrides = parse_overrides(args.policy_overrides, names)

@@ -174,7 +174,9 @@ def load_plot(doc: dict[str, Any], path: Path) -> None:
                 xs, [r[key]["p99"] or float("nan") for r in rows], marker="x", linestyle=":", color=line.get_color()
             )
     levels = sorted({row["concurrency"] for row in doc["results"]})
-    for ax, label in zip(axes, ("output tokens/s", "TTFT ms (p50 ─, p99 ┈)", "ITL ms (p50 ─, p99 ┈)"), strict=True):
+    for ax, label in zip(
+        axes, ("output tokens/s", "TTFT ms (p50 solid, p99 dotted)", "ITL ms (p50 solid, p99 dotted)"), strict=True
+    ):
         ax.set_xscale("log", base=2)
         ax.set_xticks(levels, [str(c) for c in levels])
         ax.minorticks_off()
