@@ -38,13 +38,22 @@ def sdpa(
     mask: torch.Tensor | None,
     scaling: float,
 ) -> torch.Tensor:
-    """Dense attention [B, Hq, Tq, D] -> output [B, Tq, Hq, D]; mask None means causal."""
-    groups = query.shape[1] // key.shape[1]
-    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    """Dense attention [B, Hq, Tq, D] -> output [B, Tq, Hq, D]; mask None means causal.
+
+    GQA runs natively (no copy of K/V per query head) and a square causal call uses the
+    kernel's own causal path, so the fast fused kernels stay available.
+    """
     tq, tk = query.shape[2], key.shape[2]
+    is_causal = False
     if mask is None and tq > 1:
-        mask = causal_mask(tq, tk, query.device)
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
+        if tq == tk:
+            is_causal = True
+        else:
+            mask = causal_mask(tq, tk, query.device)
+    gqa = query.shape[1] != key.shape[1]
+    out = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, is_causal=is_causal, scale=scaling, enable_gqa=gqa
+    )
     return out.transpose(1, 2).contiguous()
 
 
