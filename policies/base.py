@@ -132,6 +132,9 @@ class PolicySession:
     def make_cache(self) -> Cache:
         return DynamicCache(config=self.info.config)
 
+    def check_prompt(self, prompt_ids: list[int]) -> None:
+        """Raise PolicyInputError if this request cannot be served (checked before it is queued)."""
+
     # -- forward hooks -----------------------------------------------------------------------
     def next_position_ids(self, num_tokens: int) -> torch.Tensor:
         """Positions of the next `num_tokens` tokens: [1, num_tokens] (absolute by default)."""

@@ -268,22 +268,34 @@ class InfiniRetriSession(PolicySession):
         assert probe.rows is not None, "scoring layer was not reached"
         return probe.rows
 
-    def prefill(self, runner, input_ids: torch.Tensor) -> Generator[None, None, torch.Tensor]:
+    def check_prompt(self, prompt_ids: list[int]) -> None:
+        self._layout(prompt_ids)
+
+    def _layout(self, ids: list[int]):
+        """Split the prompt into instruction / context / question; raise a 400 if that fails."""
         p = self.params
         tokenizer = self.info.tokenizer
         if tokenizer is None:
             raise PolicyInputError("infiniretri needs the model's tokenizer to find sentences")
-        ids = input_ids[0].tolist()
         layout = split_prompt(tokenizer, ids, self.request, p.max_question_tokens)
-        prefix, question = layout.prefix, layout.question
         c0, c1 = layout.context
-        fixed = len(prefix) + len(question)
-        limit = self.info.max_context - fixed - p.chunk_tokens  # room for retained sentences
-        if c1 > c0 and limit < 0:
+        fixed = len(layout.prefix) + len(layout.question)
+        if c1 > c0 and self.info.max_context - fixed - p.chunk_tokens < 0:
             raise PolicyInputError(
                 f"infiniretri: instruction and question take {fixed} tokens; with a {p.chunk_tokens}-token "
                 f"chunk they exceed the model's context ({self.info.max_context})"
             )
+        return layout
+
+    def prefill(self, runner, input_ids: torch.Tensor) -> Generator[None, None, torch.Tensor]:
+        p = self.params
+        tokenizer = self.info.tokenizer
+        ids = input_ids[0].tolist()
+        layout = self._layout(ids)
+        prefix, question = layout.prefix, layout.question
+        c0, c1 = layout.context
+        fixed = len(prefix) + len(question)
+        limit = self.info.max_context - fixed - p.chunk_tokens  # room for retained sentences
         pieces = token_pieces(tokenizer, ids[c0:c1])
         spans = [(s + c0, e + c0) for s, e in sentence_spans(pieces, 0, c1 - c0, p.chunk_tokens)]
         chunks = pack_chunks(spans, p.chunk_tokens)
