@@ -1,0 +1,113 @@
+"""The soak test's summary, pass/fail checks and Markdown report (see scripts/soak.py)."""
+
+from __future__ import annotations
+
+import os
+import platform
+from collections import Counter
+
+
+def summarize(report) -> dict:
+    outcomes = report.outcomes
+    by_result = Counter(o.result for o in outcomes)
+    accepted = [o for o in outcomes if o.status == 200 or o.result == "disconnected"]
+    clean = [o for o in accepted if o.result in ("completed", "disconnected")]
+    growth = (report.rss_idle_after_kib - report.rss_idle_before_kib) / max(report.rss_idle_before_kib, 1)
+    metrics = report.server_metrics
+    finished = sum(v for k, v in metrics.items() if k.startswith("kvmux_request_outcomes_total[finished_"))
+    return {
+        "requests": len(outcomes),
+        "by_result": dict(by_result),
+        "server_errors_5xx": by_result.get("server_error", 0),
+        "accepted": len(accepted),
+        "accepted_clean": len(clean),
+        "rss_growth": round(growth, 4),
+        "server_finished": finished if report.metrics_available else None,
+        "server_cancelled": metrics.get("kvmux_request_outcomes_total[cancelled]")
+        if report.metrics_available
+        else None,
+        "server_errors": metrics.get("kvmux_request_outcomes_total[error]") if report.metrics_available else None,
+        "server_running_after": metrics.get("kvmux_requests_running") if report.metrics_available else None,
+        "server_waiting_after": metrics.get("kvmux_requests_waiting") if report.metrics_available else None,
+        "completion_tokens": sum(o.tokens for o in outcomes),
+    }
+
+
+def verdict(summary: dict, report) -> list[tuple[str, bool]]:
+    checks = [
+        ("zero 5xx responses (and no internal error inside a stream)", summary["server_errors_5xx"] == 0),
+        ("every accepted request completed or was cleanly cancelled", summary["accepted"] == summary["accepted_clean"]),
+        ("idle RSS after the load within 10% of idle RSS before", summary["rss_growth"] <= 0.10),
+        ("the server exited 0 on SIGTERM", report.exit_code == 0),
+    ]
+    if report.metrics_available:
+        idle = summary["server_running_after"] == 0 and summary["server_waiting_after"] == 0
+        checks.append(("the server reports nothing running or waiting afterwards", idle))
+        checks.append(("no request ended in a server-side error", not summary["server_errors"]))
+    return checks
+
+
+def markdown(report, summary: dict) -> str:
+    a = report.args
+    mib = lambda kib: f"{kib / 1024:.1f} MiB"  # noqa: E731
+    lines = [
+        "# Soak test: `kvmux serve` under mixed concurrent load",
+        "",
+        f"`python scripts/soak.py --minutes {a['minutes']} --clients {a['clients']} --max-tokens {a['max_tokens']}"
+        f" --disconnect-fraction {a['disconnect_fraction']} --seed {a['seed']}"
+        + (f" --torch-threads {a['torch_threads']}" if a["torch_threads"] else "")
+        + "".join(f" --serve-arg={x}" for x in a["serve_arg"])
+        + "`",
+        "",
+        f"Embedded model on CPU ({platform.machine()}, {os.cpu_count()} cores, shared with other work), "
+        f"{a['clients']} clients for {report.load_seconds:.0f} s of load, presets {', '.join(report.presets)} "
+        "(`full` and `streaming_llm` weighted 4x), half chat and half completions, half streamed; "
+        f"{a['disconnect_fraction']:.0%} of requests disconnect early (a stream closed after a few chunks, "
+        "or a whole-response request abandoned after 0.5-3 s). The idle RSS before the load is read after a "
+        "warm-up that runs every preset once on each route at the load's longest prompt; the idle RSS after "
+        "it once the server reports (or, without /metrics, is given 3 s to reach) nothing running or waiting.",
+        "",
+        "## Checks",
+        "",
+        "| check | result |",
+        "| --- | --- |",
+    ]
+    lines += [f"| {name} | {'pass' if ok else '**FAIL**'} |" for name, ok in verdict(summary, report)]
+    lines += [
+        "",
+        "## Numbers",
+        "",
+        "| what | value |",
+        "| --- | --- |",
+        f"| requests sent | {summary['requests']} |",
+        f"| by client-side result | {', '.join(f'{k}: {v}' for k, v in sorted(summary['by_result'].items()))} |",
+        f"| accepted (200, or abandoned by the client) | {summary['accepted']} |",
+        f"| completion tokens received | {summary['completion_tokens']} |",
+        f"| 5xx | {summary['server_errors_5xx']} |",
+        f"| server RSS after start-up | {mib(report.rss_startup_kib)} |",
+        f"| server RSS idle after warm-up (before load) | {mib(report.rss_idle_before_kib)} |",
+        f"| server RSS peak during load | {mib(report.rss_peak_kib)} |",
+        f"| server RSS idle after load | {mib(report.rss_idle_after_kib)} ({summary['rss_growth']:+.1%}) |",
+        f"| SIGTERM to exit | {report.shutdown_seconds} s, exit code {report.exit_code} |",
+    ]
+    if report.metrics_available:
+        lines += [
+            f"| server-side finished / cancelled / error | {summary['server_finished']:.0f} / "
+            f"{summary['server_cancelled'] or 0:.0f} / {summary['server_errors'] or 0:.0f} |",
+            f"| running / waiting after the load | {summary['server_running_after']:.0f} / "
+            f"{summary['server_waiting_after']:.0f} |",
+        ]
+    else:
+        lines.append("| server-side outcome counters | not available (this server has no /metrics route) |")
+    per_preset = Counter((o.preset, o.result) for o in report.outcomes)
+    lines += ["", "## Per preset", "", "| preset | " + " | ".join(RESULTS) + " |", "|---" * (len(RESULTS) + 1) + "|"]
+    for preset in report.presets:
+        lines.append(f"| {preset} | " + " | ".join(str(per_preset.get((preset, r), 0)) for r in RESULTS) + " |")
+    problems = [o for o in report.outcomes if o.result in ("server_error", "failed", "client_error")]
+    if problems:
+        lines += ["", "## Unexpected responses (first 10)", ""]
+        lines += [f"- {o.preset} {o.route} stream={o.stream}: {o.result} {o.status} {o.error}" for o in problems[:10]]
+    return "\n".join(lines) + "\n"
+
+
+RESULTS = ["completed", "disconnected", "rejected", "client_error", "server_error", "failed"]
