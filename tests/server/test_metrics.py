@@ -245,3 +245,62 @@ def test_metrics_route_serves_exposition_and_reads_queue_sizes():
     assert 'kvmux_scheduler_waiting{model="test-model"} 7.0' in response.text
     assert 'kvmux_request_outcomes_total{model="test-model",policy="full",reason="rejected"} 1.0' in response.text
     assert "/metrics" not in app.openapi()["paths"]
+
+
+@pytest.mark.model
+def test_live_server_metrics_match_responses(smollm):
+    """Real handles and KV stats from the embedded model, scraped over HTTP."""
+    from kvmux.policies.presets import load_presets
+    from kvmux.server.app import build_app
+    from kvmux.server.config import ServerConfig
+    from kvmux.server.engine import Engine
+    from kvmux.server.state import ServerState
+
+    from tests.server.conftest import PRESETS, LiveServer, free_port
+
+    engine = Engine(smollm, load_presets(PRESETS), prefill_chunk_tokens=64, max_new_tokens=8)
+    metrics = Metrics(engine.info.served_name)
+    config = ServerConfig()
+    scheduler = Scheduler(engine, config.max_active_sessions, config.max_queued_requests, on_event=metrics.on_event)
+    app = build_app(ServerState(config=config, engine=engine, scheduler=scheduler))
+    install_metrics_route(app, metrics, lambda: (scheduler.num_running, scheduler.num_waiting))
+    prompt = "One two three four five six seven eight nine ten " * 12
+    with LiveServer(app, free_port()) as server:
+        whole = httpx.post(
+            server.url + "/v1/completions",
+            json={
+                "prompt": prompt,
+                "max_tokens": 5,
+                "ignore_eos": True,
+                "kv_policy": {"preset": "streaming_llm", "window": 32, "sink_tokens": 4},
+            },
+            timeout=120,
+        ).json()
+        with httpx.stream(
+            "POST",
+            server.url + "/v1/completions",
+            json={"prompt": "Hi", "max_tokens": 3, "ignore_eos": True, "stream": True},
+            timeout=120,
+        ) as response:
+            assert sum(1 for line in response.iter_lines() if line.startswith("data: {")) == 3
+        scraped = httpx.get(server.url + "/metrics", timeout=30)
+    assert scraped.status_code == 200
+    found = {}
+    for family in text_string_to_metric_families(scraped.text):
+        for s in family.samples:
+            found[(s.name, s.labels.get("policy"), s.labels.get("reason"))] = s.value
+    model = engine.info.served_name
+    assert f'model="{model}"' in scraped.text
+    usage, kv = whole["usage"], whole["kv"]
+    assert found[("kvmux_prompt_tokens_total", "streaming_llm", None)] == usage["prompt_tokens"]
+    assert found[("kvmux_generation_tokens_total", "streaming_llm", None)] == 5
+    assert found[("kvmux_generation_tokens_total", "full", None)] == 3
+    assert found[("kvmux_request_outcomes_total", "full", "finished_length")] == 1
+    assert found[("kvmux_time_to_first_token_seconds_count", "full", None)] == 1
+    assert found[("kvmux_inter_token_latency_seconds_count", "full", None)] == 2
+    assert found[("kvmux_kv_bytes_kept_last", "streaming_llm", None)] == kv["kv_bytes_kept"]
+    assert found[("kvmux_kv_bytes_full_last", "streaming_llm", None)] == kv["kv_bytes_full"]
+    assert kv["kv_bytes_kept"] < kv["kv_bytes_full"]  # the window evicted: the ratio is below 1
+    assert found[("kvmux_request_kv_ratio_sum", "streaming_llm", None)] == pytest.approx(kv["kv_ratio"], abs=1e-3)
+    assert found[("kvmux_requests_running", "full", None)] == 0
+    assert found[("kvmux_scheduler_running", None, None)] == 0
