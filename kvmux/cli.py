@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -86,6 +87,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = _config_from_args(args)
     app = create_app(config)
+    # uvicorn shuts down gracefully on SIGTERM and then re-raises it; after a clean shutdown exit 0
+    signal.signal(signal.SIGTERM, lambda *_: None)
     uvicorn.run(
         app,
         host=config.host,

@@ -12,7 +12,14 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from kvmux.server.engine import Engine, TokenEvent
-from kvmux.server.errors import ModelNotServedError, RequestError, error_body, to_error_body
+from kvmux.server.errors import (
+    ModelNotServedError,
+    OverloadedError,
+    RequestError,
+    UnavailableError,
+    error_body,
+    to_error_body,
+)
 from kvmux.server.handlers import (
     ClientGone,
     chat_logprobs,
@@ -182,11 +189,22 @@ def check_model(engine: Engine, model: str | None) -> None:
 
 
 def submit_all(state: ServerState, req: OpenAIRequest, prepared) -> list:
-    """Submit n copies of a prepared request (seeds offset so choices differ when sampling)."""
+    """Submit n copies of a prepared request (seeds offset so choices differ when sampling).
+
+    If one copy is refused (queue full, no KV memory) the copies already queued are cancelled.
+    """
     handles = []
-    for i in range(req.n):
-        copy = prepared if i == 0 else state.engine.copy_request(prepared, seed_offset=i)
-        handles.append(state.scheduler.submit(copy, state.config.request_timeout_s))
+    try:
+        for i in range(req.n):
+            copy = prepared if i == 0 else state.engine.copy_request(prepared, seed_offset=i)
+            handles.append(state.scheduler.submit(copy, state.config.request_timeout_s))
+    except (OverloadedError, UnavailableError) as exc:
+        for handle in handles:
+            handle.cancel()
+        if state.metrics is not None:
+            cause = "queue_full" if exc.status == 429 else "unavailable"
+            state.metrics.record_rejected(cause, prepared.preset.policy.name)
+        raise
     return handles
 
 

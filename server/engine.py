@@ -215,6 +215,10 @@ class Engine:
             text = self.render_chat(messages)
             ids = self.tokenize(text, add_special_tokens=False)
         elif isinstance(prompt, list):
+            vocab = len(self.tokenizer)
+            bad = [t for t in prompt if not 0 <= t < vocab]
+            if bad:
+                raise RequestError(f"token ids must be in [0, {vocab}); got {bad[:5]}", "prompt")
             ids, text = list(prompt), self.tokenizer.decode(prompt)
         else:
             text = prompt or ""

@@ -13,6 +13,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from kvmux.server.config import ServerConfig
 from kvmux.server.engine import Engine
 from kvmux.server.errors import error_body
+from kvmux.server.metrics import Metrics, install_metrics_route
 from kvmux.server.scheduler import Scheduler
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -27,6 +28,7 @@ class ServerState:
     config: ServerConfig
     engine: Engine
     scheduler: Scheduler
+    metrics: Metrics | None = None
     started: int = field(default_factory=lambda: int(time.time()))
     ready: bool = False
 
@@ -90,4 +92,7 @@ class ServerState:
         return any(hmac.compare_digest(token.strip(), key) for key in keys)
 
     def install_extra_routes(self, app: FastAPI) -> None:
-        """Routes beyond the OpenAI surface (metrics) are added here."""
+        """Routes beyond the OpenAI surface: Prometheus metrics."""
+        if self.metrics is not None:
+            scheduler = self.scheduler
+            install_metrics_route(app, self.metrics, lambda: (scheduler.num_running, scheduler.num_waiting))
