@@ -58,6 +58,8 @@ def _config_from_args(args: argparse.Namespace):
         api_keys.append(os.environ["KVMUX_API_KEY"])
     if api_keys:
         updates["api_keys"] = api_keys
+    if getattr(args, "no_batch_decode", False):
+        updates["batch_decode"] = False
     if getattr(args, "cors_origin", None):
         updates["cors_origins"] = args.cors_origin
     return type(config).model_validate({**config.model_dump(), **updates})
@@ -157,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--kv-memory-budget-bytes", type=int, default=None)
     serve.add_argument("--api-key", action="append", help="require this Bearer key (repeatable; env KVMUX_API_KEY)")
     serve.add_argument("--cors-origin", action="append", help="allow this CORS origin (repeatable)")
+    serve.add_argument("--no-batch-decode", action="store_true", help="decode every request in its own forward")
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(func=cmd_serve)
 

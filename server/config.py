@@ -28,6 +28,7 @@ class ServerConfig(BaseModel):
     max_new_tokens: int | None = Field(4096, ge=1, description="largest accepted max_tokens")
     request_timeout_s: float | None = Field(600.0, gt=0, description="per-request deadline")
     kv_memory_budget_bytes: int | None = Field(None, ge=1, description="KV bytes all sessions may hold")
+    batch_decode: bool = Field(True, description="decode concurrent requests in one forward where policies allow")
     api_keys: list[str] = Field(default_factory=list, description="Bearer keys for /v1/* (empty: no auth)")
     auth_health_and_metrics: bool = Field(False, description="also require a key on /health and /metrics")
     cors_origins: list[str] = Field(default_factory=list, description="allowed CORS origins (empty: CORS off)")

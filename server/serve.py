@@ -23,5 +23,6 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
         max_queued_requests=config.max_queued_requests,
         on_event=metrics.on_event,
         kv_memory_budget_bytes=config.kv_memory_budget_bytes,
+        batch_decode=config.batch_decode,
     )
     return build_app(ServerState(config=config, engine=engine, scheduler=scheduler, metrics=metrics))
