@@ -163,8 +163,8 @@ def test_unknown_fields_are_ignored(client):
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_policy_that_cannot_serve_the_prompt_is_a_400_before_streaming(live_server, stream):
-    # one 600-token line: infiniretri finds no question in it
-    body = {"prompt": "word " * 600, "max_tokens": 4, "stream": stream, "kv_policy": "infiniretri"}
+    # the last line (where infiniretri looks for the question) is 600 tokens long: no usable question
+    body = {"prompt": "A note.\n" + "word " * 600, "max_tokens": 4, "stream": stream, "kv_policy": "infiniretri"}
     response = _post(live_server, "/v1/completions", body)
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == "kv_policy"
