@@ -21,15 +21,30 @@ class ClientGone(Exception):
     """The HTTP client disconnected."""
 
 
-async def next_event(handle: Handle, request: Request | None) -> tuple[str, Any]:
+async def next_event(handle: Handle, watch: DisconnectWatch) -> tuple[str, Any]:
     """Wait for the handle's next event, cancelling the request if the client goes away."""
     while True:
+        if await watch.gone():
+            handle.cancel()
+            raise ClientGone()
         try:
             return await asyncio.wait_for(handle.events.get(), timeout=DISCONNECT_POLL_S)
         except TimeoutError:
-            if request is not None and await request.is_disconnected():
-                handle.cancel()
-                raise ClientGone() from None
+            continue
+
+
+class DisconnectWatch:
+    """Checks the client connection at most every DISCONNECT_POLL_S, however fast events arrive."""
+
+    def __init__(self, request: Request | None):
+        self.request = request
+        self.checked = time.monotonic() - DISCONNECT_POLL_S  # the first call checks
+
+    async def gone(self) -> bool:
+        if self.request is None or time.monotonic() - self.checked < DISCONNECT_POLL_S:
+            return False
+        self.checked = time.monotonic()
+        return await self.request.is_disconnected()
 
 
 class Collected:
@@ -44,8 +59,9 @@ class Collected:
 
 async def collect(handle: Handle, request: Request | None) -> Collected:
     out = Collected()
+    watch = DisconnectWatch(request)
     while True:
-        kind, payload = await next_event(handle, request)
+        kind, payload = await next_event(handle, watch)
         if kind == "token":
             out.text += payload.text
             out.tokens.append(payload)

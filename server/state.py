@@ -15,7 +15,6 @@ from kvmux.server.engine import Engine
 from kvmux.server.errors import error_body
 from kvmux.server.metrics import Metrics, install_metrics_route
 from kvmux.server.scheduler import Scheduler
-from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 log = logging.getLogger("kvmux.access")
@@ -33,51 +32,17 @@ class ServerState:
     ready: bool = False
 
     def install_middleware(self, app: FastAPI) -> None:
-        config = self.config
-        if config.cors_origins:
+        if self.config.cors_origins:
             app.add_middleware(
-                CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["*"], allow_headers=["*"]
+                CORSMiddleware, allow_origins=self.config.cors_origins, allow_methods=["*"], allow_headers=["*"]
             )
+        # pure ASGI (not @app.middleware): handlers must still see the client's disconnect
+        app.add_middleware(RequestContextMiddleware, state=self)
 
-        @app.middleware("http")
-        async def request_context(request: Request, call_next):
-            request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
-            started = time.perf_counter()
-            length = request.headers.get("content-length")
-            if length and length.isdigit() and int(length) > config.max_request_body_bytes:
-                response = JSONResponse(
-                    error_body(
-                        f"The request body is larger than {config.max_request_body_bytes} bytes.",
-                        "BadRequestError",
-                        413,
-                    ),
-                    status_code=413,
-                )
-            elif not self._authorized(request):
-                response = JSONResponse(
-                    error_body(
-                        "Missing or invalid API key (send 'Authorization: Bearer <key>').", "AuthenticationError", 401
-                    ),
-                    status_code=401,
-                )
-            else:
-                response = await call_next(request)
-            response.headers["X-Request-Id"] = request_id
-            log.info(
-                "request_id=%s method=%s path=%s status=%s duration_ms=%.1f",
-                request_id,
-                request.method,
-                request.url.path,
-                response.status_code,
-                (time.perf_counter() - started) * 1000,
-            )
-            return response
-
-    def _authorized(self, request: Request) -> bool:
+    def authorized(self, path: str, authorization: str) -> bool:
         keys = self.config.api_keys
         if not keys:
             return True
-        path = request.url.path
         protected = (
             path.startswith("/v1/")
             or path in {"/tokenize", "/detokenize"}
@@ -85,8 +50,7 @@ class ServerState:
         )
         if not protected:
             return True
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
+        scheme, _, token = authorization.partition(" ")
         if scheme.lower() != "bearer" or not token:
             return False
         return any(hmac.compare_digest(token.strip(), key) for key in keys)
@@ -96,3 +60,48 @@ class ServerState:
         if self.metrics is not None:
             scheduler = self.scheduler
             install_metrics_route(app, self.metrics, lambda: (scheduler.num_running, scheduler.num_waiting))
+
+
+class RequestContextMiddleware:
+    """Request id (X-Request-Id honoured or generated, and returned), body-size limit, API keys,
+    and one structured access-log line per request."""
+
+    def __init__(self, app, state: ServerState):
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        request_id = headers.get("x-request-id") or uuid.uuid4().hex
+        started = time.perf_counter()
+        status = {"code": 500}
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", request_id.encode())]}
+            await send(message)
+
+        config = self.state.config
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > config.max_request_body_bytes:
+            message = f"The request body is larger than {config.max_request_body_bytes} bytes."
+            response = JSONResponse(error_body(message, "BadRequestError", 413), status_code=413)
+            await response(scope, receive, send_with_id)
+        elif not self.state.authorized(scope["path"], headers.get("authorization", "")):
+            message = "Missing or invalid API key (send 'Authorization: Bearer <key>')."
+            response = JSONResponse(error_body(message, "AuthenticationError", 401), status_code=401)
+            await response(scope, receive, send_with_id)
+        else:
+            await self.app(scope, receive, send_with_id)
+        log.info(
+            "request_id=%s method=%s path=%s status=%s duration_ms=%.1f",
+            request_id,
+            scope.get("method"),
+            scope["path"],
+            status["code"],
+            (time.perf_counter() - started) * 1000,
+        )
