@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import httpx
+
 from kvmux.evals.tasks.common import Sample
 
 if TYPE_CHECKING:

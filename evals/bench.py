@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 import transformers
+
 from kvmux.evals.bench_measure import BASELINE_NAME, MemoryProbe, RunSample, prompt_ids, run_generate, run_session
 from kvmux.models.runner import Runner
 from kvmux.policies.base import PolicyInputError, SessionRequest

@@ -166,6 +166,7 @@ def embedded_tokenizer_dir() -> Path | None:
 
 def _load_model(args: argparse.Namespace):
     import torch
+
     from kvmux.models.loader import ModelSpec, load_model, resolve_device, resolve_dtype
 
     if args.threads:

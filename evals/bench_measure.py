@@ -25,10 +25,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+from transformers.generation.streamers import BaseStreamer
+
 from kvmux.policies.base import SessionRequest, cache_kept_tokens
 from kvmux.policies.hook import ATTENTION_NAME
 from kvmux.policies.presets import Preset
-from transformers.generation.streamers import BaseStreamer
 
 BASELINE_NAME = "generate"  # the row of plain transformers model.generate
 

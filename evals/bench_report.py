@@ -102,6 +102,7 @@ def bench_plot(doc: dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     from kvmux.evals.bench_measure import BASELINE_NAME
 
     panels = [

@@ -97,6 +97,7 @@ def _presets_dir(args: argparse.Namespace) -> Path:
 
 def build_engine_backend(args: argparse.Namespace):
     import torch
+
     from kvmux.evals.backends import EngineBackend
     from kvmux.models.loader import ModelSpec, load_model
     from kvmux.policies.presets import load_presets
@@ -119,8 +120,9 @@ def build_engine_backend(args: argparse.Namespace):
 
 
 def build_http_backend(args: argparse.Namespace):
-    from kvmux.evals.backends import HTTPBackend
     from transformers import AutoTokenizer
+
+    from kvmux.evals.backends import HTTPBackend
 
     source = args.tokenizer
     if source is None:

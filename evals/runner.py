@@ -17,13 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from kvmux.evals.backends import DEFAULT_PRESET, Rejected
 from kvmux.evals.results import ResultStore, cell_key, summarize
 from kvmux.evals.scoring import score
 from kvmux.evals.stream_ppl import measure_stream
 from kvmux.evals.tasks import get_task
 from kvmux.evals.tasks.common import Renderer, Sample, TaskLengthError
-from tqdm import tqdm
 
 
 @dataclass(frozen=True)

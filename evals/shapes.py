@@ -17,10 +17,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
 from kvmux.models.loader import LoadedModel
 from kvmux.models.runner import ModelInfo
 from kvmux.policies.hook import install_attention
-from transformers import AutoModelForCausalLM, LlamaConfig
 
 
 @dataclass(frozen=True)

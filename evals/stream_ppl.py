@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+
 from kvmux.evals.scoring import perplexity
 
 

@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
+
 from kvmux.models.architectures import check_supported
 from kvmux.models.embedded import EMBEDDED_NAME, ModelNotFoundError, embedded_gguf_path, materialize_gguf
 from kvmux.models.runner import ModelInfo, Runner
-from pydantic import BaseModel, ConfigDict, Field
 
 log = logging.getLogger("kvmux.models")
 

@@ -64,12 +64,13 @@ from collections import deque
 from typing import Literal
 
 import torch
+from pydantic import Field, model_validator
+from transformers.cache_utils import Cache
+
 from kvmux.policies.base import AttentionCall, KVStats, Policy, PolicyInputError, PolicyParams, PolicySession
 from kvmux.policies.context_memory import ActivationStats, ContextMemory, top_attended_mean
 from kvmux.policies.registry import register
 from kvmux.policies.rope import rotate
-from pydantic import Field, model_validator
-from transformers.cache_utils import Cache
 
 
 class ActQKVParams(PolicyParams):

@@ -23,10 +23,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-from kvmux.policies.dense import dense_attention
 from pydantic import BaseModel, ConfigDict
 from transformers import DynamicCache
 from transformers.cache_utils import Cache
+
+from kvmux.policies.dense import dense_attention
 
 if TYPE_CHECKING:
     from kvmux.models.runner import ModelInfo, Runner

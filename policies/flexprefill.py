@@ -54,6 +54,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from pydantic import Field
+
 from kvmux.policies.base import AttentionCall, Policy, PolicyParams, PolicySession
 from kvmux.policies.dense import dense_attention
 from kvmux.policies.registry import register
@@ -65,7 +67,6 @@ from kvmux.policies.sparse import (
     num_blocks,
     query_blocks,
 )
-from pydantic import Field
 
 
 class FlexPrefillParams(PolicyParams):

@@ -45,11 +45,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from pydantic import Field, model_validator
+
 from kvmux.policies.base import AttentionCall, Policy, PolicyParams, PolicySession
 from kvmux.policies.dense import dense_attention
 from kvmux.policies.hip_search import ScoreMode, Selection, SparseGeometry, hip_search
 from kvmux.policies.registry import register
-from pydantic import Field, model_validator
 
 CHUNK_BYTES = {"cpu": 64 << 20, "cuda": 2 << 30}  # working set of one slice of query blocks, per device type
 

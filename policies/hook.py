@@ -10,11 +10,12 @@ session through the `kvmux_session` keyword passed to the model's forward and de
 from __future__ import annotations
 
 import torch
-from kvmux.policies.base import AttentionCall
-from kvmux.policies.dense import sdpa
 from torch import nn
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.masking_utils import sdpa_mask
+
+from kvmux.policies.base import AttentionCall
+from kvmux.policies.dense import sdpa
 
 ATTENTION_NAME = "kvmux"
 

@@ -56,6 +56,9 @@ from collections.abc import Generator
 from dataclasses import dataclass
 
 import torch
+from pydantic import Field
+from transformers import DynamicCache
+
 from kvmux.policies.base import AttentionCall, Policy, PolicyInputError, PolicyParams, PolicySession, SessionRequest
 from kvmux.policies.dense import attention_probs, dense_attention
 from kvmux.policies.registry import register
@@ -69,8 +72,6 @@ from kvmux.policies.sentences import (
     token_boundary,
     token_pieces,
 )
-from pydantic import Field
-from transformers import DynamicCache
 
 
 class InfiniRetriParams(PolicyParams):

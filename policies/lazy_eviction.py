@@ -59,6 +59,8 @@ import math
 from typing import Annotated, Literal
 
 import torch
+from pydantic import Field
+
 from kvmux.policies.base import AttentionCall, Policy, PolicyParams, PolicySession
 from kvmux.policies.dense import dense_attention
 from kvmux.policies.eviction import (
@@ -71,7 +73,6 @@ from kvmux.policies.eviction import (
     select_recent_and_top,
 )
 from kvmux.policies.registry import register
-from pydantic import Field
 
 # elements of one [Hq, L, rows] block of observed query rows (bounds the transient memory; larger
 # on CUDA, where the cost is in the number of kernel launches rather than in memory traffic)

@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import ValidationError
+
 from kvmux.policies.base import Policy, PolicyParams
 from kvmux.policies.registry import get_policy, policy_names
-from pydantic import ValidationError
 
 
 class PresetError(ValueError):

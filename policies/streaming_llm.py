@@ -32,12 +32,13 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+from pydantic import Field
+from transformers.cache_utils import Cache, DynamicLayer
+
 from kvmux.policies.base import AttentionCall, Policy, PolicyParams, PolicySession
 from kvmux.policies.dense import sdpa
 from kvmux.policies.registry import register
 from kvmux.policies.rope import cos_sin, rotate, rotate_with
-from pydantic import Field
-from transformers.cache_utils import Cache, DynamicLayer
 
 
 class StreamingLLMParams(PolicyParams):

@@ -17,6 +17,7 @@ import sys
 import time
 
 import torch
+
 from kvmux.models.loader import ModelSpec, load_model
 from kvmux.policies.base import SessionRequest
 from kvmux.policies.registry import get_policy

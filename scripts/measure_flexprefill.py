@@ -155,6 +155,7 @@ def measure_cuda(lengths, densities=(0.1, 0.25, 0.5), heads=32, kv_heads=8, head
 
 def time_length(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, densities) -> dict:
     import torch.nn.functional as F
+
     from kvmux.policies.flexprefill import FlexPrefillParams, select_blocks
     from kvmux.policies.sparse import block_sparse_attention, causal_blocks, normalize_blocks
 

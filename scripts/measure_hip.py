@@ -110,6 +110,7 @@ def _cuda_time(fn, reps: int) -> float:
 def measure_cuda(decode_context: int = 131072, prefill_tokens: int = 65536, reps: int = 5) -> dict:
     """Llama-3-8B-shaped attention (Hq 32, Hkv 8, D 128, bf16, random): HiP vs dense SDPA, seconds."""
     import torch.nn.functional as F
+
     from kvmux.models.runner import ModelInfo
     from kvmux.policies.base import AttentionCall, SessionRequest
     from kvmux.policies.hip import HipParams, HipPolicy

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
 from kvmux.models.loader import ModelSpec, load_model
 from kvmux.policies.base import SessionRequest
 from kvmux.policies.registry import get_policy

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from kvmux.models.loader import ModelSpec, load_model
 from kvmux.policies.base import SessionRequest
 from kvmux.policies.registry import get_policy

@@ -5,12 +5,17 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
 from kvmux.server.engine import Engine, TokenEvent
 from kvmux.server.errors import (
     ModelNotServedError,
@@ -22,6 +27,7 @@ from kvmux.server.errors import (
 )
 from kvmux.server.handlers import (
     ClientGone,
+    Collected,
     chat_logprobs,
     collect,
     completion_logprobs,
@@ -36,10 +42,7 @@ from kvmux.server.protocol import (
     OpenAIRequest,
     TokenizeRequest,
 )
-from kvmux.server.scheduler import Scheduler
 from kvmux.server.state import ServerState
-from pydantic import ValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("kvmux.server")
 
@@ -208,113 +211,78 @@ def submit_all(state: ServerState, req: OpenAIRequest, prepared) -> list:
     return handles
 
 
+@dataclass(frozen=True)
+class ResponseShape:
+    """How one endpoint names its objects and renders a streamed delta or a finished choice."""
+
+    id_prefix: str
+    object_name: str
+    chunk_object: str
+    delta: Callable[[TokenEvent, bool, Any], dict[str, Any]]  # (event, first, tokenizer) -> choice fields
+    final: Callable[[Collected, Any], dict[str, Any]]  # (result, tokenizer) -> choice fields
+
+
+COMPLETION = ResponseShape(
+    id_prefix="cmpl",
+    object_name="text_completion",
+    chunk_object="text_completion",
+    delta=lambda e, first, tok: {"text": e.text, "logprobs": completion_logprobs([e], tok)},
+    final=lambda r, tok: {"text": r.text, "logprobs": completion_logprobs(r.tokens, tok)},
+)
+
+CHAT = ResponseShape(
+    id_prefix="chatcmpl",
+    object_name="chat.completion",
+    chunk_object="chat.completion.chunk",
+    delta=lambda e, first, tok: {
+        "delta": {"content": e.text, **({"role": "assistant"} if first else {})},
+        "logprobs": chat_logprobs([e], tok),
+    },
+    final=lambda r, tok: {
+        "message": {"role": "assistant", "content": r.text},
+        "logprobs": chat_logprobs(r.tokens, tok),
+    },
+)
+
+
 async def run_completion(state: ServerState, req: CompletionRequest, request: Request):
-    engine = state.engine
-    check_model(engine, req.model)
-    prepared = engine.prepare(prompt=req.prompt_input(), sampling=req.to_sampling(), kv_policy=req.kv_policy)
-    handles = submit_all(state, req, prepared)
-    rid, created, model = new_id("cmpl"), int(time.time()), engine.info.served_name
-
-    if req.stream:
-
-        def chunk(index: int, event: TokenEvent, first: bool) -> dict[str, Any]:
-            choice = {"index": index, "text": event.text, "logprobs": None, "finish_reason": event.finish_reason}
-            if event.logprob is not None:
-                choice["logprobs"] = completion_logprobs([event], engine.tokenizer)
-            return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [choice]}
-
-        def usage_chunk(u: dict[str, int]) -> dict[str, Any]:
-            return {
-                "id": rid,
-                "object": "text_completion",
-                "created": created,
-                "model": model,
-                "choices": [],
-                "usage": u,
-            }
-
-        body = stream_events(state.scheduler, handles, request, chunk, usage_chunk, req.include_usage)
-        return StreamingResponse(body, media_type="text/event-stream")
-
-    results = [await collect(h, request) for h in handles]
-    choices = [
-        {
-            "index": i,
-            "text": r.text,
-            "logprobs": completion_logprobs(r.tokens, engine.tokenizer),
-            "finish_reason": r.finish_reason,
-        }
-        for i, r in enumerate(results)
-    ]
-    completion_tokens = sum(len(r.tokens) for r in results)
-    return {
-        "id": rid,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": choices,
-        "usage": usage(len(prepared.prompt_ids), completion_tokens),
-        "kv": results[0].kv,
-    }
+    check_model(state.engine, req.model)
+    prepared = state.engine.prepare(prompt=req.prompt_input(), sampling=req.to_sampling(), kv_policy=req.kv_policy)
+    return await respond(state, req, request, prepared, COMPLETION)
 
 
 async def run_chat(state: ServerState, req: ChatCompletionRequest, request: Request):
-    engine = state.engine
-    check_model(engine, req.model)
-    prepared = engine.prepare(messages=req.message_dicts(), sampling=req.to_sampling(), kv_policy=req.kv_policy)
+    check_model(state.engine, req.model)
+    prepared = state.engine.prepare(messages=req.message_dicts(), sampling=req.to_sampling(), kv_policy=req.kv_policy)
+    return await respond(state, req, request, prepared, CHAT)
+
+
+async def respond(state: ServerState, req: OpenAIRequest, request: Request, prepared, shape: ResponseShape):
+    """Run the n choices of a prepared request; an SSE stream or one JSON body in `shape`."""
+    tokenizer = state.engine.tokenizer
     handles = submit_all(state, req, prepared)
-    rid, created, model = new_id("chatcmpl"), int(time.time()), engine.info.served_name
+    head = {"id": new_id(shape.id_prefix), "created": int(time.time()), "model": state.engine.info.served_name}
 
     if req.stream:
 
         def chunk(index: int, event: TokenEvent, first: bool) -> dict[str, Any]:
-            delta: dict[str, Any] = {"content": event.text}
-            if first:
-                delta["role"] = "assistant"
-            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": event.finish_reason}
-            if event.logprob is not None:
-                choice["logprobs"] = chat_logprobs([event], engine.tokenizer)
-            return {
-                "id": rid,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": model,
-                "choices": [choice],
-            }
+            choice = {"index": index, **shape.delta(event, first, tokenizer), "finish_reason": event.finish_reason}
+            return {**head, "object": shape.chunk_object, "choices": [choice]}
 
         def usage_chunk(u: dict[str, int]) -> dict[str, Any]:
-            return {
-                "id": rid,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": model,
-                "choices": [],
-                "usage": u,
-            }
+            return {**head, "object": shape.chunk_object, "choices": [], "usage": u}
 
         body = stream_events(state.scheduler, handles, request, chunk, usage_chunk, req.include_usage)
         return StreamingResponse(body, media_type="text/event-stream")
 
     results = [await collect(h, request) for h in handles]
     choices = [
-        {
-            "index": i,
-            "message": {"role": "assistant", "content": r.text},
-            "logprobs": chat_logprobs(r.tokens, engine.tokenizer),
-            "finish_reason": r.finish_reason,
-        }
-        for i, r in enumerate(results)
+        {"index": i, **shape.final(r, tokenizer), "finish_reason": r.finish_reason} for i, r in enumerate(results)
     ]
-    completion_tokens = sum(len(r.tokens) for r in results)
     return {
-        "id": rid,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
+        **head,
+        "object": shape.object_name,
         "choices": choices,
-        "usage": usage(len(prepared.prompt_ids), completion_tokens),
+        "usage": usage(len(prepared.prompt_ids), sum(len(r.tokens) for r in results)),
         "kv": results[0].kv,
     }
-
-
-__all__ = ["build_app", "Scheduler"]

@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
-from kvmux.models.loader import ModelSpec
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from kvmux.models.loader import ModelSpec
 
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
+
 from kvmux.models.loader import LoadedModel
 from kvmux.policies.base import PolicySession, SessionRequest
 from kvmux.policies.presets import Preset, resolve_request_policy

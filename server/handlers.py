@@ -9,10 +9,11 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+from starlette.requests import Request
+
 from kvmux.server.engine import TokenEvent
 from kvmux.server.errors import KvmuxError, to_error_body
 from kvmux.server.scheduler import Handle, Scheduler
-from starlette.requests import Request
 
 DISCONNECT_POLL_S = 0.25
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 import logging
 from typing import Any, Literal
 
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
 from kvmux.server.errors import RequestError
 from kvmux.server.sampling import SamplingParams
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 log = logging.getLogger("kvmux.server")
 

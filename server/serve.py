@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fastapi import FastAPI
+
 from kvmux.server.app import build_app
 from kvmux.server.config import ServerConfig
 from kvmux.server.engine import Engine

@@ -10,12 +10,13 @@ from dataclasses import dataclass, field
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from starlette.responses import JSONResponse
+
 from kvmux.server.config import ServerConfig
 from kvmux.server.engine import Engine
 from kvmux.server.errors import error_body
 from kvmux.server.metrics import Metrics, install_metrics_route
 from kvmux.server.scheduler import Scheduler
-from starlette.responses import JSONResponse
 
 log = logging.getLogger("kvmux.access")
 

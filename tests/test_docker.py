@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+
 from kvmux.server.config import load_server_config
 
 ROOT = Path(__file__).resolve().parents[1]

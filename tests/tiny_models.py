@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
+
 from kvmux.models.runner import ModelInfo, Runner
 from kvmux.policies.hook import install_attention
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
 
 COMMON = dict(
     vocab_size=256,

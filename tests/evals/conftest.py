@@ -7,7 +7,8 @@ import pytest
 
 @pytest.fixture(scope="session")
 def smol_tokenizer():
-    from kvmux.models.embedded import embedded_gguf_path, materialize_gguf
     from transformers import AutoTokenizer
+
+    from kvmux.models.embedded import embedded_gguf_path, materialize_gguf
 
     return AutoTokenizer.from_pretrained(materialize_gguf(embedded_gguf_path()))

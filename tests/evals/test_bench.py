@@ -10,6 +10,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
+
 from kvmux.evals.bench import BenchSettings, run_bench, summarize
 from kvmux.evals.bench_cli import main as bench_main
 from kvmux.evals.bench_cli import parse_tokens, select_presets

@@ -6,6 +6,7 @@ import argparse
 import json
 
 import pytest
+
 from kvmux.evals.eval_cli import add_eval_parser, parse_overrides, token_count
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from kvmux.evals.backends import EngineBackend, Generation, Rejected
 from kvmux.evals.results import cell_key
 from kvmux.evals.runner import EvalConfig, EvalRunner, Variant, make_variants
@@ -117,7 +118,6 @@ def tiny_engine(smol_tokenizer):
     from kvmux.policies.presets import Preset
     from kvmux.policies.registry import get_policy
     from kvmux.server.engine import Engine
-
     from tests.tiny_models import make_tiny
 
     model, info, _ = make_tiny("llama", vocab_size=len(smol_tokenizer), max_position_embeddings=512)

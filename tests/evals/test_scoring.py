@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+
 from kvmux.evals.scoring import passkey_match, perplexity, postprocess, score, string_match_all, string_match_part
 
 

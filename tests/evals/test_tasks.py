@@ -6,6 +6,7 @@ import re
 from collections import Counter
 
 import pytest
+
 from kvmux.evals.tasks import TASKS, get_task
 from kvmux.evals.tasks.common import Renderer, TaskLengthError, fit_units, join_list
 from kvmux.evals.tasks.corpus import CORPUS_FILE, corpus_sentences, corpus_text

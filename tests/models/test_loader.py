@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from transformers import GPT2Config
+
 from kvmux.models.architectures import UnsupportedModelError, check_supported
 from kvmux.models.embedded import ModelNotFoundError
 from kvmux.models.loader import ModelSpec, load_model, resolve_dtype
-from transformers import GPT2Config
-
 from tests.tiny_models import CONFIGS
 
 

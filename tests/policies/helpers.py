@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from kvmux.policies.base import SessionRequest
 from kvmux.policies.registry import get_policy
 

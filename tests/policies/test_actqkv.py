@@ -7,14 +7,14 @@ import random
 
 import pytest
 import torch
+from pydantic import ValidationError
+
 from kvmux.policies.actqkv import ActQKVParams, BlockBudget
 from kvmux.policies.base import AttentionCall, PolicyInputError, SessionRequest
 from kvmux.policies.context_memory import ActivationStats, ContextMemory
 from kvmux.policies.dense import attention_probs
 from kvmux.policies.registry import get_policy
 from kvmux.policies.rope import rotate
-from pydantic import ValidationError
-
 from scripts.measure_actqkv import QUESTION, generate, passkey_prompt
 from tests.policies.helpers import full_logits, new_session, run_prefill, stepwise_logits
 from tests.tiny_models import make_tiny

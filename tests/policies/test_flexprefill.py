@@ -6,10 +6,10 @@ import math
 
 import pytest
 import torch
+
 from kvmux.policies import flexprefill as fp
 from kvmux.policies.base import AttentionCall
 from kvmux.policies.sparse import causal_blocks, diagonal_blocks
-
 from tests.policies.helpers import full_logits, new_session, run_prefill, stepwise_logits
 from tests.tiny_models import make_tiny
 

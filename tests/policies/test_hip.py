@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from kvmux.policies.base import AttentionCall
 from kvmux.policies.dense import repeat_kv, sdpa
 from kvmux.policies.hip import HipParams, sparse_attention
 from kvmux.policies.hip_search import Selection, SparseGeometry, hip_search
-
 from tests.policies.helpers import full_logits, new_session, run_prefill, stepwise_logits
 
 SMALL = dict(mask_k=32, sink_tokens=4, window=16, block_size_q=16, dense_layers=0)  # budget 52

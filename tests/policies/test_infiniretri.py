@@ -7,6 +7,7 @@ import random
 
 import pytest
 import torch
+
 from kvmux.policies.base import PolicyInputError, SessionRequest
 from kvmux.policies.infiniretri import (
     cap_sentences,
@@ -16,7 +17,6 @@ from kvmux.policies.infiniretri import (
     window_sum,
 )
 from kvmux.policies.sentences import ends_sentence, pack_chunks, sentence_spans, token_boundary, token_pieces
-
 from tests.policies.helpers import new_session, run_prefill
 from tests.tiny_models import make_tiny
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from kvmux.policies.presets import PresetError, load_preset_file, load_presets, resolve_request_policy
 from kvmux.policies.registry import get_policy, policy_names
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from kvmux.policies import sparse
 from kvmux.policies.dense import causal_mask, sdpa
 

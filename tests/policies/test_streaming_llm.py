@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kvmux.policies.streaming_llm import keep_sinks_and_window
 
+from kvmux.policies.streaming_llm import keep_sinks_and_window
 from tests.policies.helpers import full_logits, new_session, run_prefill, stepwise_logits
 from tests.tiny_models import make_tiny
 

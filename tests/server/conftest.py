@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
+
 from kvmux.policies.presets import load_presets
 from kvmux.server.config import ServerConfig
 from kvmux.server.engine import Engine

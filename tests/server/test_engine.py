@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from kvmux.policies.presets import load_presets
 from kvmux.server.detok import IncrementalDetokenizer, StopStrings
 from kvmux.server.engine import Engine

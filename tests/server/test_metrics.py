@@ -8,10 +8,11 @@ from types import SimpleNamespace
 import httpx
 import pytest
 from fastapi import FastAPI
+from prometheus_client.parser import text_string_to_metric_families
+
 from kvmux.server.engine import TokenEvent
 from kvmux.server.metrics import Metrics, install_metrics_route
 from kvmux.server.scheduler import Scheduler
-from prometheus_client.parser import text_string_to_metric_families
 
 MODEL = "test-model"
 
@@ -255,7 +256,6 @@ def test_live_server_metrics_match_responses(smollm):
     from kvmux.server.config import ServerConfig
     from kvmux.server.engine import Engine
     from kvmux.server.state import ServerState
-
     from tests.server.conftest import PRESETS, LiveServer, free_port
 
     engine = Engine(smollm, load_presets(PRESETS), prefill_chunk_tokens=64, max_new_tokens=8)

@@ -9,9 +9,9 @@ import time
 import httpx
 import openai
 import pytest
+
 from kvmux.server.config import ServerConfig
 from kvmux.server.serve import create_app
-
 from tests.server.conftest import LiveServer, free_port
 from tests.tiny_models import tiny_engine
 
