@@ -41,6 +41,7 @@ from kvmux.server.protocol import (
     DetokenizeRequest,
     OpenAIRequest,
     TokenizeRequest,
+    message_dicts,
 )
 from kvmux.server.state import ServerState
 
@@ -159,7 +160,7 @@ def build_app(state: ServerState) -> FastAPI:
             req = parse(TokenizeRequest, await read_json(request))
             check_model(state.engine, req.model)
             if req.messages is not None:
-                text = state.engine.render_chat([{"role": m.role, "content": m.text()} for m in req.messages])
+                text = state.engine.render_chat(message_dicts(req.messages))
                 tokens = state.engine.tokenize(text, add_special_tokens=False)
             else:
                 tokens = state.engine.tokenize(req.prompt or "", add_special_tokens=req.add_special_tokens)
@@ -172,10 +173,7 @@ def build_app(state: ServerState) -> FastAPI:
         try:
             req = parse(DetokenizeRequest, await read_json(request))
             check_model(state.engine, req.model)
-            vocab = len(state.engine.tokenizer)
-            bad = [t for t in req.tokens if not 0 <= t < vocab]
-            if bad:
-                raise RequestError(f"token ids must be in [0, {vocab}); got {bad[:5]}", "tokens")
+            state.engine.check_token_ids(req.tokens, "tokens")
             return {"prompt": state.engine.tokenizer.decode(req.tokens)}
         except Exception as exc:  # noqa: BLE001
             return error_response(exc)

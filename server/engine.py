@@ -199,6 +199,12 @@ class Engine:
         except Exception as exc:  # template errors are the client's messages being malformed
             raise RequestError(f"messages could not be rendered by the chat template: {exc}", "messages") from None
 
+    def check_token_ids(self, ids: list[int], param: str) -> None:
+        vocab = len(self.tokenizer)
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise RequestError(f"token ids must be in [0, {vocab}); got {bad[:5]}", param)
+
     def tokenize(self, text: str, add_special_tokens: bool) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
@@ -216,10 +222,7 @@ class Engine:
             text = self.render_chat(messages)
             ids = self.tokenize(text, add_special_tokens=False)
         elif isinstance(prompt, list):
-            vocab = len(self.tokenizer)
-            bad = [t for t in prompt if not 0 <= t < vocab]
-            if bad:
-                raise RequestError(f"token ids must be in [0, {vocab}); got {bad[:5]}", "prompt")
+            self.check_token_ids(prompt, "prompt")
             ids, text = list(prompt), self.tokenizer.decode(prompt)
         else:
             text = prompt or ""

@@ -132,6 +132,11 @@ class ChatMessage(BaseModel):
         return "".join(part.text for part in self.content)
 
 
+def message_dicts(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    """Messages as the chat template expects them ('developer' is OpenAI's newer name for 'system')."""
+    return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+
+
 class ChatCompletionRequest(OpenAIRequest):
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_completion_tokens: int | None = None
@@ -149,7 +154,7 @@ class ChatCompletionRequest(OpenAIRequest):
         return (self.top_logprobs or 0) if self.logprobs else None
 
     def message_dicts(self) -> list[dict[str, str]]:
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+        return message_dicts(self.messages)
 
 
 class TokenizeRequest(BaseModel):
