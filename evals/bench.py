@@ -9,8 +9,13 @@ median from the same run: absolute times on a noisy machine mean little, ratios 
 
 Figures: TTFT (prefill + first token), decode tokens/s, peak process memory (and its growth
 over the start of the run), peak KV bytes kept vs a full cache, and the attention sparsity a
-session reports. Also recorded: the share of greedy tokens equal to the baseline's (a cheap
-sanity check: `full` should match; eviction policies may not).
+session reports; the report adds the prompt tokens read per second (length / TTFT), the figure
+that shows whether reading cost is linear in length. `baseline_max_tokens` leaves the baseline
+out above a length (dense attention far beyond the model's context is slow and not the point).
+Also recorded: the share of greedy tokens equal to the baseline's (a cheap sanity check: `full`
+should match; eviction policies may not). Sessions decode greedily with the EOS token(s) banned,
+as the baseline's `min_new_tokens` bans them, so both produce the same number of tokens from the
+same choices.
 """
 
 from __future__ import annotations
@@ -27,7 +32,15 @@ from typing import Any
 import torch
 import transformers
 
-from kvmux.evals.bench_measure import BASELINE_NAME, MemoryProbe, RunSample, prompt_ids, run_generate, run_session
+from kvmux.evals.bench_measure import (
+    BASELINE_NAME,
+    MemoryProbe,
+    RunSample,
+    end_of_sequence_ids,
+    prompt_ids,
+    run_generate,
+    run_session,
+)
 from kvmux.models.runner import Runner
 from kvmux.policies.base import PolicyInputError, SessionRequest
 from kvmux.policies.presets import Preset
@@ -45,6 +58,9 @@ class BenchSettings:
     warmup: int = 1
     prefill_chunk_tokens: int = 2048
     seed: int = 0
+    # the baseline is not run above this many prompt tokens (None: always run); for long
+    # prompts where dense attention is too slow or beyond the model, ratios are then absent
+    baseline_max_tokens: int | None = None
 
     def __post_init__(self):
         if not self.lengths or min(self.lengths) < 1:
@@ -172,6 +188,7 @@ def _document(
             "warmup": settings.warmup,
             "prefill_chunk_tokens": settings.prefill_chunk_tokens,
             "seed": settings.seed,
+            "baseline_max_tokens": settings.baseline_max_tokens,
             "memory_measure": memory_measure,
             "baseline": f"{BASELINE_NAME}: transformers model.generate, greedy, attn_implementation=sdpa",
             "prompt": TEXT_PROMPT if text_prompts else "seeded random token ids",
@@ -202,6 +219,7 @@ def run_bench(
     say = progress or (lambda message: None)
     runner = Runner(model, info, settings.prefill_chunk_tokens)
     probe = MemoryProbe(info.device)
+    suppressed = end_of_sequence_ids(model)  # as generate's min_new_tokens does
     vocab = int(getattr(info.config, "vocab_size", 0) or model.get_input_embeddings().num_embeddings)
     rows: list[dict[str, Any]] = []
     started = datetime.datetime.now(datetime.UTC)
@@ -214,7 +232,10 @@ def run_bench(
         text = tokenizer.decode(ids[0]) if tokenizer is not None else None
         request = SessionRequest(prompt_text=text, query_text=None)
         baseline = _Target(BASELINE_NAME, None, length)
-        if length + settings.new_tokens > info.max_context:
+        if settings.baseline_max_tokens is not None and length > settings.baseline_max_tokens:
+            baseline.status = "skipped"
+            baseline.note = f"baseline not run above {settings.baseline_max_tokens} prompt tokens"
+        elif length + settings.new_tokens > info.max_context:
             baseline.note = f"beyond the model's context ({info.max_context}); timed all the same"
         targets = [baseline] + [_Target(name, preset, length) for name, preset in presets.items()]
         for target in targets[1:]:
@@ -239,7 +260,9 @@ def run_bench(
                     if target.preset is None:
                         sample = run_generate(model, info, ids, settings.new_tokens, probe)
                     else:
-                        sample = run_session(runner, target.preset, ids, settings.new_tokens, probe, request)
+                        sample = run_session(
+                            runner, target.preset, ids, settings.new_tokens, probe, request, suppressed
+                        )
                 except (PolicyInputError, torch.OutOfMemoryError, RuntimeError, ValueError) as exc:
                     target.status, target.note = "error", f"{type(exc).__name__}: {exc}"
                     target.samples.clear()

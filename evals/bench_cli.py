@@ -76,6 +76,12 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     bench.add_argument("--prefill-chunk", type=parse_tokens, default=2048, help="tokens per prefill forward")
     bench.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument(
+        "--baseline-max-tokens",
+        type=parse_tokens,
+        default=None,
+        help="do not time transformers generate above this prompt length (default: always)",
+    )
     bench.add_argument("--presets-dir", type=Path, default=None, help="folder of preset YAML files")
     bench.add_argument("--policy-overrides", default=None, help="JSON: {param: value} for all, or {preset: {...}}")
     bench.add_argument("--out", type=Path, default=Path("runs/bench"), help="output folder")
@@ -196,6 +202,7 @@ def run_in_process(args: argparse.Namespace) -> dict[str, Any]:
         warmup=args.warmup,
         prefill_chunk_tokens=args.prefill_chunk,
         seed=args.seed,
+        baseline_max_tokens=args.baseline_max_tokens,
     )
     loaded, source = _load_model(args)
     _say(

@@ -153,10 +153,37 @@ def _plain_extras(extra: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in extra.items() if isinstance(v, str | int | float | bool) or v is None}
 
 
+def end_of_sequence_ids(model: torch.nn.Module) -> list[int]:
+    """The ids `generate(min_new_tokens=...)` suppresses: the generation config's EOS token(s)."""
+    config = getattr(model, "generation_config", None)
+    eos = getattr(config, "eos_token_id", None)
+    if eos is None:
+        return []
+    return [int(eos)] if isinstance(eos, int) else [int(e) for e in eos]
+
+
+def _greedy(logits: torch.Tensor, suppressed: list[int]) -> int:
+    if suppressed:
+        logits = logits.clone()
+        logits[..., suppressed] = float("-inf")
+    return int(logits.argmax())
+
+
 def run_session(
-    runner, preset: Preset, ids: torch.Tensor, new_tokens: int, probe: MemoryProbe, request: SessionRequest
+    runner,
+    preset: Preset,
+    ids: torch.Tensor,
+    new_tokens: int,
+    probe: MemoryProbe,
+    request: SessionRequest,
+    suppressed: list[int] | None = None,
 ) -> RunSample:
-    """Prefill `ids` [1, T] through a fresh session of `preset`, then greedy-decode `new_tokens`."""
+    """Prefill `ids` [1, T] through a fresh session of `preset`, then greedy-decode `new_tokens`.
+
+    `suppressed` token ids are never chosen: the baseline's `min_new_tokens` bans EOS until the
+    last token, and so must the session for the two to produce the same tokens.
+    """
+    suppressed = suppressed or []
     device = runner.info.device
     probe.start()
     kv_peak, tokens_peak = 0, 0
@@ -172,12 +199,12 @@ def run_session(
                 break
             stats = session.stats()
             kv_peak, tokens_peak = max(kv_peak, stats.kv_bytes_kept), max(tokens_peak, stats.tokens_kept)
-        token = int(logits.argmax())
+        token = _greedy(logits, suppressed)
         first = time.perf_counter()
         tokens = [token]
         for _ in range(new_tokens - 1):
             logits = session.decode(runner, token)
-            token = int(logits.argmax())
+            token = _greedy(logits, suppressed)
             tokens.append(token)
             stats = session.stats()
             kv_peak, tokens_peak = max(kv_peak, stats.kv_bytes_kept), max(tokens_peak, stats.tokens_kept)

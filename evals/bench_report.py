@@ -33,6 +33,12 @@ def _spread(summary: dict[str, Any], spec: str, scale: float = 1.0) -> str:
     return f"{med} [{_fmt(summary['min'], spec, scale)}–{_fmt(summary['max'], spec, scale)}]"
 
 
+def _prompt_rate(length: int, ttft: dict[str, Any]) -> str:
+    """Prompt tokens read per second up to the first token (length / median TTFT)."""
+    median = ttft.get("median") if ttft else None
+    return "–" if not median else f"{length / median:.0f}"
+
+
 def bench_markdown(doc: dict[str, Any]) -> str:
     model, settings, env = doc["model"], doc["settings"], doc["environment"]
     lines = [
@@ -51,20 +57,21 @@ def bench_markdown(doc: dict[str, Any]) -> str:
         lines.append(f"- command: `{doc['command']}`")
     lines += [
         "",
-        "| length | preset | policy | TTFT ms | TTFT × | decode tok/s | decode × | KV kept MiB | KV % full "
-        "| peak mem MiB | Δ mem MiB | Δ mem × | sparsity | tokens = baseline | note |",
-        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| length | preset | policy | TTFT ms | TTFT × | prompt tok/s | decode tok/s | decode × | KV kept MiB "
+        "| KV % full | peak mem MiB | Δ mem MiB | Δ mem × | sparsity | tokens = baseline | note |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in doc["results"]:
         s, r = row["summary"], row.get("ratios") or {}
         if row["status"] != "ok" or not s:
-            lines.append(f"| {row['length']} | {row['preset']} | {row['policy']} |" + " – |" * 11 + f" {row['note']} |")
+            lines.append(f"| {row['length']} | {row['preset']} | {row['policy']} |" + " – |" * 12 + f" {row['note']} |")
             continue
         kv_ratio = s["kv_ratio"]["median"]
         match = row.get("tokens_match_baseline")
         lines.append(
             f"| {row['length']} | {row['preset']} | {row['policy']} | {_spread(s['ttft_s'], '.1f', 1e3)} "
-            f"| {_ratio(r.get('ttft_s'))} | {_spread(s['decode_tokens_per_s'], '.3g')} "
+            f"| {_ratio(r.get('ttft_s'))} | {_prompt_rate(row['length'], s['ttft_s'])} "
+            f"| {_spread(s['decode_tokens_per_s'], '.3g')} "
             f"| {_ratio(r.get('decode_tokens_per_s'))} | {_fmt(s['kv_bytes_kept_peak']['median'], '.1f', 1 / MIB)} "
             f"| {_fmt(kv_ratio, '.1f', 100)} | {_fmt(s['peak_mem_bytes']['median'], '.0f', 1 / MIB)} "
             f"| {_fmt(s['peak_mem_delta_bytes']['median'], '.1f', 1 / MIB)} | {_ratio(r.get('peak_mem_delta_bytes'))} "

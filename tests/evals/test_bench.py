@@ -14,7 +14,7 @@ import torch
 from kvmux.evals.bench import BenchSettings, run_bench, summarize
 from kvmux.evals.bench_cli import main as bench_main
 from kvmux.evals.bench_cli import parse_tokens, select_presets
-from kvmux.evals.bench_measure import BASELINE_NAME, attention_sparsity, prompt_ids
+from kvmux.evals.bench_measure import BASELINE_NAME, _greedy, attention_sparsity, end_of_sequence_ids, prompt_ids
 from kvmux.evals.bench_report import write_report
 from kvmux.evals.gpu_check import GROWTH, Clock, agreement_stage, compare
 from kvmux.evals.serve_load import (
@@ -303,3 +303,30 @@ def test_agreement_stage_passes_full_and_runs_other_policies():
     assert full["status"] == "pass" and full["top1_agreement"] == 1.0 and full["cosine_min"] > 0.9999
     assert stream["status"] == "ran" and stream["policy"] == "streaming_llm" and stream["finite"]
     assert stream["kl_mean"] > full["kl_mean"]
+
+
+def test_baseline_is_left_out_above_its_limit_and_rates_are_reported(tmp_path):
+    loaded = build_random_model("tiny", "cpu", torch.float32)
+    presets = {"full": load_presets(PRESETS_DIR)["full"]}
+    settings = BenchSettings(lengths=(40, 48), new_tokens=2, repeats=1, warmup=0, baseline_max_tokens=44)
+    doc = run_bench(loaded.model, loaded.info, presets, settings)
+    assert _row(doc, BASELINE_NAME, 40)["status"] == "ok"
+    above = _row(doc, BASELINE_NAME, 48)
+    assert above["status"] == "skipped" and "above 44" in above["note"] and not above["samples"]
+    full = _row(doc, "full", 48)
+    assert full["status"] == "ok" and "ratios" not in full  # nothing to divide by
+    assert doc["settings"]["baseline_max_tokens"] == 44
+    markdown = write_report(doc, tmp_path)["md"].read_text()
+    rate = 48 / full["summary"]["ttft_s"]["median"]
+    assert f"| 48 | full | full | {full['summary']['ttft_s']['median'] * 1e3:.1f} | – | {rate:.0f} |" in markdown
+
+
+def test_sessions_never_pick_the_tokens_generate_bans():
+    logits = torch.tensor([[0.0, 5.0, 1.0, 4.0]])
+    assert _greedy(logits, []) == 1
+    assert _greedy(logits, [1]) == 3 and logits[0, 1] == 5.0  # the caller's logits are untouched
+    model = build_random_model("tiny", "cpu", torch.float32).model
+    model.generation_config.eos_token_id = [2, 7]
+    assert end_of_sequence_ids(model) == [2, 7]
+    model.generation_config.eos_token_id = 5
+    assert end_of_sequence_ids(model) == [5]

@@ -116,3 +116,15 @@ def test_unknown_backend_rejected():
     q, k, v = qkv(32, 32)
     with pytest.raises(ValueError):
         sparse.block_sparse_attention(q, k, v, torch.ones(1, 1, 2, 2, dtype=torch.bool), BS, SCALE, backend="nope")
+
+
+def test_auto_uses_the_eager_path_on_cpu(monkeypatch):
+    def no_flex(*args, **kwargs):
+        raise AssertionError("flex must not run on CPU under auto")
+
+    monkeypatch.setattr(sparse, "_flex_attention", no_flex)
+    q, k, v = (torch.randn(1, 2, 2 * BS, 8) for _ in range(3))
+    everything = torch.ones(1, 1, 2, 2, dtype=torch.bool)
+    got = sparse.block_sparse_attention(q, k, v, everything, BS, SCALE, backend="auto")
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=SCALE)
+    torch.testing.assert_close(got, want.transpose(1, 2), atol=1e-5, rtol=1e-5)
