@@ -125,11 +125,13 @@ def block_pool(x: torch.Tensor, block_size: int, mean: bool = False) -> torch.Te
 def diagonal_sums(probs: torch.Tensor, num_keys: int) -> torch.Tensor:
     """probs [H, m, Tk] of the last m queries -> [H, Tk]: mass at distance d = query pos - key pos."""
     h, m, tk = probs.shape
-    rev = torch.nn.functional.pad(probs.flip(-1), (0, m - 1)).contiguous()  # [H, m, W], W = Tk + m - 1
+    # left-pad row i by m-1 zeros: padded[i, e + i] = probs[i, e + i - (m-1)], the key at distance
+    # d = Tk-1-e from query i (position Tk-m+i); a skewed view with row stride W+1 lines up every
+    # row's entry of one distance in one column, so summing over rows gives the mass per distance
+    padded = torch.nn.functional.pad(probs, (m - 1, 0))  # [H, m, W], W = Tk + m - 1
     w = tk + m - 1
-    # row i of the skewed view starts m-1-i entries later: entry d is key position (Tk-m+i) - d
-    skew = rev.as_strided((h, m, tk), (m * w, w - 1, 1), storage_offset=rev.storage_offset() + m - 1)
-    return skew.sum(1)
+    skew = padded.as_strided((h, m, tk), (m * w, w + 1, 1), storage_offset=padded.storage_offset())
+    return skew.sum(1).flip(-1)
 
 
 def probe(query: torch.Tensor, key: torch.Tensor, scaling: float, rows: int) -> torch.Tensor:
@@ -138,10 +140,11 @@ def probe(query: torch.Tensor, key: torch.Tensor, scaling: float, rows: int) -> 
     hkv, tk, _ = key.shape
     g = hq // hkv
     last = query[:, -rows:].float().reshape(hkv, g * rows, d)
-    scores = torch.matmul(last, key.float().transpose(-1, -2)).view(hq, rows, tk) * scaling
-    q_pos = torch.arange(tk - rows, tk, device=query.device)
-    visible = torch.arange(tk, device=query.device)[None, :] <= q_pos[:, None]
-    return torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+    scores = torch.matmul(last, key.float().transpose(-1, -2)).view(hq, rows, tk).mul_(scaling)
+    # only the last `rows` keys can lie in a probe query's future: mask that corner alone
+    future = torch.ones(rows, rows, dtype=torch.bool, device=query.device).triu(1)
+    scores[:, :, tk - rows :].masked_fill_(future, float("-inf"))
+    return torch.softmax(scores, dim=-1)
 
 
 def query_aware_cells(
