@@ -170,6 +170,9 @@ class EvalRunner:
     def _run_cell(self, task: Any, length: int, depth: float | None, bar: tqdm) -> None:
         cfg = self.config
         cells = {v.label: self._cell(v, task, length, depth) for v in cfg.variants}
+        for cell in cells.values():  # a larger --samples reopens finished cells; their samples stay
+            if cell["status"] == "done" and len(cell["samples"]) < cfg.samples:
+                cell["status"] = "partial"
         pending = [v for v in cfg.variants if cells[v.label]["status"] not in ("done", "rejected")]
         bar.update((len(cfg.variants) - len(pending)) * cfg.samples)
         if not pending:

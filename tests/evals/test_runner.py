@@ -154,3 +154,17 @@ def test_in_process_engine_runs_generation_and_stream_cells(tmp_path, tiny_engin
     ppl = cells[cell_key("streaming_llm", "stream_ppl", 700, None)]
     assert ppl["status"] == "done" and ppl["summary"]["ppl"] > 1.0
     assert [w["end"] for w in ppl["samples"][0]["windows"]] == [100, 200, 300, 400, 500, 600, 699]
+
+
+def test_more_samples_extend_finished_cells_without_recomputing_them(tmp_path, smol_tokenizer):
+    EvalRunner(_config(tmp_path, ["good"], samples=1), FakeBackend(smol_tokenizer), progress=False).run()
+    first = json.loads((tmp_path / "results.json").read_text())["cells"][cell_key("good", "passkey", 512, 0.0)]
+    more = FakeBackend(smol_tokenizer)
+    out = EvalRunner(_config(tmp_path, ["good"], samples=3), more, progress=False).run()
+    assert len(more.calls) == 4 * 2  # 4 cells x the 2 new sample indices, nothing recomputed
+    cell = out["cells"][cell_key("good", "passkey", 512, 0.0)]
+    assert cell["status"] == "done" and [s["index"] for s in cell["samples"]] == [0, 1, 2]
+    assert cell["samples"][0] == first["samples"][0] and cell["summary"]["n"] == 3
+    fewer = FakeBackend(smol_tokenizer)
+    EvalRunner(_config(tmp_path, ["good"], samples=2), fewer, progress=False).run()
+    assert fewer.calls == []  # asking for fewer samples than are there changes nothing
