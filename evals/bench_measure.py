@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from transformers.generation.streamers import BaseStreamer
 
+from kvmux.models.loader import eos_token_ids
 from kvmux.policies.base import SessionRequest, cache_kept_tokens
 from kvmux.policies.hook import ATTENTION_NAME
 from kvmux.policies.presets import Preset
@@ -155,14 +156,11 @@ def _plain_extras(extra: dict[str, Any]) -> dict[str, Any]:
 
 def end_of_sequence_ids(model: torch.nn.Module) -> list[int]:
     """The ids `generate(min_new_tokens=...)` suppresses: the generation config's EOS token(s)."""
-    config = getattr(model, "generation_config", None)
-    eos = getattr(config, "eos_token_id", None)
-    if eos is None:
-        return []
-    return [int(eos)] if isinstance(eos, int) else [int(e) for e in eos]
+    return sorted(eos_token_ids(getattr(model, "generation_config", None)))
 
 
-def _greedy(logits: torch.Tensor, suppressed: list[int]) -> int:
+def greedy_token(logits: torch.Tensor, suppressed: list[int]) -> int:
+    """The argmax token of `logits`, never one of `suppressed` (the caller's logits are left as they are)."""
     if suppressed:
         logits = logits.clone()
         logits[..., suppressed] = float("-inf")
@@ -199,12 +197,12 @@ def run_session(
                 break
             stats = session.stats()
             kv_peak, tokens_peak = max(kv_peak, stats.kv_bytes_kept), max(tokens_peak, stats.tokens_kept)
-        token = _greedy(logits, suppressed)
+        token = greedy_token(logits, suppressed)
         first = time.perf_counter()
         tokens = [token]
         for _ in range(new_tokens - 1):
             logits = session.decode(runner, token)
-            token = _greedy(logits, suppressed)
+            token = greedy_token(logits, suppressed)
             tokens.append(token)
             stats = session.stats()
             kv_peak, tokens_peak = max(kv_peak, stats.kv_bytes_kept), max(tokens_peak, stats.tokens_kept)

@@ -50,6 +50,18 @@ class LoadedModel:
         return Runner(self.model, self.info, prefill_chunk_tokens)
 
 
+def eos_token_ids(*sources) -> set[int]:
+    """End-of-sequence ids named by `eos_token_id` on any of `sources` (configs, tokenizers); int or list."""
+    ids: set[int] = set()
+    for source in sources:
+        value = getattr(source, "eos_token_id", None)
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return ids
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -30,8 +30,8 @@ Back-ends (`backend=`):
   length, one-pass or chunked. A shape bucket is (device, dtype, batch 1 or not, heads, head
   dim, block size). Compiling takes 10-40 s on an idle CPU the first time in a process (the
   inductor cache on disk makes later processes faster), seconds on CUDA.
-- `"auto"`: eager on CPU; flex elsewhere where it compiles, else eager. If compiling fails (e.g. no C++ compiler in a
-  CPU image), the failure is remembered for the device type and eager is used from then on.
+- `"auto"`: eager on CPU; elsewhere flex where it compiles, else eager. If compiling fails, the
+  failure is remembered for the device type and eager is used from then on.
 
 The compiled function and the "flex is unusable on this device" flag are process-wide caches
 of compiled code, not request state.

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from kvmux.models.loader import LoadedModel
+from kvmux.models.loader import LoadedModel, eos_token_ids
 from kvmux.policies.base import PolicySession, SessionRequest
 from kvmux.policies.presets import Preset, resolve_request_policy
 from kvmux.server.detok import IncrementalDetokenizer, StopStrings
@@ -313,11 +313,4 @@ class Engine:
 
 
 def _eos_ids(loaded: LoadedModel) -> set[int]:
-    ids: set[int] = set()
-    for source in (getattr(loaded.model, "generation_config", None), loaded.model.config, loaded.tokenizer):
-        value = getattr(source, "eos_token_id", None)
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, (list, tuple)):
-            ids.update(int(v) for v in value)
-    return ids
+    return eos_token_ids(getattr(loaded.model, "generation_config", None), loaded.model.config, loaded.tokenizer)

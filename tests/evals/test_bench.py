@@ -14,7 +14,7 @@ import torch
 from kvmux.evals.bench import BenchSettings, run_bench, summarize
 from kvmux.evals.bench_cli import main as bench_main
 from kvmux.evals.bench_cli import parse_tokens, select_presets
-from kvmux.evals.bench_measure import BASELINE_NAME, _greedy, attention_sparsity, end_of_sequence_ids, prompt_ids
+from kvmux.evals.bench_measure import BASELINE_NAME, attention_sparsity, end_of_sequence_ids, greedy_token, prompt_ids
 from kvmux.evals.bench_report import write_report
 from kvmux.evals.gpu_check import GROWTH, Clock, agreement_stage, compare
 from kvmux.evals.serve_load import (
@@ -323,8 +323,8 @@ def test_baseline_is_left_out_above_its_limit_and_rates_are_reported(tmp_path):
 
 def test_sessions_never_pick_the_tokens_generate_bans():
     logits = torch.tensor([[0.0, 5.0, 1.0, 4.0]])
-    assert _greedy(logits, []) == 1
-    assert _greedy(logits, [1]) == 3 and logits[0, 1] == 5.0  # the caller's logits are untouched
+    assert greedy_token(logits, []) == 1
+    assert greedy_token(logits, [1]) == 3 and logits[0, 1] == 5.0  # the caller's logits are untouched
     model = build_random_model("tiny", "cpu", torch.float32).model
     model.generation_config.eos_token_id = [2, 7]
     assert end_of_sequence_ids(model) == [2, 7]
