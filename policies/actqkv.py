@@ -30,9 +30,18 @@ call un-rotated (times RoPE's attention scaling, which both carry), and keys are
   at position 0 and the window's queries are rotated by one angle, `n_local`, so every init,
   retrieved or remainder token looks `n_local` away. No distance ever exceeds
   `n_local + window`, so prompts far longer than the model's trained context work.
+- `ordered` (a deviation, preset `actqkv_ordered`): the keys a window attends are laid out in
+  their original order at consecutive slots - init tokens from 0, then the retrieved blocks,
+  then the recent tokens - and the queries take their slots among the recent tokens, as
+  StreamingLLM assigns positions inside its cache. The gaps left by blocks that were not
+  retrieved close up, so distances stay below n_init + 2*topk*block_size + n_local + window
+  (~3.8K with the defaults) whatever the prompt length, and the model still sees which retrieved
+  token came first. Why: under `inf_llm` the 135M embedded model receives the retrieved blocks as
+  an unordered set and, at 16K-32K, continues the filler in half the passkey prompts although
+  the needle's block was retrieved by 28 of 30 layers (scripts/diagnose_actqkv.py).
 - `absolute`: every key and query is rotated to its absolute position (the dossier's simplified
   variant). Exact full attention when everything is retrieved; limited to the model's context.
-Retrieval uses the `n_local`-rotated queries against the un-rotated representatives in both.
+Retrieval uses the `n_local`-rotated queries against the un-rotated representatives in all three.
 
 Deviations from the reference, and why:
 - State is per request: the Activation-Bias statistics are per request and per layer (the
@@ -85,8 +94,10 @@ class ActQKVParams(PolicyParams):
     entropy_history: int = Field(100, ge=1, le=100_000, description="entropy samples per layer for the split (100)")
     stats_warmup: int = Field(2, ge=0, le=100_000, description="windows per layer with uniform probe weights")
     stats_horizon: int = Field(1000, ge=1, le=1_000_000, description="cap on windows in the running statistics")
-    positions: Literal["inf_llm", "absolute"] = Field(
-        "inf_llm", description="'inf_llm': local relative, global at n_local (paper); 'absolute': true positions"
+    positions: Literal["inf_llm", "ordered", "absolute"] = Field(
+        "inf_llm",
+        description="'inf_llm': local relative, global at n_local (paper); 'ordered': attended keys at "
+        "consecutive slots in their order; 'absolute': true positions",
     )
     offload: bool = Field(False, description="keep blocks in CPU memory, copy the chosen ones per step")
 
@@ -260,13 +271,21 @@ class ActQKVSession(PolicySession):
         p, rot, dev = self.params, self.inv_freq, q.device
         mem.append(k, v)
         w, r = q.shape[1], mem.recent_len
-        absolute = p.positions == "absolute"
+        rotated = p.positions != "inf_llm"  # global keys carry positions of their own
         probe_q = rotate(q, torch.full((w,), p.n_local, device=dev), rot)
         chosen = self._select(mem, layer, window_idx, probe_q, decoding)
+        n_chosen = 0 if chosen is None else chosen.numel() * p.block_size
+        n_init = mem.init_k.shape[1]
         # local part: the last n_local + w - 1 recent tokens, relative (or absolute) positions
         n_loc = min(r, p.n_local + w - 1)
         slots = torch.arange(n_loc, device=dev)
-        base = mem.recent_start + r - n_loc if absolute else 0
+        if p.positions == "absolute":
+            recent_base = mem.recent_start
+        elif p.positions == "ordered":  # init, chosen blocks, recent tokens: consecutive slots
+            recent_base = n_init + n_chosen
+        else:
+            recent_base = 0
+        base = recent_base + r - n_loc if rotated else 0
         q_loc = rotate(q, base + slots[n_loc - w :], rot)
         k_loc = rotate(mem.rec_k[:, r - n_loc :], base + slots, rot)
         dist = slots[n_loc - w :, None] - slots[None, :]
@@ -278,18 +297,23 @@ class ActQKVSession(PolicySession):
             bk, bv = mem.gather_blocks(chosen)
             g_keys.append(bk)
             g_values.append(bv)
-            offs = torch.arange(p.block_size, device=dev)
-            g_pos.append((mem.init_k.shape[1] + chosen.to(dev)[:, None] * p.block_size + offs).reshape(-1))
+            if p.positions == "ordered":
+                g_pos.append(n_init + torch.arange(n_chosen, device=dev))
+            else:
+                offs = torch.arange(p.block_size, device=dev)
+                g_pos.append((n_init + chosen.to(dev)[:, None] * p.block_size + offs).reshape(-1))
         n_rem = max(0, r - p.n_local)
-        for part_k, part_v, start in ((mem.init_k, mem.init_v, 0), (mem.rec_k[:, :n_rem], mem.rec_v[:, :n_rem], -1)):
+        for part_k, part_v, begin in (
+            (mem.init_k, mem.init_v, 0),
+            (mem.rec_k[:, :n_rem], mem.rec_v[:, :n_rem], recent_base),
+        ):
             if part_k.shape[1]:
                 g_keys.append(part_k)
                 g_values.append(part_v)
-                begin = mem.recent_start if start < 0 else start
                 g_pos.append(begin + torch.arange(part_k.shape[1], device=dev))
         if g_keys:
             gk = torch.cat(g_keys, dim=1)
-            if absolute:
+            if rotated:
                 gk = rotate(gk, torch.cat(g_pos), rot)
             keys.append(gk)
             values.append(torch.cat(g_values, dim=1))
@@ -297,7 +321,7 @@ class ActQKVSession(PolicySession):
             q_dist = (r - w + torch.arange(w, device=dev))[:, None] - torch.arange(n_rem, device=dev)[None, :]
             fixed = torch.ones(w, n_fixed, dtype=torch.bool, device=dev)
             masks.append(torch.cat([fixed, q_dist >= p.n_local], dim=1))
-        q_glob = q_loc if absolute else probe_q
+        q_glob = q_loc if rotated else probe_q
         out = self._merged((q_loc, q_glob), keys, values, masks, call.scaling, mem)
         self._count(layer, masks)
         mem.advance()
@@ -356,4 +380,4 @@ class ActQKVPolicy(Policy):
     summary = "InfLLM-style block memory, activation-weighted probe retrieval, entropy-driven per-layer budget"
 
     def context_limit(self, params, info):
-        return None if params.positions == "inf_llm" else info.max_context
+        return None if params.positions != "absolute" else info.max_context

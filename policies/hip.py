@@ -32,8 +32,9 @@ Deviations from the paper / reference code:
   `window` for the same reason (the reference lets such tokens drop out until the next refresh).
 - The score of a key block is the max of q . k over the sampled queries and all b_k keys
   (b_sk = 1), in fp32; the scale is not applied (it does not change the ranking).
-- `score_mode=table` (chosen by `auto` on short ranges) scores all candidate blocks with one
-  matmul instead of gathering representatives each round; it selects the same blocks. No Triton
+- `score_mode=table` (chosen by `auto` on CPU for candidate ranges up to 32K tokens, elsewhere
+  on short ranges) scores all candidate blocks with one matmul instead of gathering
+  representatives each round; it selects the same blocks. No Triton
   kernel: pure PyTorch on CPU and CUDA; flex_attention block masks are too coarse for b_k = 2.
 - One request per session: a padding mask handed in by transformers is not applied on the sparse
   path (the causal structure is rebuilt from positions, aligned bottom-right).

@@ -9,7 +9,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from kvmux.policies.actqkv import ActQKVParams, BlockBudget
+from kvmux.policies.actqkv import ActQKVParams, ActQKVSession, BlockBudget
 from kvmux.policies.base import AttentionCall, PolicyInputError, SessionRequest
 from kvmux.policies.context_memory import ActivationStats, ContextMemory
 from kvmux.policies.dense import attention_probs
@@ -34,10 +34,12 @@ def _one_thread_for_tiny_models(request):
     torch.set_num_threads(threads)
 
 
-def test_budget_covering_everything_with_absolute_positions_reproduces_full(tiny):
+@pytest.mark.parametrize("positions", ["absolute", "ordered"])
+def test_budget_covering_everything_reproduces_full(tiny, positions):
+    """With every block retrieved, `ordered` slots are the absolute positions: exactly full."""
     model, info, runner = tiny
     ids = torch.randint(0, 256, (1, 200))
-    session = new_session("actqkv", info, **SMALL, topk=100, min_blocks=0, positions="absolute")
+    session = new_session("actqkv", info, **SMALL, topk=100, min_blocks=0, positions=positions)
     prompt = stepwise_logits(session, runner, ids[:, :150], chunk=40)  # windows straddle forwards
     decoded = stepwise_logits(session, runner, ids[:, 150:], chunk=1)
     torch.testing.assert_close(torch.cat([prompt, decoded]), full_logits(model, ids), atol=2e-5, rtol=1e-4)
@@ -52,10 +54,10 @@ def test_inf_llm_positions_are_exact_inside_the_local_window(tiny):
     torch.testing.assert_close(got, full_logits(model, ids), atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("positions", ["inf_llm", "absolute"])
+@pytest.mark.parametrize("positions", ["inf_llm", "absolute", "ordered"])
 def test_global_tokens_all_sit_at_distance_n_local(positions):
     """One layer: k/v depend on the token alone. Swapping two retrieved blocks changes nothing under
-    the InfLLM scheme (every global key is n_local away) but does with absolute positions."""
+    the InfLLM scheme (every global key is n_local away) but does with absolute or ordered positions."""
     model, info, runner = make_tiny("llama", num_hidden_layers=1)
     ids = torch.randint(0, 256, (1, 120))
     swapped = ids.clone()
@@ -68,6 +70,32 @@ def test_global_tokens_all_sit_at_distance_n_local(positions):
     assert same == (positions == "inf_llm")
 
 
+def test_ordered_positions_close_the_gaps_left_by_unretrieved_blocks(monkeypatch):
+    """One layer: k/v depend on the token alone. With blocks 1 and 3 never retrieved, the last token
+    under `ordered` positions computes exactly what full attention computes on the prompt without
+    those blocks' tokens: the attended keys sit at consecutive positions in their original order."""
+    model, info, runner = make_tiny("llama", num_hidden_layers=1)
+    ids = torch.randint(0, 256, (1, 120))
+    original = ActQKVSession._select
+
+    def all_but_blocks_1_and_3(self, mem, layer, window_idx, probe_q, decoding):
+        original(self, mem, layer, window_idx, probe_q, decoding)
+        if mem.num_blocks == 0:
+            return None
+        return torch.tensor([b for b in range(mem.num_blocks) if b not in (1, 3)], dtype=torch.long)
+
+    monkeypatch.setattr(ActQKVSession, "_select", all_but_blocks_1_and_3)
+    session = new_session("actqkv", info, **SMALL, positions="ordered")
+    last = run_prefill(session, runner, ids)
+    # n_init 8, blocks of 8: block b holds tokens 8 + 8b .. 15 + 8b
+    kept = [t for t in range(120) if not (16 <= t < 24 or 32 <= t < 40)]
+    torch.testing.assert_close(last.float(), full_logits(model, ids[:, kept])[-1], atol=2e-5, rtol=1e-4)
+    session = new_session("actqkv", info, **SMALL, positions="absolute")
+    # true positions leave the gaps open: the keys before them sit further away (10x the tolerance)
+    gap_kept = run_prefill(session, runner, ids).float() - full_logits(model, ids[:, kept])[-1]
+    assert gap_kept.abs().max() > 2e-4
+
+
 def test_model_runs_at_position_zero_and_context_limit(tiny_llama):
     model, info, runner = tiny_llama
     session = new_session("actqkv", info)
@@ -75,6 +103,7 @@ def test_model_runs_at_position_zero_and_context_limit(tiny_llama):
     policy = get_policy("actqkv")
     assert policy.context_limit(ActQKVParams(), info) is None
     assert policy.context_limit(ActQKVParams(positions="absolute"), info) == info.max_context
+    assert policy.context_limit(ActQKVParams(positions="ordered"), info) is None
     with pytest.raises(ValidationError):
         ActQKVParams(window=600, n_local=512)
 

@@ -8,7 +8,7 @@ import torch
 from kvmux.policies.base import AttentionCall
 from kvmux.policies.dense import repeat_kv, sdpa
 from kvmux.policies.hip import HipParams, sparse_attention
-from kvmux.policies.hip_search import Selection, SparseGeometry, hip_search
+from kvmux.policies.hip_search import Selection, SparseGeometry, choose_score_mode, hip_search
 from tests.policies.helpers import full_logits, new_session, run_prefill, stepwise_logits
 
 SMALL = dict(mask_k=32, sink_tokens=4, window=16, block_size_q=16, dense_layers=0)  # budget 52
@@ -83,6 +83,16 @@ def test_gather_and_table_scoring_select_the_same_blocks():
     assert bool(a.valid.all())
     in_range = (a.blocks >= geo.lo.view(1, 1, -1, 1)) & (a.blocks < geo.hi.view(1, 1, -1, 1))
     assert bool(in_range.all())  # never a sink or window block
+
+
+def test_auto_score_mode_prefers_the_table_on_cpu_for_longer_ranges():
+    # K_b 256: one gather round scores 512 blocks; CPU uses the table up to 64 x 512 candidates
+    assert choose_score_mode("auto", 4096, 256, "cpu") == "table"  # an 8K-token prompt
+    assert choose_score_mode("auto", 64 * 512, 256, "cpu") == "table"
+    assert choose_score_mode("auto", 64 * 512 + 1, 256, "cpu") == "gather"
+    assert choose_score_mode("auto", 4096, 256, "cuda") == "gather"
+    assert choose_score_mode("auto", 2048, 256, "cuda") == "table"
+    assert choose_score_mode("gather", 10, 256, "cpu") == "gather"
 
 
 def test_search_finds_planted_high_score_blocks_better_than_random():
