@@ -30,15 +30,18 @@ call un-rotated (times RoPE's attention scaling, which both carry), and keys are
   at position 0 and the window's queries are rotated by one angle, `n_local`, so every init,
   retrieved or remainder token looks `n_local` away. No distance ever exceeds
   `n_local + window`, so prompts far longer than the model's trained context work.
-- `ordered` (a deviation, preset `actqkv_ordered`): the keys a window attends are laid out in
-  their original order at consecutive slots - init tokens from 0, then the retrieved blocks,
-  then the recent tokens - and the queries take their slots among the recent tokens, as
-  StreamingLLM assigns positions inside its cache. The gaps left by blocks that were not
+- `ordered` (a deviation; presets `actqkv_ordered`, and `actqkv_long` with a ~1K budget): the
+  keys a window attends are laid out in their original order at consecutive slots - init tokens
+  from 0, then the retrieved blocks, then the recent tokens - and the queries take their slots
+  among the recent tokens, as StreamingLLM assigns positions inside its cache. The gaps left by blocks that were not
   retrieved close up, so distances stay below n_init + 2*topk*block_size + n_local + window
   (~3.8K with the defaults) whatever the prompt length, and the model still sees which retrieved
   token came first. Why: under `inf_llm` the 135M embedded model receives the retrieved blocks as
   an unordered set and, at 16K-32K, continues the filler in half the passkey prompts although
-  the needle's block was retrieved by 28 of 30 layers (scripts/diagnose_actqkv.py).
+  the needle's block was retrieved by 28 of 30 layers (scripts/diagnose_actqkv.py). Ordered
+  positions alone do not fix that at the paper's budget (46 blocks per layer: 16K 3/6); with
+  16 blocks per layer (`actqkv_long`) they do, while InfLLM positions at 16 blocks do not
+  (docs/results/eval_long).
 - `absolute`: every key and query is rotated to its absolute position (the dossier's simplified
   variant). Exact full attention when everything is retrieved; limited to the model's context.
 Retrieval uses the `n_local`-rotated queries against the un-rotated representatives in all three.

@@ -21,10 +21,7 @@ Back-ends (`backend=`):
   gathered keys visible, the last block - the diagonal - triangular) serves a whole group; groups
   are cut into batches so memory stays bounded. Works on every device and dtype; it is the
   reference the tests compare against, and on CPU the faster path (SDPA's fused CPU kernel over
-  gathered blocks beats inductor's flex kernel there). On CPU the mask is avoided: the diagonal
-  cells of all rows run as one causal call of the fused kernel and each group's other cells as
-  one unmasked call; the two partial softmaxes are merged exactly through the log-sum-exps that
-  kernel returns (a masked call costs ~25% more per cell, measured on an 8K layer).
+  gathered blocks beats inductor's flex kernel there).
 - `"flex"`: `torch.nn.attention.flex_attention` with a `BlockMask` built from the selection
   (off-diagonal cells as full blocks, diagonal cells masked by a causal `mask_mod`), compiled
   with `torch.compile(dynamic=True)`: inductor C++ on CPU, Triton on CUDA. Queries are padded in
@@ -179,6 +176,7 @@ def _eager_attention(query, key, value, sel, block_size: int, scaling: float) ->
     kb = F.pad(key, (0, 0, 0, nkb * bs - tk)).reshape(b * hkv * nkb, bs * d)
     vb = F.pad(value, (0, 0, 0, nkb * bs - tk)).reshape(b * hkv * nkb, bs * d)
     qb = qp.reshape(b * hq * nqb, bs, d)
+    out = torch.empty_like(qb)
 
     flat = sel.reshape(b * hq * nqb, nkb)
     counts = flat.sum(-1)
@@ -187,82 +185,26 @@ def _eager_attention(query, key, value, sel, block_size: int, scaling: float) ->
     # the kv-head row of the flat tables for each (batch, query head, query block) row
     all_rows = torch.arange(b * hq * nqb, device=query.device)
     kv_base = ((all_rows // (hq * nqb)) * hkv + (all_rows // nqb) % hq // groups) * nkb
-    if _split_diagonal(query):
-        out = _eager_split(qb, kb, vb, flat, order, widths, sizes, kv_base, nqb, bs, scaling)
-    else:
-        out = _eager_masked(qb, kb, vb, flat, order, widths, sizes, kv_base, bs, scaling)
-    out = out.view(b, hq, nqb * bs, d)[:, :, front : front + tq]
-    return out.transpose(1, 2).contiguous()
-
-
-def _row_groups(flat, order, widths, sizes, width_of_batch):
-    """(rows, cols) batches of rows with equal cell counts; cols ascend, so the diagonal is last."""
+    causal_block = torch.ones(bs, bs, dtype=torch.bool, device=query.device).tril()
     start = 0
     for width, size in zip(widths.tolist(), sizes.tolist(), strict=True):
         group = order[start : start + size]
         start += size
-        rows_per_batch = max(1, EAGER_SLOTS_PER_BATCH // width_of_batch(width))
+        # rows of equal width need no padding; their cells ascend, so the diagonal cell comes last
+        # and one causal mask (all keys visible, triangular last block) serves the whole group
+        mask = torch.ones(bs, width * bs, dtype=torch.bool, device=query.device)
+        mask[:, -bs:] = causal_block
+        rows_per_batch = max(1, EAGER_SLOTS_PER_BATCH // (width * bs))
         for first in range(0, size, rows_per_batch):
             rows = group[first : first + rows_per_batch]
-            yield width, rows, torch.argsort((~flat[rows]).to(torch.int8), dim=-1, stable=True)[:, :width]
-
-
-def _gather(table: torch.Tensor, index: torch.Tensor, rows: int, head_dim: int) -> torch.Tensor:
-    return table.index_select(0, index.reshape(-1)).view(rows, 1, -1, head_dim)
-
-
-def _eager_masked(qb, kb, vb, flat, order, widths, sizes, kv_base, bs: int, scaling: float) -> torch.Tensor:
-    """Every row's cells in one SDPA call per group, the diagonal cell masked triangular."""
-    d = qb.shape[-1]
-    out = torch.empty_like(qb)
-    causal_block = torch.ones(bs, bs, dtype=torch.bool, device=qb.device).tril()
-    for width, rows, cols in _row_groups(flat, order, widths, sizes, lambda w: w * bs):
-        # one mask (all keys visible, triangular last block) serves the whole group
-        mask = torch.ones(bs, width * bs, dtype=torch.bool, device=qb.device)
-        mask[:, -bs:] = causal_block
-        index = kv_base[rows][:, None] + cols
-        k_rows, v_rows = _gather(kb, index, len(rows), d), _gather(vb, index, len(rows), d)
-        out[rows] = F.scaled_dot_product_attention(qb[rows][:, None], k_rows, v_rows, attn_mask=mask, scale=scaling)[
-            :, 0
-        ]
-    return out
-
-
-def _split_diagonal(query: torch.Tensor) -> bool:
-    """CPU: unmasked off-diagonal cells + causal diagonal cells, merged by log-sum-exp (faster)."""
-    return query.device.type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
-
-
-def _eager_split(qb, kb, vb, flat, order, widths, sizes, kv_base, nqb: int, bs: int, scaling: float) -> torch.Tensor:
-    """As `_eager_masked`, without masks: the CPU flash kernel runs the diagonal cells of all rows
-    causally and each group's other cells unmasked; the two partial softmaxes are merged exactly
-    through their log-sum-exps."""
-    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    n, _, d = qb.shape
-    out = torch.empty_like(qb)
-    lse = torch.empty(n, bs, dtype=torch.float32, device=qb.device)
-    # the diagonal cell of row i is key block first + i % nqb, first = nkb - nqb
-    diag_index = kv_base + (flat.shape[1] - nqb) + torch.arange(n, device=qb.device) % nqb
-    step = max(1, EAGER_SLOTS_PER_BATCH // bs)
-    for first in range(0, n, step):
-        part = slice(first, first + step)
-        rows = diag_index[part]
-        k_rows, v_rows = _gather(kb, rows, rows.numel(), d), _gather(vb, rows, rows.numel(), d)
-        o, lse_diag = flash(qb[part][:, None], k_rows, v_rows, is_causal=True, scale=scaling)
-        out[part], lse[part] = o[:, 0], lse_diag[:, 0]
-    for width, rows, cols in _row_groups(flat, order, widths, sizes, lambda w: max(1, w - 1) * bs):
-        if width < 2:
-            continue
-        index = kv_base[rows][:, None] + cols[:, :-1]
-        k_rows, v_rows = _gather(kb, index, len(rows), d), _gather(vb, index, len(rows), d)
-        o, lse_off = flash(qb[rows][:, None], k_rows, v_rows, scale=scaling)
-        lse_off, lse_diag = lse_off[:, 0], lse[rows]
-        top = torch.maximum(lse_off, lse_diag)
-        w_off, w_diag = (lse_off - top).exp(), (lse_diag - top).exp()
-        total = w_off + w_diag
-        merged = o[:, 0].float() * (w_off / total)[..., None] + out[rows].float() * (w_diag / total)[..., None]
-        out[rows] = merged.to(out.dtype)
-    return out
+            cols = torch.argsort((~flat[rows]).to(torch.int8), dim=-1, stable=True)[:, :width]
+            index = (kv_base[rows][:, None] + cols).reshape(-1)
+            k_rows = kb.index_select(0, index).view(len(rows), 1, width * bs, d)
+            v_rows = vb.index_select(0, index).view(len(rows), 1, width * bs, d)
+            res = F.scaled_dot_product_attention(qb[rows][:, None], k_rows, v_rows, attn_mask=mask, scale=scaling)
+            out[rows] = res[:, 0]
+    out = out.view(b, hq, nqb * bs, d)[:, :, front : front + tq]
+    return out.transpose(1, 2).contiguous()
 
 
 # -- flex_attention ----------------------------------------------------------------------------

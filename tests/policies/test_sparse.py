@@ -98,23 +98,6 @@ def test_eager_batches_rows_of_different_widths(monkeypatch):
     torch.testing.assert_close(one_batch, row_by_row, atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("tq,tk,dtype", [(100, 100, torch.float32), (37, 133, torch.float32), (70, 70, torch.bfloat16)])
-def test_split_diagonal_path_equals_masked_path(monkeypatch, tq, tk, dtype):
-    """CPU runs diagonal and off-diagonal cells as two unmasked kernels merged by log-sum-exp;
-    other devices run one masked kernel per group. Both give the same attention."""
-    q, k, v = (x.to(dtype) for x in qkv(tq, tk, seed=tk + 1))
-    nqb, nkb = sparse.query_blocks(tq, tk, BS), sparse.num_blocks(tk, BS)
-    blocks = torch.rand(1, 4, nqb, nkb, generator=torch.Generator().manual_seed(5)) < 0.4
-    assert sparse._split_diagonal(q)
-    split = sparse.block_sparse_attention(q, k, v, blocks, BS, SCALE, backend="eager")
-    monkeypatch.setattr(sparse, "_split_diagonal", lambda query: False)
-    masked = sparse.block_sparse_attention(q, k, v, blocks, BS, SCALE, backend="eager")
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(split.float(), masked.float(), atol=tol, rtol=tol)
-    ref = masked_reference(q.float(), k.float(), v.float(), blocks, BS)
-    torch.testing.assert_close(split.float(), ref, atol=tol, rtol=tol)
-
-
 @pytest.mark.parametrize("tq,tk", [(100, 100), (37, 133)])
 def test_flex_agrees_with_eager(tq, tk):
     """GQA (4 query heads on 2 KV heads), ragged last block, and Tq < Tk with an unaligned start."""
