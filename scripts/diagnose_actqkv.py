@@ -29,14 +29,6 @@ from kvmux.server.sampling import SamplingParams
 PRESETS = Path(__file__).resolve().parents[1] / "configs" / "policies"
 
 
-def needle_token_range(tokenizer, sample) -> list[int]:
-    enc = tokenizer(sample.prompt, add_special_tokens=False, return_offsets_mapping=True)
-    if enc.input_ids != list(sample.prompt_ids):
-        raise SystemExit("the prompt does not re-tokenise to the task's ids")
-    start, end = sample.needle_spans[0]
-    return [i for i, (s, e) in enumerate(enc.offset_mapping) if s < end and e > start]
-
-
 def hits(records: list[dict]) -> str:
     """One digit per layer (1 = a needle block retrieved) and the count."""
     return f"{''.join('1' if r['hit'] else '0' for r in records)} ({sum(r['hit'] for r in records)}/{len(records)})"
@@ -58,7 +50,7 @@ def main() -> None:
 
     loaded = load_model(ModelSpec(prefill_chunk_tokens=args.prefill_chunk))
     sample = get_task("passkey").make(Renderer(loaded.tokenizer), args.length, args.depth, args.index, args.seed, 0)
-    needle = needle_token_range(loaded.tokenizer, sample)
+    needle = sample.needle_token_indices(loaded.tokenizer)
     print(f"prompt {sample.prompt_tokens} tokens, needle tokens {needle[0]}-{needle[-1]}, answer {sample.answers}")
 
     records: list[dict] = []

@@ -60,6 +60,14 @@ class Sample:
         data.pop("prompt_ids")
         return data
 
+    def needle_token_indices(self, tokenizer, needle: int = 0) -> list[int]:
+        """Indices in `prompt_ids` of the tokens overlapping answer-bearing needle `needle`."""
+        enc = tokenizer(self.prompt, add_special_tokens=False, return_offsets_mapping=True)
+        if enc.input_ids != list(self.prompt_ids):
+            raise ValueError("the prompt does not re-tokenise to the sample's ids")
+        start, end = self.needle_spans[needle]
+        return [i for i, (s, e) in enumerate(enc.offset_mapping) if s < end and e > start]
+
 
 class Renderer:
     """Turns (context, answer prefix) into the exact prompt text and token ids the model reads.

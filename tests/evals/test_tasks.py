@@ -180,3 +180,13 @@ def test_corpus_is_long_enough_and_documented(smol_tokenizer):
     assert len(smol_tokenizer(corpus_text())["input_ids"]) >= 16_384
     readme = (CORPUS_FILE.parent / "README.md").read_text()
     assert "public domain" in readme.lower() and CORPUS_FILE.name in readme
+
+
+def test_needle_token_indices_cover_the_needle_text(renderer, smol_tokenizer):
+    sample = get_task("passkey").make(renderer, 1024, 50.0, 0, seed=3)
+    indices = sample.needle_token_indices(smol_tokenizer)
+    assert indices == list(range(indices[0], indices[-1] + 1))  # one contiguous run
+    text = smol_tokenizer.decode([sample.prompt_ids[i] for i in indices])
+    needle = sample.prompt[slice(*sample.needle_spans[0])]
+    assert needle.strip() in text and sample.answers[0] in text
+    assert len(text) < len(needle) + 20  # only the tokens that overlap the needle
