@@ -33,10 +33,10 @@ call un-rotated (times RoPE's attention scaling, which both carry), and keys are
 - `ordered` (a deviation; presets `actqkv_ordered`, and `actqkv_long` with a ~1K budget): the
   keys a window attends are laid out in their original order at consecutive slots - init tokens
   from 0, then the retrieved blocks, then the recent tokens - and the queries take their slots
-  among the recent tokens, as StreamingLLM assigns positions inside its cache. The gaps left by blocks that were not
-  retrieved close up, so distances stay below n_init + 2*topk*block_size + n_local + window
-  (~3.8K with the defaults) whatever the prompt length, and the model still sees which retrieved
-  token came first. Why: under `inf_llm` the 135M embedded model receives the retrieved blocks as
+  among the recent tokens, as StreamingLLM assigns positions inside its cache. The gaps left by
+  blocks that were not retrieved close up, so distances stay below n_init + 2*topk*block_size +
+  n_local + window (~3.8K with the defaults) whatever the prompt length, and the model still sees
+  which retrieved token came first. Why: under `inf_llm` the 135M embedded model receives the retrieved blocks as
   an unordered set and, at 16K-32K, continues the filler in half the passkey prompts although
   the needle's block was retrieved by 28 of 30 layers (scripts/diagnose_actqkv.py). Ordered
   positions alone do not fix that at the paper's budget (46 blocks per layer: 16K 3/6); with
@@ -302,7 +302,7 @@ class ActQKVSession(PolicySession):
             g_values.append(bv)
             if p.positions == "ordered":
                 g_pos.append(n_init + torch.arange(n_chosen, device=dev))
-            else:
+            elif rotated:
                 offs = torch.arange(p.block_size, device=dev)
                 g_pos.append((n_init + chosen.to(dev)[:, None] * p.block_size + offs).reshape(-1))
         n_rem = max(0, r - p.n_local)
@@ -313,7 +313,8 @@ class ActQKVSession(PolicySession):
             if part_k.shape[1]:
                 g_keys.append(part_k)
                 g_values.append(part_v)
-                g_pos.append(begin + torch.arange(part_k.shape[1], device=dev))
+                if rotated:  # under inf_llm every global key stays at position 0
+                    g_pos.append(begin + torch.arange(part_k.shape[1], device=dev))
         if g_keys:
             gk = torch.cat(g_keys, dim=1)
             if rotated:

@@ -107,7 +107,7 @@ DEFAULT_TABLE_RANGE_FACTOR = 4
 
 
 def choose_score_mode(
-    mode: ScoreMode, candidates: int, num_groups: int, device_type: str = "cpu"
+    mode: ScoreMode, candidates: int, num_groups: int, device_type: str
 ) -> Literal["gather", "table"]:
     """`auto`: the table while the candidate blocks are at most a device-dependent multiple of 2 K_b."""
     if mode != "auto":
