@@ -89,13 +89,25 @@ def test_eager_equals_masked_dense_reference(tq, tk, batch):
 
 
 def test_eager_batches_rows_of_different_widths(monkeypatch):
-    """Tiny gather batches (one row at a time) give the same result as one batch."""
+    """Tiny batches (one row at a time) give the same result as one batch per width."""
     q, k, v = qkv(100, 100, seed=3)
     blocks = torch.rand(1, 4, 7, 7, generator=torch.Generator().manual_seed(2)) < 0.5
+    monkeypatch.setattr(sparse, "EAGER_CELLS_PER_BATCH", 10**6)
     one_batch = sparse.block_sparse_attention(q, k, v, blocks, BS, SCALE, backend="eager")
-    monkeypatch.setattr(sparse, "EAGER_SLOTS_PER_BATCH", 1)
+    monkeypatch.setattr(sparse, "EAGER_CELLS_PER_BATCH", 1)
     row_by_row = sparse.block_sparse_attention(q, k, v, blocks, BS, SCALE, backend="eager")
     torch.testing.assert_close(one_batch, row_by_row, atol=1e-6, rtol=1e-6)
+
+
+def test_eager_bf16_inputs_keep_fp32_scores():
+    """bf16 in, bf16 out, and as close to the fp32 result as bf16 rounding of q, k, v allows."""
+    q, k, v = qkv(100, 100, seed=5)
+    blocks = torch.rand(1, 4, 7, 7, generator=torch.Generator().manual_seed(5)) < 0.5
+    q16, k16, v16 = (t.to(torch.bfloat16) for t in (q, k, v))
+    got = sparse.block_sparse_attention(q16, k16, v16, blocks, BS, SCALE, backend="eager")
+    assert got.dtype == torch.bfloat16
+    expected = masked_reference(q16.float(), k16.float(), v16.float(), blocks, BS)
+    torch.testing.assert_close(got.float(), expected, atol=1e-2, rtol=1e-2)
 
 
 @pytest.mark.parametrize("tq,tk", [(100, 100), (37, 133)])
