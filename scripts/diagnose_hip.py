@@ -9,6 +9,7 @@ miss from a miss in reading what was selected.
 
     python scripts/diagnose_hip.py --length 4096 --depth 90 --index 0
     python scripts/diagnose_hip.py --length 4096 --depth 90 --overrides '{"mask_k": 2048}'
+    python scripts/diagnose_hip.py --length 4096 --depth 90 --layer-mask-k 18=2048
 """
 
 from __future__ import annotations
@@ -47,10 +48,14 @@ def main() -> None:
     parser.add_argument("--index", type=int, default=0, help="sample index (as in kvmux eval)")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--overrides", default="{}", help="JSON parameters for the hip preset")
+    parser.add_argument(
+        "--layer-mask-k", action="append", default=[], metavar="LAYER=K", help="a different mask_k on one layer"
+    )
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    layer_mask_k = {int(k): int(v) for k, v in (item.split("=") for item in args.layer_mask_k)}
 
     loaded = load_model(ModelSpec(prefill_chunk_tokens=1 << 20))
     sample = get_task("passkey").make(Renderer(loaded.tokenizer), args.length, args.depth, args.index, args.seed, 0)
@@ -67,7 +72,19 @@ def main() -> None:
         )
         return sel
 
+    original_attention = hip.HipSession.attention
+
+    def attention_with_layer_k(self, call):
+        saved = self.params
+        if call.layer_idx in layer_mask_k:
+            self.params = self.params.model_copy(update={"mask_k": layer_mask_k[call.layer_idx]})
+        try:
+            return original_attention(self, call)
+        finally:
+            self.params = saved
+
     hip.HipSession.select = recording_select
+    hip.HipSession.attention = attention_with_layer_k
     engine = Engine(loaded, load_presets(PRESETS), default_preset="full", prefill_chunk_tokens=1 << 20)
     policy = {"preset": "hip", **json.loads(args.overrides)}
     result = engine.generate(
