@@ -19,8 +19,8 @@ Back-ends (`backend=`):
 - `"eager"`: gathers the selected key blocks of each (head, query block) row and takes a plain
   masked softmax over them (two batched matmuls). Rows are grouped by their exact number of
   cells, so no row is padded and only the last cell of a row - the diagonal - needs a
-  (triangular) mask; groups are cut into small batches (~32 cells) so the gathered keys and the
-  scores stay in cache: with one large gather the kernel streams them from memory and a second
+  (triangular) mask; on CPU groups are cut into small batches (~32 cells) so the gathered keys and
+  the scores stay in cache: with one large gather the kernel streams them from memory and a second
   CPU thread buys little. Scores are fp32 for fp16/bf16 inputs. Works on every device and dtype;
   it is the reference the tests compare against, and on CPU the faster path (it beats both
   SDPA's fused CPU kernel over large gathers and inductor's flex kernel there).
@@ -52,9 +52,11 @@ log = logging.getLogger(__name__)
 
 Backend = Literal["auto", "eager", "flex"]
 
-# (query block, key block) cells computed per batch by the eager back-end: 32 cells of 128 x 128
-# keep the gathered keys and the scores of a batch in a core's cache (measured on 2-core CPU)
-EAGER_CELLS_PER_BATCH = 32
+# (query block, key block) cells computed per batch by the eager back-end, per device type. On CPU
+# 32 cells of 128 x 128 keep a batch's gathered keys and scores in a core's cache (measured on a
+# 2-core x86 CPU); elsewhere batches are large so kernel launches stay few (memory stays bounded).
+EAGER_CELLS_PER_BATCH = {"cpu": 32}
+DEFAULT_EAGER_CELLS_PER_BATCH = 2048
 
 
 def num_blocks(length: int, block_size: int) -> int:
@@ -192,13 +194,14 @@ def _eager_attention(query, key, value, sel, block_size: int, scaling: float) ->
     kv_base = ((all_rows // (hq * nqb)) * hkv + (all_rows // nqb) % hq // groups) * nkb
     cells = kv_base[:, None] + torch.argsort((~flat).to(torch.int8), dim=-1, stable=True)
     above_diagonal = torch.ones(bs, bs, dtype=torch.bool, device=query.device).triu(1)
+    cells_per_batch = EAGER_CELLS_PER_BATCH.get(query.device.type, DEFAULT_EAGER_CELLS_PER_BATCH)
     start = 0
     for width, size in zip(widths.tolist(), sizes.tolist(), strict=True):
         group = order[start : start + size]
         start += size
-        # rows of equal width need no padding; a batch holds about EAGER_CELLS_PER_BATCH cells so
-        # its gathered keys and scores stay in cache (one big gather streams from memory instead)
-        rows_per_batch = max(1, EAGER_CELLS_PER_BATCH // width)
+        # rows of equal width need no padding; on CPU a batch is small enough for its gathered keys
+        # and scores to stay in cache (one big gather streams them from memory instead)
+        rows_per_batch = max(1, cells_per_batch // width)
         for first in range(0, size, rows_per_batch):
             rows = group[first : first + rows_per_batch]
             index = cells[rows, :width].reshape(-1)

@@ -92,9 +92,9 @@ def test_eager_batches_rows_of_different_widths(monkeypatch):
     """Tiny batches (one row at a time) give the same result as one batch per width."""
     q, k, v = qkv(100, 100, seed=3)
     blocks = torch.rand(1, 4, 7, 7, generator=torch.Generator().manual_seed(2)) < 0.5
-    monkeypatch.setattr(sparse, "EAGER_CELLS_PER_BATCH", 10**6)
+    monkeypatch.setitem(sparse.EAGER_CELLS_PER_BATCH, "cpu", 10**6)
     one_batch = sparse.block_sparse_attention(q, k, v, blocks, BS, SCALE, backend="eager")
-    monkeypatch.setattr(sparse, "EAGER_CELLS_PER_BATCH", 1)
+    monkeypatch.setitem(sparse.EAGER_CELLS_PER_BATCH, "cpu", 1)
     row_by_row = sparse.block_sparse_attention(q, k, v, blocks, BS, SCALE, backend="eager")
     torch.testing.assert_close(one_batch, row_by_row, atol=1e-6, rtol=1e-6)
 
