@@ -14,19 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
-import torch
+from passkey_case import add_case_arguments, generate, load_case
 
-from kvmux.evals.tasks import get_task
-from kvmux.evals.tasks.common import Renderer
-from kvmux.models.loader import ModelSpec, load_model
 from kvmux.policies import actqkv
-from kvmux.policies.presets import load_presets
-from kvmux.server.engine import Engine
-from kvmux.server.sampling import SamplingParams
-
-PRESETS = Path(__file__).resolve().parents[1] / "configs" / "policies"
 
 
 def hits(records: list[dict]) -> str:
@@ -36,22 +27,11 @@ def hits(records: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--length", type=int, default=16384)
-    parser.add_argument("--depth", type=float, default=90.0)
-    parser.add_argument("--index", type=int, default=0, help="sample index (as in kvmux eval)")
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--overrides", default="{}", help="JSON parameters for the actqkv preset")
+    add_case_arguments(parser, "actqkv", length=16384, depth=90.0)
     parser.add_argument("--prefill-chunk", type=int, default=2048)
-    parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--decode-steps", type=int, default=3)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    loaded = load_model(ModelSpec(prefill_chunk_tokens=args.prefill_chunk))
-    sample = get_task("passkey").make(Renderer(loaded.tokenizer), args.length, args.depth, args.index, args.seed, 0)
-    needle = sample.needle_token_indices(loaded.tokenizer)
-    print(f"prompt {sample.prompt_tokens} tokens, needle tokens {needle[0]}-{needle[-1]}, answer {sample.answers}")
+    loaded, sample, needle = load_case(args, prefill_chunk=args.prefill_chunk)
 
     records: list[dict] = []
     original = actqkv.ActQKVSession._select
@@ -69,12 +49,8 @@ def main() -> None:
         return chosen
 
     actqkv.ActQKVSession._select = recording_select
-    engine = Engine(loaded, load_presets(PRESETS), default_preset="full", prefill_chunk_tokens=args.prefill_chunk)
     policy = {"preset": "actqkv", "query": sample.query, **json.loads(args.overrides)}
-    result = engine.generate(
-        prompt=list(sample.prompt_ids), sampling=SamplingParams(max_tokens=8, temperature=0.0), kv_policy=policy
-    )
-    print(f"answer {result.text!r} ({'correct' if sample.answers[0] in result.text else 'wrong'})")
+    generate(loaded, sample, policy, prefill_chunk=args.prefill_chunk)
 
     layers = loaded.info.num_layers
     prompt = [r for r in records if not r["decoding"]]
