@@ -15,11 +15,14 @@ Decoding searches with the single query, keeps the selection per layer and re-se
 `refresh_interval` steps; between refreshes the new tokens are covered by the window. Every
 token stays in the KV cache: HiP saves attention compute, not memory.
 
-Two implementations of the sparse attention with one meaning: `reference` gathers every
-attended key (sinks, selected blocks, window) per query block and head and takes one masked
-softmax; `fast` (default) reads sinks and window as shared slices per KV head (a strided view,
-no copy per query head) and gathers only the selected blocks. Tests check both against a dense
-computation with the equivalent token mask.
+Three implementations with one meaning (`kernel`): `reference` gathers every attended key
+(sinks, selected blocks, window) per query block and head and takes one masked softmax; `fast`
+reads sinks and window as shared slices per KV head (a strided view, no copy per query head) and
+gathers only the selected blocks; `triton` (`hip_triton.py`) runs the search and the attention
+as two fused Triton kernels, one program per (head, query block), as the paper's v1.1 kernels
+do. `auto` (default) is `triton` for CUDA tensors when Triton is installed, else `fast`; a Triton
+failure is logged and the `fast` path used from then on. Tests check every kernel against a
+dense computation with the equivalent token mask (Triton through its CPU interpreter).
 
 Deviations from the paper / reference code:
 - The candidate range of a query block ends at `last query + 1 - window` rounded *up* to a whole
@@ -34,26 +37,63 @@ Deviations from the paper / reference code:
   (b_sk = 1), in fp32; the scale is not applied (it does not change the ranking).
 - `score_mode=table` (chosen by `auto` on CPU for candidate ranges up to 32K tokens, elsewhere
   on short ranges) scores all candidate blocks with one matmul instead of gathering
-  representatives each round; it selects the same blocks. No Triton
-  kernel: pure PyTorch on CPU and CUDA; flex_attention block masks are too coarse for b_k = 2.
+  representatives each round; it selects the same blocks. The Triton search needs K_b = k / b_k
+  to be a power of two >= 16 (the default 256 is); other K_b search in PyTorch. flex_attention
+  is not used: its block masks are too coarse for b_k = 2.
 - One request per session: a padding mask handed in by transformers is not applied on the sparse
   path (the causal structure is rebuilt from positions, aligned bottom-right).
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Literal
 
 import torch
 from pydantic import Field, model_validator
 
-from kvmux.policies.base import AttentionCall, Policy, PolicyParams, PolicySession
+from kvmux.policies.base import AttentionCall, Policy, PolicyInputError, PolicyParams, PolicySession
 from kvmux.policies.dense import dense_attention
 from kvmux.policies.hip_search import ScoreMode, Selection, SparseGeometry, hip_search
 from kvmux.policies.registry import register
 
 CHUNK_BYTES = {"cpu": 64 << 20, "cuda": 2 << 30}  # working set of one slice of query blocks, per device type
+Kernel = Literal["auto", "fast", "reference", "triton"]
+log = logging.getLogger(__name__)
+
+
+class _TritonState:
+    """Whether the Triton kernels still work in this process (cleared after a failure)."""
+
+    def __init__(self) -> None:
+        self.usable = True
+
+
+@functools.cache
+def _triton_state() -> _TritonState:
+    return _TritonState()
+
+
+@functools.cache
+def triton_kernels() -> ModuleType | None:
+    """The Triton kernel module, or None where Triton is not installed."""
+    try:
+        from kvmux.policies import hip_triton
+    except ImportError:
+        return None
+    return hip_triton
+
+
+def resolve_kernel(kernel: Kernel, device: torch.device) -> Literal["fast", "reference", "triton"]:
+    """`auto`: Triton for CUDA tensors when it is installed and has not failed, else `fast`."""
+    if kernel != "auto":
+        return kernel
+    if device.type == "cuda" and _triton_state().usable and triton_kernels() is not None:
+        return "triton"
+    return "fast"
 
 
 @dataclass(slots=True)
@@ -219,7 +259,7 @@ class HipParams(PolicyParams):
     dense_layers: int = Field(3, ge=0, le=1024, description="l_d: first layers kept dense (paper: 3)")
     refresh_interval: int = Field(8, ge=1, le=1_000_000, description="r_m: decode steps between searches (paper: 8)")
     score_mode: ScoreMode = Field("auto", description="branch scoring: gathered representatives or a score table")
-    kernel: Literal["fast", "reference"] = Field("fast", description="sparse attention implementation")
+    kernel: Kernel = Field("auto", description="implementation: auto, fast, reference or triton (see module doc)")
 
     @model_validator(mode="after")
     def _check(self) -> HipParams:
@@ -277,19 +317,43 @@ class HipSession(PolicySession):
     def select(self, call: AttentionCall, geo: SparseGeometry, block_stride: int) -> Selection:
         """Run the branch-and-prune search for every query block of the call."""
         p = self.params
-        sel = hip_search(
-            geo.query_blocks(call.query),
-            call.key,
-            geo.lo,
-            geo.hi,
-            num_groups=p.mask_k // p.block_size_k,
-            block_k=p.block_size_k,
-            query_stride=block_stride,
-            score_mode=p.score_mode,
-        )
+        groups = p.mask_k // p.block_size_k
+        sel = None
+        if self._kernel(call) == "triton" and triton_kernels().usable_groups(groups):
+            sel = self._try_triton(lambda: triton_kernels().search(call.query, call.key, geo, groups, block_stride))
+        if sel is None:
+            sel = hip_search(
+                geo.query_blocks(call.query),
+                call.key,
+                geo.lo,
+                geo.hi,
+                num_groups=groups,
+                block_k=p.block_size_k,
+                query_stride=block_stride,
+                score_mode=p.score_mode,
+            )
         self.searches += 1
         self.rounds = max(self.rounds, sel.rounds)
         return sel
+
+    def _kernel(self, call: AttentionCall) -> Literal["fast", "reference", "triton"]:
+        kernel = resolve_kernel(self.params.kernel, call.query.device)
+        if kernel == "triton" and triton_kernels() is None:
+            raise PolicyInputError("hip kernel 'triton' needs the triton package; use kernel 'auto' or 'fast'")
+        return kernel
+
+    def _try_triton(self, run):
+        """Run a Triton kernel; under `auto`, a failure is logged and answered with None (PyTorch path)."""
+        if not _triton_state().usable and self.params.kernel == "auto":
+            return None
+        try:
+            return run()
+        except Exception as err:  # compile or launch failure of a Triton kernel
+            if self.params.kernel == "triton":
+                raise
+            _triton_state().usable = False
+            log.warning("HiP Triton kernels unusable (%s); using the PyTorch kernels", err)
+            return None
 
     # -- attention --------------------------------------------------------------------------
     def attention(self, call: AttentionCall) -> torch.Tensor:
@@ -305,7 +369,14 @@ class HipSession(PolicySession):
         else:
             geo = self._geometry(call, p.block_size_q, lookahead=0)
             sel = self.select(call, geo, min(p.block_stride_q, p.block_size_q))
-        out, counts = sparse_attention(call.query, call.key, call.value, sel, geo, call.scaling, kernel=p.kernel)
+        kernel = self._kernel(call)
+        result = None
+        if kernel == "triton":
+            result = self._try_triton(
+                lambda: triton_kernels().attention(call.query, call.key, call.value, sel, geo, call.scaling)
+            )
+            kernel = "fast"
+        out, counts = result or sparse_attention(call.query, call.key, call.value, sel, geo, call.scaling, kernel)
         self._count_sparse(counts, tk, tq)
         return out
 

@@ -180,10 +180,11 @@ def _eager_attention(query, key, value, sel, block_size: int, scaling: float) ->
     # one row of the flat tables per (batch, kv head, key block): gathers are plain row copies
     kb = F.pad(key, (0, 0, 0, nkb * bs - tk)).reshape(b * hkv * nkb, bs * d)
     vb = F.pad(value, (0, 0, 0, nkb * bs - tk)).reshape(b * hkv * nkb, bs * d)
-    qb = qp.reshape(b * hq * nqb, bs, d)
-    out = torch.empty_like(qb)
-    # scores in fp32 whatever the input dtype (the softmax of bf16 scores loses the tail)
+    # scores in fp32 whatever the input dtype (the softmax of bf16 scores loses the tail); the
+    # queries are converted and scaled once, not once per batch
     work_dtype = torch.float32 if query.dtype in (torch.float16, torch.bfloat16) else query.dtype
+    qb = (qp.to(work_dtype) * scaling).reshape(b * hq * nqb, bs, d)
+    out = torch.empty(b * hq * nqb, bs, d, dtype=query.dtype, device=query.device)
 
     flat = sel.reshape(b * hq * nqb, nkb)
     counts = flat.sum(-1)
@@ -207,10 +208,10 @@ def _eager_attention(query, key, value, sel, block_size: int, scaling: float) ->
             index = cells[rows, :width].reshape(-1)
             k_rows = kb.index_select(0, index).view(len(rows), width * bs, d).to(work_dtype)
             v_rows = vb.index_select(0, index).view(len(rows), width * bs, d).to(work_dtype)
-            scores = torch.bmm(qb[rows].to(work_dtype) * scaling, k_rows.transpose(1, 2))
+            scores = torch.bmm(qb.index_select(0, rows), k_rows.transpose(1, 2))
             scores[:, :, -bs:].masked_fill_(above_diagonal, float("-inf"))
             torch.softmax(scores, dim=-1, out=scores)
-            out[rows] = torch.bmm(scores, v_rows).to(out.dtype)
+            out.index_copy_(0, rows, torch.bmm(scores, v_rows).to(out.dtype))
     out = out.view(b, hq, nqb * bs, d)[:, :, front : front + tq]
     return out.transpose(1, 2).contiguous()
 

@@ -5,13 +5,15 @@ prefill time and decode step time (medians over the passkey samples), full vs hi
 
 CUDA (`python scripts/measure_hip.py cuda`): one attention layer shaped like Llama-3-8B (32 query
 heads, 8 KV heads, head dim 128, bf16, random inputs): a decode step at 128K context (the mean of
-`refresh_interval` steps, one of which re-searches) and a 64K-token prefill, against dense SDPA.
+`refresh_interval` steps, one of which re-searches) and a 64K-token prefill, against dense SDPA,
+for the PyTorch kernels (gather and table scoring) and the Triton kernels.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import time
@@ -93,6 +95,14 @@ def measure_cpu(lengths: list[int], samples: int, max_new: int, threads: int) ->
 
 
 def _cuda_time(fn, reps: int) -> float:
+    if not torch.cuda.is_available():  # the CPU dry run (--dry-run): wall time
+        fn()
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
     fn()
     torch.cuda.synchronize()
     times = []
@@ -107,38 +117,67 @@ def _cuda_time(fn, reps: int) -> float:
     return statistics.median(times)
 
 
-def measure_cuda(decode_context: int = 131072, prefill_tokens: int = 65536, reps: int = 5) -> dict:
-    """Llama-3-8B-shaped attention (Hq 32, Hkv 8, D 128, bf16, random): HiP vs dense SDPA, seconds."""
+VARIANTS = {  # name -> HiP parameters besides the defaults: PyTorch kernels (two scorings) and Triton
+    "gather": {"score_mode": "gather", "kernel": "fast"},
+    "table": {"score_mode": "table", "kernel": "fast"},
+    "triton": {"kernel": "triton"},
+}
+
+
+def measure_cuda(
+    decode_context: int = 131072, prefill_tokens: int = 65536, reps: int = 5, dry_run: bool = False
+) -> dict:
+    """Llama-3-8B-shaped attention (Hq 32, Hkv 8, D 128, bf16, random): HiP vs dense SDPA, seconds.
+
+    Every variant runs through the policy's own attention call (search + sparse attention), after a
+    check at 8K that the Triton kernels agree with the PyTorch ones on the same inputs. `dry_run`: the
+    same code on CPU at toy sizes (4/2 heads, fp32, Triton's interpreter), to check the script itself.
+    """
     import torch.nn.functional as F
 
     from kvmux.models.runner import ModelInfo
     from kvmux.policies.base import AttentionCall, SessionRequest
     from kvmux.policies.hip import HipParams, HipPolicy
-    from kvmux.policies.hip_search import SparseGeometry, hip_search
 
     dev, dt = torch.device("cuda"), torch.bfloat16
     hq, hkv, d, scale = 32, 8, 128, 128**-0.5
+    agree, base = 8192, {}
+    if dry_run:  # small enough for the interpreter: K_b 32, budget 144
+        dev, dt, hq, hkv, agree = torch.device("cpu"), torch.float32, 4, 2, 1024
+        base = {"mask_k": 64, "window": 64}
     torch.manual_seed(0)
 
     info = ModelInfo(
         config=None, served_name="llama3-8b-shape", root="random", num_layers=32, num_heads=hq, num_kv_heads=hkv,
         head_dim=d, max_context=decode_context, dtype=dt, device=dev, inv_freq=torch.ones(d // 2), rope_scaling=1.0,
     )  # fmt: skip
-    results: dict = {"device": torch.cuda.get_device_name()}
+
+    def session(name: str):
+        params = HipParams(dense_layers=0, **base, **VARIANTS[name])
+        return params, HipPolicy().new_session(params, info, SessionRequest())
+
+    results: dict = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu (dry run)"}
+    # agreement at 8K: the same call through the PyTorch and the Triton kernels
+    q, k, v = (torch.randn(1, h, agree, d, device=dev, dtype=dt) for h in (hq, hkv, hkv))
+    call = AttentionCall(5, q, k, v, None, scale)
+    fast, triton_out = session("table")[1].attention(call), session("triton")[1].attention(call)
+    results["agreement_max_abs_diff"] = float((fast.float() - triton_out.float()).abs().max())
+    results["agreement_cosine"] = float(F.cosine_similarity(fast.float().flatten(), triton_out.float().flatten(), 0))
+    del q, k, v, call, fast, triton_out
+
     k = torch.randn(1, hkv, decode_context, d, device=dev, dtype=dt)
     v = torch.randn_like(k)
     q = torch.randn(1, hq, 1, d, device=dev, dtype=dt)
     results["decode_dense_s"] = _cuda_time(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), reps)
-    for mode in ("gather", "table"):
-        params = HipParams(dense_layers=0, score_mode=mode)
-        session = HipPolicy().new_session(params, info, SessionRequest())
+    for name in VARIANTS:
+        params, sess = session(name)
         call = AttentionCall(5, q, k, v, None, scale)
 
-        def steps(session=session, call=call, n=params.effective_refresh):
+        def steps(sess=sess, call=call, n=params.effective_refresh):
             for _ in range(n):
-                session.attention(call)
+                sess.attention(call)
 
-        results[f"decode_hip_{mode}_s"] = _cuda_time(steps, reps) / params.effective_refresh
+        results[f"decode_hip_{name}_s"] = _cuda_time(steps, reps) / params.effective_refresh
     del k, v
     k = torch.randn(1, hkv, prefill_tokens, d, device=dev, dtype=dt)
     v = torch.randn_like(k)
@@ -146,22 +185,12 @@ def measure_cuda(decode_context: int = 131072, prefill_tokens: int = 65536, reps
     results["prefill_dense_s"] = _cuda_time(
         lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), reps
     )
-    from kvmux.policies.hip import sparse_attention
-
-    for mode in ("gather", "table"):
-        p = HipParams(dense_layers=0, score_mode=mode)
-
-        def prefill(p=p):
-            geo = SparseGeometry.build(prefill_tokens, prefill_tokens, p.block_size_q, p.block_size_k,
-                                       p.sink_tokens, p.window, 0, dev)  # fmt: skip
-            sel = hip_search(geo.query_blocks(q), k, geo.lo, geo.hi, p.mask_k // p.block_size_k,
-                             p.block_size_k, p.block_stride_q, p.score_mode)  # fmt: skip
-            return sparse_attention(q, k, v, sel, geo, scale)
-
-        results[f"prefill_hip_{mode}_s"] = _cuda_time(prefill, max(1, reps // 2))
+    for name in VARIANTS:
+        call = AttentionCall(5, q, k, v, None, scale)
+        results[f"prefill_hip_{name}_s"] = _cuda_time(lambda call=call, name=name: session(name)[1].attention(call), 2)
     for phase in ("decode", "prefill"):
-        best = min(results[f"{phase}_hip_gather_s"], results[f"{phase}_hip_table_s"])
-        results[f"{phase}_speedup"] = results[f"{phase}_dense_s"] / best
+        for name in VARIANTS:
+            results[f"{phase}_speedup_{name}"] = results[f"{phase}_dense_s"] / results[f"{phase}_hip_{name}_s"]
     return results
 
 
@@ -172,9 +201,13 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=3)
     parser.add_argument("--max-new", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dry-run", action="store_true", help="cuda target: run its code on CPU at toy sizes")
     args = parser.parse_args()
     if args.target == "cpu":
         out = measure_cpu(args.lengths, args.samples, args.max_new, args.threads)
+    elif args.dry_run:
+        os.environ["TRITON_INTERPRET"] = "1"
+        out = measure_cuda(decode_context=2048, prefill_tokens=512, reps=1, dry_run=True)
     else:
         out = measure_cuda()
     print(json.dumps(out, indent=1))

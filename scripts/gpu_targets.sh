@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Attention-level CUDA targets of the sparse policies, one short run (about 4 minutes on one H100):
+#   - HiP: Triton and PyTorch kernels vs dense SDPA, decode step at 128K and prefill at 64K
+#     (scripts/measure_hip.py cuda, after an 8K agreement check of the two kernel families);
+#   - FlexPrefill: selection + block-sparse flex kernel vs dense SDPA at 64K and 128K
+#     (scripts/measure_flexprefill.py --cuda).
+# Llama-3-8B attention shape (32/8 heads x 128), bf16, random inputs; nothing downloaded.
+#
+#   scripts/gpu_targets.sh            results in $OUT if set, else docs/results/gpu/
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+OUT_DIR="${OUT:-docs/results/gpu}"
+mkdir -p "$OUT_DIR"
+if ! "$PY" -P -c "import kvmux.policies.base" 2>/dev/null; then
+  SHIM="$(mktemp -d)"
+  mkdir -p "$SHIM/kvmux"
+  for file in kvmux/*.py; do ln -s "$PWD/$file" "$SHIM/kvmux/"; done
+  for pkg in models policies server evals; do ln -s "$PWD/$pkg" "$SHIM/kvmux/$pkg"; done
+  export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}"
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+export PYTHONUNBUFFERED=1
+status=0
+timeout --signal=INT 150 "$PY" -P scripts/measure_hip.py cuda | tee "$OUT_DIR/hip_kernels.json" || status=$?
+timeout --signal=INT 150 "$PY" -P scripts/measure_flexprefill.py --cuda --lengths 65536 131072 \
+  --json "$OUT_DIR/flexprefill_kernels.json" 2>&1 | tee "$OUT_DIR/flexprefill_kernels.log" || status=$?
+exit "$status"
