@@ -295,9 +295,11 @@ class HipSession(PolicySession):
         self.decode_masks: dict[int, DecodeMask] = {}
         self.searches = 0  # (layer, forward) pairs that ran the branch-and-prune search
         self.mask_reuses = 0  # decode (layer, step) pairs that reused a cached selection
-        self.attended_sum = 0.0  # keys attended, summed over query rows, heads and layers
-        self.causal_sum = 0.0  # keys dense causal attention would see, same sum
-        self.max_attended = 0  # most keys any query row attended on the sparse path
+        self.attended_sum = 0.0  # keys attended on dense calls, summed over query rows, heads and layers
+        self.causal_sum = 0.0  # keys dense causal attention would see, every call
+        # sparse calls: sum and max of keys attended per row, kept on the device (no sync per call)
+        self.sparse_attended: torch.Tensor | None = None
+        self.sparse_max: torch.Tensor | None = None
         self.rounds = 0
 
     # -- geometry ---------------------------------------------------------------------------
@@ -407,13 +409,23 @@ class HipSession(PolicySession):
 
     def _count_sparse(self, counts: torch.Tensor, tk: int, tq: int) -> None:
         b, hq = counts.shape[:2]
-        self.attended_sum += float(counts.sum())
+        total, most = counts.sum(), counts.max()
+        if self.sparse_attended is None:
+            self.sparse_attended, self.sparse_max = total, most
+        else:
+            self.sparse_attended = self.sparse_attended + total
+            self.sparse_max = torch.maximum(self.sparse_max, most)
         self.causal_sum += float(b * hq * (tq * (tk - tq) + tq * (tq + 1) / 2))
-        self.max_attended = max(self.max_attended, int(counts.max()))
+
+    @property
+    def max_attended(self) -> int:
+        """Most keys any query row attended on the sparse path."""
+        return int(self.sparse_max) if self.sparse_max is not None else 0
 
     def stats(self):
         stats = super().stats()
-        rows = self.causal_sum and self.attended_sum / max(self.causal_sum, 1.0)
+        attended = self.attended_sum + (float(self.sparse_attended) if self.sparse_attended is not None else 0.0)
+        rows = self.causal_sum and attended / max(self.causal_sum, 1.0)
         stats.extra.update(
             {
                 "hip_budget_per_query": self.params.budget,

@@ -205,6 +205,7 @@ class SparseGeometry:
     positions: torch.Tensor  # int64 [nQB * b_q]: absolute position of every (padded) query row
     lo: torch.Tensor  # int64 [nQB]
     hi: torch.Tensor  # int64 [nQB]
+    max_candidates: int  # max(hi - lo), known on the host (the last query block's range)
 
     @classmethod
     def build(
@@ -225,7 +226,9 @@ class SparseGeometry:
         end = (last + 1 - window + lookahead).clamp(max=num_keys)  # exclusive token limit
         lo = torch.full((num_blocks,), sinks // block_k, dtype=torch.int64, device=device)
         hi = torch.maximum(torch.div(end + block_k - 1, block_k, rounding_mode="floor"), lo)
-        return cls(block_q, block_k, sinks, window, num_queries, num_keys, positions, lo, hi)
+        last_end = min(num_keys - window + lookahead, num_keys)  # the last query is at num_keys - 1
+        most = max(-(-last_end // block_k) - sinks // block_k, 0)
+        return cls(block_q, block_k, sinks, window, num_queries, num_keys, positions, lo, hi, most)
 
     @property
     def num_blocks(self) -> int:

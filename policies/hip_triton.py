@@ -47,10 +47,9 @@ def usable_groups(num_groups: int) -> bool:
     return num_groups >= MIN_DOT and num_groups & (num_groups - 1) == 0
 
 
-def search_rounds(lo: torch.Tensor, hi: torch.Tensor, num_groups: int) -> int:
+def search_rounds(max_candidates: int, num_groups: int) -> int:
     """Rounds until every group holds at most one block: ceil(log2(largest initial group))."""
-    most = int((hi - lo).clamp(min=0).max()) if lo.numel() else 0
-    largest = -(-most // num_groups)
+    largest = -(-max_candidates // num_groups)
     return math.ceil(math.log2(largest)) if largest > 1 else 0
 
 
@@ -160,7 +159,7 @@ def search(
     nqb = geo.num_blocks
     query, key = query.contiguous(), key.contiguous()
     lo, hi = geo.lo.to(torch.int32).contiguous(), geo.hi.to(torch.int32).contiguous()
-    rounds = search_rounds(geo.lo, geo.hi, num_groups)
+    rounds = search_rounds(geo.max_candidates, num_groups)  # host-side: no device sync
     programs = b * hq * nqb
     scratch = torch.empty(programs * 4 * num_groups, dtype=torch.int32, device=query.device)
     out = torch.empty(programs * 2 * num_groups, dtype=torch.int32, device=query.device)

@@ -244,3 +244,12 @@ def test_embedded_model_passkey_at_2k(smollm):
     out = run_sample(smollm, "hip", {}, ids, max_new=7)
     assert "73915" in out["text"]
     assert out["stats"]["hip_max_keys_per_query"] <= 784 and out["stats"]["hip_searches"] > 0
+
+
+GEOMETRIES = [(70, 300, 8, 2, 5, 20, 0), (1, 500, 1, 2, 16, 30, 7), (64, 64, 16, 2, 4, 8, 0), (5, 40, 4, 4, 0, 60, 3)]
+
+
+@pytest.mark.parametrize("tq,tk,bq,bk,sinks,window,lookahead", GEOMETRIES)
+def test_geometry_knows_its_largest_candidate_range_on_the_host(tq, tk, bq, bk, sinks, window, lookahead):
+    geo = SparseGeometry.build(tq, tk, bq, bk, sinks, window, lookahead, torch.device("cpu"))
+    assert geo.max_candidates == int((geo.hi - geo.lo).max())

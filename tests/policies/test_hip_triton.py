@@ -36,6 +36,7 @@ def test_triton_search_selects_what_the_pytorch_search_selects(tq, tk, bq, bk, s
     stride = 2 if bq > 1 else 1
     want = hip_search(geo.query_blocks(q), k, geo.lo, geo.hi, groups, bk, query_stride=stride, score_mode="gather")
     got = hip_triton.search(q, k, geo, groups, stride)
+    assert geo.max_candidates == int((geo.hi - geo.lo).max())
     assert got.rounds == want.rounds
     assert torch.equal(got.valid, want.valid)
     assert torch.equal(got.blocks, want.blocks)
@@ -68,9 +69,8 @@ def test_triton_attention_keeps_bf16_output_dtype_and_fp32_accuracy():
 
 
 def test_search_rounds_halve_the_largest_group_until_one_block():
-    lo, hi = torch.tensor([0, 3]), torch.tensor([10, 200])
-    assert hip_triton.search_rounds(lo, hi, 16) == 4  # 197 blocks / 16 groups -> 13 -> 7 -> 4 -> 2 -> 1
-    assert hip_triton.search_rounds(lo, torch.tensor([5, 16]), 16) == 0  # every group already <= 1 block
+    assert hip_triton.search_rounds(197, 16) == 4  # 197 blocks / 16 groups -> 13 -> 7 -> 4 -> 2 -> 1
+    assert hip_triton.search_rounds(16, 16) == 0  # every group already holds <= 1 block
     assert hip_triton.usable_groups(256) and not hip_triton.usable_groups(8) and not hip_triton.usable_groups(48)
 
 
