@@ -172,6 +172,7 @@ def search(
         HEAD_DIM=d, BLOCK_D=max(MIN_DOT, triton.next_power_of_2(d)),
         BLOCK_S=max(MIN_DOT, triton.next_power_of_2(sampled)),
         NUM_GROUPS=num_groups, BLOCK_K=geo.block_k, IEEE=exact_dots(query.dtype),
+        num_warps=8,  # K_b x D key tiles (256 x 128 at the defaults) are large for 4 warps' registers
     )  # fmt: skip
     out = out.view(b, hq, nqb, 2, num_groups).long()
     starts, sizes = out[..., 0, :], out[..., 1, :]
