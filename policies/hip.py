@@ -285,6 +285,7 @@ class DecodeMask:
 
     selection: Selection
     steps: int = 0
+    packed: tuple[torch.Tensor, torch.Tensor] | None = None  # the selection as the Triton kernel reads it
 
 
 class HipSession(PolicySession):
@@ -297,9 +298,8 @@ class HipSession(PolicySession):
         self.mask_reuses = 0  # decode (layer, step) pairs that reused a cached selection
         self.attended_sum = 0.0  # keys attended on dense calls, summed over query rows, heads and layers
         self.causal_sum = 0.0  # keys dense causal attention would see, every call
-        # sparse calls: sum and max of keys attended per row, kept on the device (no sync per call)
-        self.sparse_attended: torch.Tensor | None = None
-        self.sparse_max: torch.Tensor | None = None
+        # sparse calls: [sum, max] of keys attended per row, kept on the device (no sync per call)
+        self.sparse_totals: torch.Tensor | None = None
         self.rounds = 0
 
     # -- geometry ---------------------------------------------------------------------------
@@ -366,23 +366,42 @@ class HipSession(PolicySession):
         if call.layer_idx < p.dense_layers or tk <= p.budget:
             self._count_dense(call)
             return dense_attention(call)
-        if call.is_decode:
-            geo, sel = self._decode_selection(call)
-        else:
-            geo = self._geometry(call, p.block_size_q, lookahead=0)
-            sel = self.select(call, geo, min(p.block_stride_q, p.block_size_q))
         kernel = self._kernel(call)
-        result = None
+        b, hq = call.query.shape[:2]
+        self.causal_sum += float(b * hq * (tq * (tk - tq) + tq * (tq + 1) / 2))
+        geo = None
+        if call.is_decode:
+            block_q, mask = 1, self._decode_mask(call)
+            sel = mask.selection
+        else:
+            block_q, mask = p.block_size_q, None
+            geo = self._geometry(call, block_q, lookahead=0)
+            sel = self.select(call, geo, min(p.block_stride_q, p.block_size_q))
         if kernel == "triton":
-            result = self._try_triton(
-                lambda: triton_kernels().attention(call.query, call.key, call.value, sel, geo, call.scaling)
-            )
+            out = self._try_triton(lambda: self._triton_attention(call, sel, mask, block_q))
+            if out is not None:
+                return out
             kernel = "fast"
-        out, counts = result or sparse_attention(call.query, call.key, call.value, sel, geo, call.scaling, kernel)
-        self._count_sparse(counts, tk, tq)
+        geo = geo or self._geometry(call, block_q, lookahead=0)
+        out, counts = sparse_attention(call.query, call.key, call.value, sel, geo, call.scaling, kernel)
+        self._count_sparse(counts)
         return out
 
-    def _decode_selection(self, call: AttentionCall) -> tuple[SparseGeometry, Selection]:
+    def _triton_attention(self, call: AttentionCall, sel: Selection, mask: DecodeMask | None, block_q: int):
+        """The Triton kernel from scalars: no geometry tensors, no per-call conversions between refreshes."""
+        p, kernels = self.params, triton_kernels()
+        if mask is not None and mask.packed is None:
+            mask.packed = kernels.pack(sel)
+        packed = mask.packed if mask is not None else kernels.pack(sel)
+        out, _ = kernels.attention(
+            call.query, call.key, call.value, packed,
+            block_q=block_q, block_k=p.block_size_k, sinks=p.sink_tokens, window=p.window,
+            scaling=call.scaling, totals=self._totals(call.query.device),
+        )  # fmt: skip
+        return out
+
+    def _decode_mask(self, call: AttentionCall) -> DecodeMask:
+        """The layer's decode selection: searched at a refresh (every `refresh_interval` steps), else reused."""
         p = self.params
         cached = self.decode_masks.get(call.layer_idx)
         if (
@@ -394,10 +413,9 @@ class HipSession(PolicySession):
             cached = DecodeMask(self.select(call, geo, 1))
             self.decode_masks[call.layer_idx] = cached
         else:
-            geo = self._geometry(call, 1, lookahead=0)
             self.mask_reuses += 1
         cached.steps += 1
-        return geo, cached.selection
+        return cached
 
     # -- accounting -------------------------------------------------------------------------
     def _count_dense(self, call: AttentionCall) -> None:
@@ -407,24 +425,24 @@ class HipSession(PolicySession):
         self.attended_sum += visible
         self.causal_sum += visible
 
-    def _count_sparse(self, counts: torch.Tensor, tk: int, tq: int) -> None:
-        b, hq = counts.shape[:2]
-        total, most = counts.sum(), counts.max()
-        if self.sparse_attended is None:
-            self.sparse_attended, self.sparse_max = total, most
-        else:
-            self.sparse_attended = self.sparse_attended + total
-            self.sparse_max = torch.maximum(self.sparse_max, most)
-        self.causal_sum += float(b * hq * (tq * (tk - tq) + tq * (tq + 1) / 2))
+    def _totals(self, device: torch.device) -> torch.Tensor:
+        if self.sparse_totals is None:
+            self.sparse_totals = torch.zeros(2, dtype=torch.int64, device=device)
+        return self.sparse_totals
+
+    def _count_sparse(self, counts: torch.Tensor) -> None:
+        totals = self._totals(counts.device)
+        totals[0] += counts.sum()
+        totals[1] = torch.maximum(totals[1], counts.max())
 
     @property
     def max_attended(self) -> int:
         """Most keys any query row attended on the sparse path."""
-        return int(self.sparse_max) if self.sparse_max is not None else 0
+        return int(self.sparse_totals[1]) if self.sparse_totals is not None else 0
 
     def stats(self):
         stats = super().stats()
-        attended = self.attended_sum + (float(self.sparse_attended) if self.sparse_attended is not None else 0.0)
+        attended = self.attended_sum + (float(self.sparse_totals[0]) if self.sparse_totals is not None else 0.0)
         rows = self.causal_sum and attended / max(self.causal_sum, 1.0)
         stats.extra.update(
             {

@@ -205,14 +205,14 @@ def _attend(
 
 @triton.jit
 def _attention_kernel(
-    Q, K, V, SEL, NSEL, OUT, COUNT,
+    Q, K, V, SEL, NSEL, OUT, COUNT, TOTALS,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
     stride_ob, stride_ot, stride_oh,
     num_heads, groups, num_queries, num_keys, num_qblocks, block_q, sinks, window, scale, num_groups,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_K: tl.constexpr, IEEE: tl.constexpr, ROW_COUNTS: tl.constexpr, HAS_TOTALS: tl.constexpr,
 ):  # fmt: skip
     qblock = tl.program_id(0)
     bh = tl.program_id(1)
@@ -274,36 +274,56 @@ def _attention_kernel(
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     o_ptr = OUT + batch * stride_ob + rows[:, None] * stride_ot + head * stride_oh + d_idx[None, :]
     tl.store(o_ptr, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-    tl.store(COUNT + bh * num_queries + rows, count, mask=row_ok)
+    if ROW_COUNTS:
+        tl.store(COUNT + bh * num_queries + rows, count, mask=row_ok)
+    if HAS_TOTALS:  # the session's running [sum, max] of keys attended per row, without a launch or sync
+        count = tl.where(row_ok, count, 0).to(tl.int64)
+        tl.atomic_add(TOTALS, tl.sum(count, axis=0))
+        tl.atomic_max(TOTALS + 1, tl.max(count, axis=0))
+
+
+def pack(sel: Selection) -> tuple[torch.Tensor, torch.Tensor]:
+    """A selection as the attention kernel reads it: int32 block ids [B, Hq, nQB, K_b], valid counts [B, Hq, nQB]."""
+    return sel.blocks.to(torch.int32).contiguous(), sel.valid.sum(-1, dtype=torch.int32).contiguous()
 
 
 def attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    sel: Selection,
-    geo: SparseGeometry,
+    packed: tuple[torch.Tensor, torch.Tensor],
+    *,
+    block_q: int,
+    block_k: int,
+    sinks: int,
+    window: int,
     scaling: float,
+    totals: torch.Tensor | None = None,
+    row_counts: bool = False,
     block_n: int = 64,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`hip.sparse_attention` in one Triton kernel: (output [B, Tq, Hq, D], keys attended [B, Hq, Tq])."""
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`hip.sparse_attention` in one Triton kernel, from scalars and a `pack`ed selection (no geometry tensors).
+
+    Returns (output [B, Tq, Hq, D], keys attended per row [B, Hq, Tq] if `row_counts` else None).
+    `totals` (int64 [2] on the device), if given, gets the sum of keys attended over rows added to
+    [0] and their max folded into [1], inside the kernel.
+    """
     b, hq, tq, d = query.shape
     hkv, tk = key.shape[1], key.shape[2]
-    nqb, num_groups = geo.num_blocks, sel.blocks.shape[-1]
+    blocks, n_valid = packed
+    nqb = -(-tq // block_q)
     query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
-    blocks = sel.blocks.to(torch.int32).contiguous()
-    n_valid = sel.valid.sum(-1, dtype=torch.int32).contiguous()  # valid entries come first
     out = torch.empty(b, tq, hq, d, dtype=query.dtype, device=query.device)
-    counts = torch.empty(b, hq, tq, dtype=torch.int32, device=query.device)
+    counts = torch.empty(b, hq, tq, dtype=torch.int32, device=query.device) if row_counts else out
     _attention_kernel[(nqb, b * hq)](
-        query, key, value, blocks, n_valid, out, counts,
+        query, key, value, blocks, n_valid, out, counts, totals if totals is not None else out,
         query.stride(0), query.stride(1), query.stride(2),
         key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        hq, hq // hkv, tq, tk, nqb, geo.block_q, geo.sinks, geo.window, scaling, num_groups,
+        hq, hq // hkv, tq, tk, nqb, block_q, sinks, window, scaling, blocks.shape[-1],
         HEAD_DIM=d, BLOCK_D=max(MIN_DOT, triton.next_power_of_2(d)),
-        BLOCK_M=max(MIN_DOT, triton.next_power_of_2(geo.block_q)), BLOCK_N=block_n,
-        BLOCK_K=geo.block_k, IEEE=exact_dots(query.dtype),
+        BLOCK_M=max(MIN_DOT, triton.next_power_of_2(block_q)), BLOCK_N=block_n,
+        BLOCK_K=block_k, IEEE=exact_dots(query.dtype), ROW_COUNTS=row_counts, HAS_TOTALS=totals is not None,
     )  # fmt: skip
-    return out, counts.long()
+    return out, counts.long() if row_counts else None

@@ -19,6 +19,14 @@ from tests.policies.test_hip import SMALL, oracle
 
 hip_triton = pytest.importorskip("kvmux.policies.hip_triton", reason="triton is not installed")
 
+
+def run_attention(q, k, v, sel, geo, scaling, **kwargs):
+    return hip_triton.attention(
+        q, k, v, hip_triton.pack(sel), block_q=geo.block_q, block_k=geo.block_k, sinks=geo.sinks,
+        window=geo.window, scaling=scaling, block_n=32, **kwargs,
+    )  # fmt: skip
+
+
 CASES = [
     # tq, tk, b_q, b_k, sinks, window, K_b, Hq, Hkv
     (40, 230, 16, 2, 5, 20, 16, 2, 1),  # chunk after a cached prefix, partial last query block
@@ -50,10 +58,16 @@ def test_triton_attention_matches_dense_mask_oracle(tq, tk, bq, bk, sinks, windo
     stride = 2 if bq > 1 else 1
     sel = hip_search(geo.query_blocks(q), k, geo.lo, geo.hi, groups, bk, query_stride=stride, score_mode="table")
     want, want_counts = oracle(q, k, v, sel, geo, 0.3)
-    out, counts = hip_triton.attention(q, k, v, sel, geo, 0.3, block_n=32)
+    totals = torch.zeros(2, dtype=torch.int64)
+    out, counts = run_attention(q, k, v, sel, geo, 0.3, totals=totals, row_counts=True)
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-4)
     assert torch.equal(counts, want_counts)
     assert int(counts.max()) <= sinks + groups * bk + window
+    # the running totals the kernel keeps for the session's stats: sum and max over rows
+    assert totals.tolist() == [int(want_counts.sum()), int(want_counts.max())]
+    out_again, no_counts = run_attention(q, k, v, sel, geo, 0.3, totals=totals)
+    assert no_counts is None and torch.equal(out_again, out)
+    assert totals.tolist() == [2 * int(want_counts.sum()), int(want_counts.max())]
 
 
 def test_triton_attention_keeps_bf16_output_dtype_and_fp32_accuracy():
@@ -63,7 +77,7 @@ def test_triton_attention_keeps_bf16_output_dtype_and_fp32_accuracy():
     geo = SparseGeometry.build(24, 150, 16, 2, 4, 16, lookahead=0, device=q.device)
     sel = hip_search(geo.query_blocks(q), k, geo.lo, geo.hi, 16, 2, query_stride=2)
     want, _ = oracle(q.bfloat16().float(), k.bfloat16().float(), v.bfloat16().float(), sel, geo, 0.2)
-    out, _ = hip_triton.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), sel, geo, 0.2, block_n=32)
+    out, _ = run_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), sel, geo, 0.2)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), want, atol=2e-2, rtol=2e-2)
 
@@ -86,10 +100,11 @@ def test_session_with_triton_kernels_reproduces_the_pytorch_kernels(tiny_llama):
             steps.append(session.decode(runner, int(steps[-1].argmax())))
         logits[kernel] = torch.stack(steps)
         stats = session.stats().extra
-        searches[kernel] = stats["hip_searches"]
+        searches[kernel] = (stats["hip_searches"], stats["hip_density"], stats["hip_max_keys_per_query"])
         assert stats["hip_mask_reuses"] == 2  # 2 layers x the second decode step
         assert stats["hip_max_keys_per_query"] <= 32 + 4 + 16
-    assert searches["triton"] == searches["fast"] >= 2 * 3  # 2 layers x (prefill chunks + 2 refreshes)
+    assert searches["triton"] == searches["fast"]  # searches, density and max keys per row in the stats
+    assert searches["fast"][0] >= 2 * 3  # 2 layers x (prefill chunks + 2 refreshes)
     torch.testing.assert_close(logits["triton"], logits["fast"], atol=2e-5, rtol=1e-4)
 
 
