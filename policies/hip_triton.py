@@ -43,8 +43,8 @@ def exact_dots(dtype: torch.dtype) -> bool:
 
 
 def usable_groups(num_groups: int) -> bool:
-    """Whether the Triton search handles K_b groups (a power of two, at least one dot tile)."""
-    return num_groups >= MIN_DOT and num_groups & (num_groups - 1) == 0
+    """Whether the Triton search handles K_b groups (a power of two, at least one dot tile, 2 K_b <= 2^16)."""
+    return MIN_DOT <= num_groups <= 1 << 15 and num_groups & (num_groups - 1) == 0
 
 
 def search_rounds(max_candidates: int, num_groups: int) -> int:
@@ -133,7 +133,7 @@ def _search_kernel(
         r_key = (_sortable(r_score).to(tl.int64) << 32) | (g + NUM_GROUPS).to(tl.int64)
         ranked = tl.sort(tl.reshape(tl.join(l_key, r_key), (2 * NUM_GROUPS,)), descending=True)
         best, _ = tl.split(tl.trans(tl.reshape(ranked, (2, NUM_GROUPS))))
-        chosen = (best & 0xFFFFFFFF).to(tl.int32)
+        chosen = (best & 0xFFFF).to(tl.int32)  # the candidate index (2 K_b <= 65536)
         tl.debug_barrier()
         starts = tl.load(scratch + chosen)
         sizes = tl.load(scratch + 2 * NUM_GROUPS + chosen)
