@@ -125,13 +125,20 @@ def block_pool(x: torch.Tensor, block_size: int, mean: bool = False) -> torch.Te
 def diagonal_sums(probs: torch.Tensor, num_keys: int) -> torch.Tensor:
     """probs [H, m, Tk] of the last m queries -> [H, Tk]: mass at distance d = query pos - key pos."""
     h, m, tk = probs.shape
-    # left-pad row i by m-1 zeros: padded[i, e + i] = probs[i, e + i - (m-1)], the key at distance
-    # d = Tk-1-e from query i (position Tk-m+i); a skewed view with row stride W+1 lines up every
-    # row's entry of one distance in one column, so summing over rows gives the mass per distance
-    padded = torch.nn.functional.pad(probs, (m - 1, 0))  # [H, m, W], W = Tk + m - 1
-    w = tk + m - 1
-    skew = padded.as_strided((h, m, tk), (m * w, w + 1, 1), storage_offset=padded.storage_offset())
-    return skew.sum(1).flip(-1)
+    probs = probs.contiguous()
+    # distances 0 .. Tk-m: a skewed view with row stride Tk+1 puts row i's key i+c (distance Tk-m-c,
+    # never in the future) in column c, so summing over rows gives the mass per distance, no copy
+    span = tk - m + 1
+    skew = probs.as_strided((h, m, span), (m * tk, tk + 1, 1), storage_offset=probs.storage_offset())
+    near = skew.sum(1).flip(-1)
+    if m == 1:
+        return near
+    # distances Tk-m+1 .. Tk-1 (key j < row i): the same skew over the first m-1 keys, left-padded by m-1
+    # zeros so that rows whose key would fall before key 0 read a zero
+    head = torch.nn.functional.pad(probs[:, :, : m - 1], (m - 1, 0))  # [H, m, 2m-2]
+    w = 2 * m - 2
+    far = head.as_strided((h, m, m - 1), (m * w, w + 1, 1), storage_offset=head.storage_offset()).sum(1)
+    return torch.cat([near, far.flip(-1)], dim=-1)
 
 
 def probe(query: torch.Tensor, key: torch.Tensor, scaling: float, rows: int) -> torch.Tensor:

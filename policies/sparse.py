@@ -180,38 +180,40 @@ def _eager_attention(query, key, value, sel, block_size: int, scaling: float) ->
     # one row of the flat tables per (batch, kv head, key block): gathers are plain row copies
     kb = F.pad(key, (0, 0, 0, nkb * bs - tk)).reshape(b * hkv * nkb, bs * d)
     vb = F.pad(value, (0, 0, 0, nkb * bs - tk)).reshape(b * hkv * nkb, bs * d)
-    # scores in fp32 whatever the input dtype (the softmax of bf16 scores loses the tail); the
-    # queries are converted and scaled once, not once per batch
+    # scores in fp32 whatever the input dtype (the softmax of bf16 scores loses the tail)
     work_dtype = torch.float32 if query.dtype in (torch.float16, torch.bfloat16) else query.dtype
-    qb = (qp.to(work_dtype) * scaling).reshape(b * hq * nqb, bs, d)
-    out = torch.empty(b * hq * nqb, bs, d, dtype=query.dtype, device=query.device)
-
-    flat = sel.reshape(b * hq * nqb, nkb)
+    rows_total = b * hq * nqb
+    flat = sel.reshape(rows_total, nkb)
     counts = flat.sum(-1)
     order = torch.argsort(counts, stable=True)
     widths, sizes = torch.unique_consecutive(counts[order], return_counts=True)
     # the flat-table row of every selected cell, ascending within a row (the diagonal cell last)
-    all_rows = torch.arange(b * hq * nqb, device=query.device)
+    all_rows = torch.arange(rows_total, device=query.device)
     kv_base = ((all_rows // (hq * nqb)) * hkv + (all_rows // nqb) % hq // groups) * nkb
-    cells = kv_base[:, None] + torch.argsort((~flat).to(torch.int8), dim=-1, stable=True)
+    cells = (kv_base[:, None] + torch.argsort((~flat).to(torch.int8), dim=-1, stable=True))[order]
+    # rows sorted by width once: every batch below is a contiguous slice of the queries and of the
+    # output (no per-batch query gather or output scatter); queries converted and scaled once
+    q_sorted = (qp.to(work_dtype) * scaling).reshape(rows_total, bs, d)[order]
+    out_sorted = torch.empty(rows_total, bs, d, dtype=work_dtype, device=query.device)
     above_diagonal = torch.ones(bs, bs, dtype=torch.bool, device=query.device).triu(1)
     cells_per_batch = EAGER_CELLS_PER_BATCH.get(query.device.type, DEFAULT_EAGER_CELLS_PER_BATCH)
     start = 0
     for width, size in zip(widths.tolist(), sizes.tolist(), strict=True):
-        group = order[start : start + size]
-        start += size
         # rows of equal width need no padding; on CPU a batch is small enough for its gathered keys
         # and scores to stay in cache (one big gather streams them from memory instead)
         rows_per_batch = max(1, cells_per_batch // width)
-        for first in range(0, size, rows_per_batch):
-            rows = group[first : first + rows_per_batch]
-            index = cells[rows, :width].reshape(-1)
-            k_rows = kb.index_select(0, index).view(len(rows), width * bs, d).to(work_dtype)
-            v_rows = vb.index_select(0, index).view(len(rows), width * bs, d).to(work_dtype)
-            scores = torch.bmm(qb.index_select(0, rows), k_rows.transpose(1, 2))
+        for first in range(start, start + size, rows_per_batch):
+            last = min(first + rows_per_batch, start + size)
+            index = cells[first:last, :width].reshape(-1)
+            k_rows = kb.index_select(0, index).view(last - first, width * bs, d).to(work_dtype)
+            v_rows = vb.index_select(0, index).view(last - first, width * bs, d).to(work_dtype)
+            scores = torch.bmm(q_sorted[first:last], k_rows.transpose(1, 2))
             scores[:, :, -bs:].masked_fill_(above_diagonal, float("-inf"))
             torch.softmax(scores, dim=-1, out=scores)
-            out.index_copy_(0, rows, torch.bmm(scores, v_rows).to(out.dtype))
+            torch.bmm(scores, v_rows, out=out_sorted[first:last])
+        start += size
+    out = torch.empty(rows_total, bs, d, dtype=query.dtype, device=query.device)
+    out.index_copy_(0, order, out_sorted.to(query.dtype))
     out = out.view(b, hq, nqb * bs, d)[:, :, front : front + tq]
     return out.transpose(1, 2).contiguous()
 
