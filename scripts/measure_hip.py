@@ -16,6 +16,7 @@ import json
 import os
 import random
 import statistics
+import sys
 import time
 
 import torch
@@ -157,18 +158,51 @@ def measure_cuda(
         return params, HipPolicy().new_session(params, info, SessionRequest())
 
     results: dict = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu (dry run)"}
-    # agreement at 8K: the same call through the PyTorch and the Triton kernels
+
+    def record(key: str, measure) -> None:
+        """Store one figure (or the error that prevented it) and show it at once on stderr."""
+        try:
+            results[key] = measure()
+        except Exception as err:  # a kernel that fails to compile or run must not cost the other figures
+            results[key] = f"error: {type(err).__name__}: {err}"
+        print(f"[hip] {key} = {results[key]}", file=sys.stderr, flush=True)
+
+    # agreement at 8K: the same inputs through the PyTorch and the Triton search and attention
     q, k, v = (torch.randn(1, h, agree, d, device=dev, dtype=dt) for h in (hq, hkv, hkv))
     call = AttentionCall(5, q, k, v, None, scale)
-    fast, triton_out = session("table")[1].attention(call), session("triton")[1].attention(call)
-    results["agreement_max_abs_diff"] = float((fast.float() - triton_out.float()).abs().max())
-    results["agreement_cosine"] = float(F.cosine_similarity(fast.float().flatten(), triton_out.float().flatten(), 0))
-    del q, k, v, call, fast, triton_out
+
+    def same_blocks() -> float:
+        from kvmux.policies import hip_triton
+        from kvmux.policies.hip_search import SparseGeometry, hip_search
+
+        p = session("table")[0]
+        geo = SparseGeometry.build(agree, agree, p.block_size_q, p.block_size_k, p.sink_tokens, p.window, 0, dev)
+        groups = p.mask_k // p.block_size_k
+        want = hip_search(geo.query_blocks(q), k, geo.lo, geo.hi, groups, p.block_size_k, p.block_stride_q, "table")
+        got = hip_triton.search(q, k, geo, groups, p.block_stride_q)
+        width = agree // p.block_size_k + 1
+
+        def as_map(sel):
+            return torch.zeros(*sel.blocks.shape[:-1], width, dtype=torch.bool, device=dev).scatter_(
+                -1, sel.blocks, sel.valid
+            )
+
+        want_map, got_map = as_map(want), as_map(got)
+        return float((want_map & got_map).sum() / want_map.sum().clamp(min=1))
+
+    def outputs_agree() -> dict:
+        fast, triton_out = session("table")[1].attention(call).float(), session("triton")[1].attention(call).float()
+        cosine = F.cosine_similarity(fast.flatten(), triton_out.flatten(), 0)
+        return {"max_abs_diff": float((fast - triton_out).abs().max()), "cosine": float(cosine)}
+
+    record("agreement_selected_blocks_shared", same_blocks)
+    record("agreement_outputs", outputs_agree)
+    del q, k, v, call
 
     k = torch.randn(1, hkv, decode_context, d, device=dev, dtype=dt)
     v = torch.randn_like(k)
     q = torch.randn(1, hq, 1, d, device=dev, dtype=dt)
-    results["decode_dense_s"] = _cuda_time(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), reps)
+    record("decode_dense_s", lambda: _cuda_time(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), reps))
     for name in VARIANTS:
         params, sess = session(name)
         call = AttentionCall(5, q, k, v, None, scale)
@@ -177,20 +211,24 @@ def measure_cuda(
             for _ in range(n):
                 sess.attention(call)
 
-        results[f"decode_hip_{name}_s"] = _cuda_time(steps, reps) / params.effective_refresh
+        record(f"decode_hip_{name}_s", lambda steps=steps, n=params.effective_refresh: _cuda_time(steps, reps) / n)
     del k, v
     k = torch.randn(1, hkv, prefill_tokens, d, device=dev, dtype=dt)
     v = torch.randn_like(k)
     q = torch.randn(1, hq, prefill_tokens, d, device=dev, dtype=dt)
-    results["prefill_dense_s"] = _cuda_time(
-        lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), reps
+    record(
+        "prefill_dense_s",
+        lambda: _cuda_time(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), reps),
     )
     for name in VARIANTS:
         call = AttentionCall(5, q, k, v, None, scale)
-        results[f"prefill_hip_{name}_s"] = _cuda_time(lambda call=call, name=name: session(name)[1].attention(call), 2)
+        sess = session(name)[1]
+        record(f"prefill_hip_{name}_s", lambda call=call, sess=sess: _cuda_time(lambda: sess.attention(call), 2))
     for phase in ("decode", "prefill"):
         for name in VARIANTS:
-            results[f"{phase}_speedup_{name}"] = results[f"{phase}_dense_s"] / results[f"{phase}_hip_{name}_s"]
+            dense, hip_s = results[f"{phase}_dense_s"], results[f"{phase}_hip_{name}_s"]
+            if isinstance(dense, float) and isinstance(hip_s, float):
+                results[f"{phase}_speedup_{name}"] = dense / hip_s
     return results
 
 
