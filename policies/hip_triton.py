@@ -2,21 +2,24 @@
 
 The paper's speed comes from fused kernels: one program per (head, query block) keeps the search
 rounds on chip, and a block-sparse flash kernel attends sinks, selected blocks and window in one
-online softmax. These two kernels do the same for CUDA; they compute exactly what
-`hip_search.hip_search` and `hip.sparse_attention` compute (the tests run both kernels through
-Triton's interpreter on CPU and compare them with the PyTorch paths and a dense-mask oracle).
+online softmax. These two kernels do the same for CUDA. They compute what `hip_search.hip_search`
+and `hip.sparse_attention` compute; the tests run both kernels through Triton's interpreter on CPU
+and compare them with the PyTorch paths and a dense-mask oracle. For fp32 inputs the selection
+is the same. For bf16, branch scores accumulate in fp32 here, while the PyTorch search rounds them
+to bf16, so near-ties may break differently.
 
 - `search`: per (batch, query head, query block) one program. It splits the candidate key blocks
   [lo, hi) into K_b groups, then for each round scores the two halves of every group by their
   center block (max of q . k over the block's sampled queries and the b_k keys, fp32, unscaled),
   sorts the 2 K_b scores on chip (scores packed with the candidate index into one int64 key, so
   the order is total) and keeps the best K_b. Candidates go through a small scratch buffer in
-  global memory because Triton has no register gather. K_b must be a power of two >= 16 (the
-  paper's 256 is); other values use the PyTorch search.
+  global memory because Triton has no register gather. K_b must be a power of two in [16, 2^15]
+  (the paper's 256 is); other values use the PyTorch search.
 - `attention`: per (batch, query head, query block) one program: an online softmax over the
   sinks, the selected blocks (keys gathered by index inside the kernel, nothing materialised) and
-  the window, with the same masks as `hip.segments` (each key once, causal). It also counts the
-  keys every query row attended, for the stats.
+  the window, with the same masks as `hip.segments` (each key once, causal). It folds the keys
+  every query row attended into the session's running sum and max (atomics, for the stats) and
+  can return the per-row counts.
 
 Decode (one query) runs the same kernels with b_q = 1; the 16-row tiles `tl.dot` needs are masked.
 Dots accumulate in fp32; bf16/fp16 operands use the tensor cores on CUDA. Under the interpreter
