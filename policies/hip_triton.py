@@ -3,7 +3,7 @@
 The paper's speed comes from fused kernels: one program per (head, query block) keeps the search
 rounds on chip, and a block-sparse flash kernel attends sinks, selected blocks and window in one
 online softmax. These two kernels do the same for CUDA. They compute what `hip_search.hip_search`
-and `hip.sparse_attention` compute; the tests run both kernels through Triton's interpreter on CPU
+and `hip_attention.sparse_attention` compute; the tests run both kernels through Triton's interpreter on CPU
 and compare them with the PyTorch paths and a dense-mask oracle. For fp32 inputs the selection
 is the same. For bf16, branch scores accumulate in fp32 here, while the PyTorch search rounds them
 to bf16, so near-ties may break differently.
@@ -17,7 +17,7 @@ to bf16, so near-ties may break differently.
   (the paper's 256 is); other values use the PyTorch search.
 - `attention`: per (batch, query head, query block) one program: an online softmax over the
   sinks, the selected blocks (keys gathered by index inside the kernel, nothing materialised) and
-  the window, with the same masks as `hip.segments` (each key once, causal). It folds the keys
+  the window, with the same masks as `hip_attention.segments` (each key once, causal). It folds the keys
   every query row attended into the session's running sum and max (atomics, for the stats) and
   can return the per-row counts.
 
@@ -54,6 +54,15 @@ def search_rounds(max_candidates: int, num_groups: int) -> int:
     """Rounds until every group holds at most one block: ceil(log2(largest initial group))."""
     largest = -(-max_candidates // num_groups)
     return math.ceil(math.log2(largest)) if largest > 1 else 0
+
+
+@triton.jit
+def _program(num_heads, groups, num_qblocks):
+    """Grid (query block, batch x query head) -> (query block, bh, batch, head, KV head, flat program id)."""
+    qblock = tl.program_id(0)
+    bh = tl.program_id(1)
+    head = bh % num_heads
+    return qblock, bh, bh // num_heads, head, head // groups, bh * num_qblocks + qblock
 
 
 @triton.jit
@@ -95,11 +104,7 @@ def _search_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
     NUM_GROUPS: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
-    qblock = tl.program_id(0)
-    bh = tl.program_id(1)
-    batch, head = bh // num_heads, bh % num_heads
-    kv_head = head // groups
-    program = bh * num_qblocks + qblock
+    qblock, bh, batch, head, kv_head, program = _program(num_heads, groups, num_qblocks)
 
     d_idx = tl.arange(0, BLOCK_D)
     d_ok = d_idx < HEAD_DIM
@@ -217,11 +222,7 @@ def _attention_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, IEEE: tl.constexpr, ROW_COUNTS: tl.constexpr, HAS_TOTALS: tl.constexpr,
 ):  # fmt: skip
-    qblock = tl.program_id(0)
-    bh = tl.program_id(1)
-    batch, head = bh // num_heads, bh % num_heads
-    kv_head = head // groups
-    program = bh * num_qblocks + qblock
+    qblock, bh, batch, head, kv_head, program = _program(num_heads, groups, num_qblocks)
 
     d_idx = tl.arange(0, BLOCK_D)
     d_ok = d_idx < HEAD_DIM
@@ -305,7 +306,9 @@ def attention(
     row_counts: bool = False,
     block_n: int = 64,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`hip.sparse_attention` in one Triton kernel, from scalars and a `pack`ed selection (no geometry tensors).
+    """`hip_attention.sparse_attention` in one Triton kernel, from scalars and a `pack`ed selection.
+
+    No geometry tensors are needed, so a decode step between refreshes launches this kernel alone.
 
     Returns (output [B, Tq, Hq, D], keys attended per row [B, Hq, Tq] if `row_counts` else None).
     `totals` (int64 [2] on the device), if given, gets the sum of keys attended over rows added to

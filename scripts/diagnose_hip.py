@@ -44,8 +44,8 @@ def main() -> None:
     records: list[tuple[int, bool, list[int]]] = []
     original = hip.HipSession.select
 
-    def recording_select(self, call, geo, block_stride):
-        sel = original(self, call, geo, block_stride)
+    def recording_select(self, call, geo, block_stride, *args):
+        sel = original(self, call, geo, block_stride, *args)
         records.append(
             (call.layer_idx, call.query.shape[2] == 1, covered_per_head(sel, self.params.block_size_k, needle))
         )

@@ -20,13 +20,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" .whl/*.whl
   export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 fi
-if ! "$PY" -P -c "import kvmux.policies.base" 2>/dev/null; then
-  SHIM="$(mktemp -d)"
-  mkdir -p "$SHIM/kvmux"
-  for file in kvmux/*.py; do ln -s "$PWD/$file" "$SHIM/kvmux/"; done
-  for pkg in models policies server evals; do ln -s "$PWD/$pkg" "$SHIM/kvmux/$pkg"; done
-  export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}"
-fi
+source scripts/kvmux_path.sh
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false

@@ -12,13 +12,7 @@ cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
 OUT_DIR="${OUT:-docs/results/gpu}"
 mkdir -p "$OUT_DIR"
-if ! "$PY" -P -c "import kvmux.policies.base" 2>/dev/null; then
-  SHIM="$(mktemp -d)"
-  mkdir -p "$SHIM/kvmux"
-  for file in kvmux/*.py; do ln -s "$PWD/$file" "$SHIM/kvmux/"; done
-  for pkg in models policies server evals; do ln -s "$PWD/$pkg" "$SHIM/kvmux/$pkg"; done
-  export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}"
-fi
+source scripts/kvmux_path.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 export PYTHONUNBUFFERED=1
 status=0

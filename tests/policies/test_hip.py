@@ -7,7 +7,8 @@ import torch
 
 from kvmux.policies.base import AttentionCall
 from kvmux.policies.dense import repeat_kv, sdpa
-from kvmux.policies.hip import HipParams, sparse_attention
+from kvmux.policies.hip import HipParams
+from kvmux.policies.hip_attention import sparse_attention
 from kvmux.policies.hip_search import Selection, SparseGeometry, choose_score_mode, hip_search
 from tests.policies.helpers import full_logits, new_session, run_prefill, stepwise_logits
 

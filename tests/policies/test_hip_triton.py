@@ -11,13 +11,11 @@ import logging
 import pytest
 import torch
 
-from kvmux.policies import hip
+from kvmux.policies import hip, hip_triton  # triton is a test dependency
 from kvmux.policies.base import PolicyInputError
 from kvmux.policies.hip_search import SparseGeometry, hip_search
 from tests.policies.helpers import new_session, run_prefill, stepwise_logits
 from tests.policies.test_hip import SMALL, oracle
-
-hip_triton = pytest.importorskip("kvmux.policies.hip_triton", reason="triton is not installed")
 
 
 def run_attention(q, k, v, sel, geo, scaling, **kwargs):
