@@ -12,9 +12,12 @@ to bf16, so near-ties may break differently.
   [lo, hi) into K_b groups, then for each round scores the two halves of every group by their
   center block (max of q . k over the block's sampled queries and the b_k keys, fp32, unscaled),
   sorts the 2 K_b scores on chip (scores packed with the candidate index into one int64 key, so
-  the order is total) and keeps the best K_b. Candidates go through a small scratch buffer in
-  global memory because Triton has no register gather. K_b must be a power of two in [16, 2^15]
-  (the paper's 256 is); other values use the PyTorch search.
+  the order is total) and keeps the best K_b. Candidates and scores go through a small scratch
+  buffer in global memory because Triton has no register gather; the candidates are scored
+  `SEARCH_SCORE_CHUNK` at a time, so only a chunk's key tile occupies registers (the chunk
+  changes registers and speed, never the selection). K_b must be a power of two in [16, 2^15]
+  (the paper's 256 is); other values use the PyTorch search. `scripts/compile_hip_kernels.py`
+  compiles every launch for sm_80/sm_90 without a GPU and reports registers and spills.
 - `attention`: per (batch, query head, query block) one program: an online softmax over the
   sinks, the selected blocks (keys gathered by index inside the kernel, nothing materialised) and
   the window, with the same masks as `hip_attention.segments` (each key once, causal). It folds the keys
@@ -38,6 +41,19 @@ import triton.language as tl
 from kvmux.policies.hip_search import Selection, SparseGeometry
 
 MIN_DOT = 16  # smallest tile side tl.dot accepts
+SEARCH_NUM_WARPS = 8
+# candidates scored per step, by launch: prefill (thousands of programs) is bound by occupancy, so a
+# 64 x D key tile keeps it at 128 registers a thread without spills (bf16, D 128; scoring all 512
+# at once takes 255 and spills); decode (one program per head, a few dozen) is bound by latency, so
+# it scores in fewer, larger steps. fp32 tiles take twice the shared memory: 256 x 128 of them need
+# 276 KB, more than any GPU gives one program, so fp32 stays at 64.
+SEARCH_SCORE_CHUNK = 64
+SEARCH_SCORE_CHUNK_DECODE = 256
+ATTENTION_NUM_WARPS = 4
+# keys per online-softmax step: 64 for 16-bit inputs; 32 for fp32, whose 64-key steps need 155 KB of
+# shared memory at D 128 (more than sm_86/sm_89 give) and spill, while 32-key steps need 86 KB
+ATTENTION_BLOCK_N = 64
+ATTENTION_BLOCK_N_FP32 = 32
 
 
 def exact_dots(dtype: torch.dtype) -> bool:
@@ -48,6 +64,54 @@ def exact_dots(dtype: torch.dtype) -> bool:
 def usable_groups(num_groups: int) -> bool:
     """Whether the Triton search handles K_b groups (a power of two, at least one dot tile, 2 K_b <= 2^16)."""
     return MIN_DOT <= num_groups <= 1 << 15 and num_groups & (num_groups - 1) == 0
+
+
+def search_constants(
+    head_dim: int, block_q: int, query_stride: int, num_groups: int, block_k: int, dtype, score_chunk: int | None = None
+) -> dict:
+    """The search kernel's compile-time constants (what a launch specialises on).
+
+    score_chunk: candidates scored per step (a power of two, at least 16, at most 2 K_b); default
+    `SEARCH_SCORE_CHUNK`, or `SEARCH_SCORE_CHUNK_DECODE` for one-query blocks of 16-bit inputs,
+    capped at 2 K_b.
+    """
+    sampled = -(-block_q // query_stride)
+    if score_chunk is None:
+        large = block_q == 1 and not exact_dots(dtype)
+        score_chunk = SEARCH_SCORE_CHUNK_DECODE if large else SEARCH_SCORE_CHUNK
+    chunk = min(score_chunk, 2 * num_groups)
+    if chunk < MIN_DOT or chunk & (chunk - 1):
+        raise ValueError(f"score_chunk must be a power of two >= {MIN_DOT}, got {chunk}")
+    return {
+        "HEAD_DIM": head_dim,
+        "BLOCK_D": max(MIN_DOT, triton.next_power_of_2(head_dim)),
+        "BLOCK_S": max(MIN_DOT, triton.next_power_of_2(sampled)),
+        "NUM_GROUPS": num_groups,
+        "BLOCK_K": block_k,
+        "SCORE_CHUNK": chunk,
+        "IEEE": exact_dots(dtype),
+    }
+
+
+def attention_constants(
+    head_dim: int, block_q: int, block_k: int, dtype, block_n: int | None, row_counts: bool, has_totals: bool
+) -> dict:
+    """The attention kernel's compile-time constants (what a launch specialises on).
+
+    block_n: keys per step; default `ATTENTION_BLOCK_N`, `ATTENTION_BLOCK_N_FP32` for fp32 dots.
+    """
+    if block_n is None:
+        block_n = ATTENTION_BLOCK_N_FP32 if exact_dots(dtype) else ATTENTION_BLOCK_N
+    return {
+        "HEAD_DIM": head_dim,
+        "BLOCK_D": max(MIN_DOT, triton.next_power_of_2(head_dim)),
+        "BLOCK_M": max(MIN_DOT, triton.next_power_of_2(block_q)),
+        "BLOCK_N": block_n,
+        "BLOCK_K": block_k,
+        "IEEE": exact_dots(dtype),
+        "ROW_COUNTS": row_counts,
+        "HAS_TOTALS": has_totals,
+    }
 
 
 def search_rounds(max_candidates: int, num_groups: int) -> int:
@@ -102,7 +166,7 @@ def _search_kernel(
     stride_kb, stride_kh, stride_kt,
     num_heads, groups, num_queries, num_keys, num_qblocks, block_q, query_stride, rounds,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-    NUM_GROUPS: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+    NUM_GROUPS: tl.constexpr, BLOCK_K: tl.constexpr, SCORE_CHUNK: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     qblock, bh, batch, head, kv_head, program = _program(num_heads, groups, num_qblocks)
 
@@ -124,25 +188,31 @@ def _search_kernel(
     starts = lo + (g * count) // NUM_GROUPS
     sizes = lo + ((g + 1) * count) // NUM_GROUPS - starts
 
-    scratch = SCRATCH + program * (4 * NUM_GROUPS)  # [start | size] x [left | right]
+    # scratch per program: candidate starts [0, 2K_b), sizes [2K_b, 4K_b), sortable scores [4K_b, 6K_b);
+    # candidate c < K_b is the left half of group c, c >= K_b the right half of group c - K_b
+    scratch = SCRATCH + program * (6 * NUM_GROUPS)
+    cand = tl.arange(0, 2 * NUM_GROUPS)
     for _ in range(rounds):
         left = sizes // 2
-        r_start, r_size = starts + left, sizes - left
-        l_rep = tl.minimum(starts + left // 2, last)
-        r_rep = tl.minimum(r_start + r_size // 2, last)
-        l_score = _block_scores(qs, s_ok, k_base, stride_kt, l_rep, left == 0, num_keys, d_idx, d_ok, BLOCK_K, IEEE)
-        r_score = _block_scores(qs, s_ok, k_base, stride_kt, r_rep, r_size == 0, num_keys, d_idx, d_ok, BLOCK_K, IEEE)
         tl.store(scratch + g, starts)
-        tl.store(scratch + NUM_GROUPS + g, r_start)
+        tl.store(scratch + NUM_GROUPS + g, starts + left)
         tl.store(scratch + 2 * NUM_GROUPS + g, left)
-        tl.store(scratch + 3 * NUM_GROUPS + g, r_size)
+        tl.store(scratch + 3 * NUM_GROUPS + g, sizes - left)
+        tl.debug_barrier()
+        # score the candidates SCORE_CHUNK at a time: a chunk's key tile is what lives in registers
+        for first in range(0, 2 * NUM_GROUPS, SCORE_CHUNK):
+            c = first + tl.arange(0, SCORE_CHUNK)
+            c_start = tl.load(scratch + c)
+            c_size = tl.load(scratch + 2 * NUM_GROUPS + c)
+            rep = tl.minimum(c_start + c_size // 2, last)  # the center block of the half
+            score = _block_scores(qs, s_ok, k_base, stride_kt, rep, c_size == 0, num_keys, d_idx, d_ok, BLOCK_K, IEEE)
+            tl.store(scratch + 4 * NUM_GROUPS + c, _sortable(score))
+        tl.debug_barrier()
         # one int64 key per candidate: score order first, the candidate index makes keys unique
-        l_key = (_sortable(l_score).to(tl.int64) << 32) | g.to(tl.int64)
-        r_key = (_sortable(r_score).to(tl.int64) << 32) | (g + NUM_GROUPS).to(tl.int64)
-        ranked = tl.sort(tl.reshape(tl.join(l_key, r_key), (2 * NUM_GROUPS,)), descending=True)
+        score_bits = tl.load(scratch + 4 * NUM_GROUPS + cand)
+        ranked = tl.sort((score_bits.to(tl.int64) << 32) | cand.to(tl.int64), descending=True)
         best, _ = tl.split(tl.trans(tl.reshape(ranked, (2, NUM_GROUPS))))
         chosen = (best & 0xFFFF).to(tl.int32)  # the candidate index (2 K_b <= 65536)
-        tl.debug_barrier()
         starts = tl.load(scratch + chosen)
         sizes = tl.load(scratch + 2 * NUM_GROUPS + chosen)
         tl.debug_barrier()
@@ -157,6 +227,8 @@ def search(
     geo: SparseGeometry,
     num_groups: int,
     query_stride: int,
+    score_chunk: int | None = None,
+    num_warps: int = SEARCH_NUM_WARPS,
 ) -> Selection:
     """The branch-and-prune search of `hip_search.hip_search`, one Triton program per query block.
 
@@ -169,18 +241,15 @@ def search(
     lo, hi = geo.lo.to(torch.int32).contiguous(), geo.hi.to(torch.int32).contiguous()
     rounds = search_rounds(geo.max_candidates, num_groups)  # host-side: no device sync
     programs = b * hq * nqb
-    scratch = torch.empty(programs * 4 * num_groups, dtype=torch.int32, device=query.device)
+    scratch = torch.empty(programs * 6 * num_groups, dtype=torch.int32, device=query.device)
     out = torch.empty(programs * 2 * num_groups, dtype=torch.int32, device=query.device)
-    sampled = -(-geo.block_q // query_stride)
     _search_kernel[(nqb, b * hq)](
         query, key, lo, hi, scratch, out,
         query.stride(0), query.stride(1), query.stride(2),
         key.stride(0), key.stride(1), key.stride(2),
         hq, hq // hkv, tq, tk, nqb, geo.block_q, query_stride, rounds,
-        HEAD_DIM=d, BLOCK_D=max(MIN_DOT, triton.next_power_of_2(d)),
-        BLOCK_S=max(MIN_DOT, triton.next_power_of_2(sampled)),
-        NUM_GROUPS=num_groups, BLOCK_K=geo.block_k, IEEE=exact_dots(query.dtype),
-        num_warps=8,  # K_b x D key tiles (256 x 128 at the defaults) are large for 4 warps' registers
+        **search_constants(d, geo.block_q, query_stride, num_groups, geo.block_k, query.dtype, score_chunk),
+        num_warps=num_warps,
     )  # fmt: skip
     out = out.view(b, hq, nqb, 2, num_groups).long()
     starts, sizes = out[..., 0, :], out[..., 1, :]
@@ -304,7 +373,8 @@ def attention(
     scaling: float,
     totals: torch.Tensor | None = None,
     row_counts: bool = False,
-    block_n: int = 64,
+    block_n: int | None = None,
+    num_warps: int = ATTENTION_NUM_WARPS,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`hip_attention.sparse_attention` in one Triton kernel, from scalars and a `pack`ed selection.
 
@@ -328,8 +398,7 @@ def attention(
         value.stride(0), value.stride(1), value.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         hq, hq // hkv, tq, tk, nqb, block_q, sinks, window, scaling, blocks.shape[-1],
-        HEAD_DIM=d, BLOCK_D=max(MIN_DOT, triton.next_power_of_2(d)),
-        BLOCK_M=max(MIN_DOT, triton.next_power_of_2(block_q)), BLOCK_N=block_n,
-        BLOCK_K=block_k, IEEE=exact_dots(query.dtype), ROW_COUNTS=row_counts, HAS_TOTALS=totals is not None,
+        **attention_constants(d, block_q, block_k, query.dtype, block_n, row_counts, totals is not None),
+        num_warps=num_warps,
     )  # fmt: skip
     return out, counts.long() if row_counts else None

@@ -125,14 +125,26 @@ VARIANTS = {  # name -> HiP parameters besides the defaults: PyTorch kernels (tw
 }
 
 
+# Triton launch settings timed kernel by kernel: (candidates scored per step, warps) for the search,
+# (keys per step, warps) for the attention; the policy's defaults: search (64, 8) for prefill and
+# (256, 8) for decode, attention (64, 4)
+SEARCH_LAUNCHES = ((64, 8), (256, 8), (32, 4), (64, 4), (512, 8))
+ATTENTION_LAUNCHES = ((64, 4), (32, 4), (64, 8))
+
+
 def measure_cuda(
-    decode_context: int = 131072, prefill_tokens: int = 65536, reps: int = 5, dry_run: bool = False
+    decode_context: int = 131072,
+    prefill_tokens: int = 65536,
+    reps: int = 5,
+    dry_run: bool = False,
+    results: dict | None = None,
 ) -> dict:
     """Llama-3-8B-shaped attention (Hq 32, Hkv 8, D 128, bf16, random): HiP vs dense SDPA, seconds.
 
     Every variant runs through the policy's own attention call (search + sparse attention), after a
     check at 8K that the Triton kernels agree with the PyTorch ones on the same inputs. `dry_run`: the
     same code on CPU at toy sizes (4/2 heads, fp32, Triton's interpreter), to check the script itself.
+    Figures go into `results` as they come, so a caller keeps them if the run is interrupted.
     """
     import torch.nn.functional as F
 
@@ -157,7 +169,8 @@ def measure_cuda(
         params = HipParams(dense_layers=0, **base, **VARIANTS[name])
         return params, HipPolicy().new_session(params, info, SessionRequest())
 
-    results: dict = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu (dry run)"}
+    results = {} if results is None else results
+    results["device"] = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu (dry run)"
 
     def record(key: str, measure) -> None:
         """Store one figure (or the error that prevented it) and show it at once on stderr."""
@@ -195,6 +208,46 @@ def measure_cuda(
         cosine = F.cosine_similarity(fast.flatten(), triton_out.flatten(), 0)
         return {"max_abs_diff": float((fast - triton_out).abs().max()), "cosine": float(cosine)}
 
+    def kernel_figures(phase: str, q, k, v) -> None:
+        """The two Triton kernels alone, under the launch settings that trade registers for occupancy."""
+        from kvmux.policies import hip_triton
+        from kvmux.policies.hip_search import SparseGeometry
+
+        p = session("triton")[0]
+        block_q, stride = (p.block_size_q, p.block_stride_q) if q.shape[2] > 1 else (1, 1)
+        geo = SparseGeometry.build(q.shape[2], k.shape[2], block_q, p.block_size_k, p.sink_tokens, p.window, 0, dev)
+        groups = p.mask_k // p.block_size_k
+        if not hip_triton.usable_groups(groups):
+            return
+        for chunk, warps in SEARCH_LAUNCHES:
+            record(
+                f"{phase}_triton_search_chunk{chunk}_warps{warps}_s",
+                lambda chunk=chunk, warps=warps: _cuda_time(
+                    lambda: hip_triton.search(q, k, geo, groups, stride, score_chunk=chunk, num_warps=warps), reps
+                ),
+            )
+        packed = hip_triton.pack(hip_triton.search(q, k, geo, groups, stride))
+        for block_n, warps in ATTENTION_LAUNCHES:
+            record(
+                f"{phase}_triton_attention_block{block_n}_warps{warps}_s",
+                lambda block_n=block_n, warps=warps: _cuda_time(
+                    lambda: hip_triton.attention(
+                        q,
+                        k,
+                        v,
+                        packed,
+                        block_q=block_q,
+                        block_k=p.block_size_k,
+                        sinks=p.sink_tokens,
+                        window=p.window,
+                        scaling=scale,
+                        block_n=block_n,
+                        num_warps=warps,
+                    ),  # fmt: skip
+                    reps,
+                ),
+            )
+
     record("agreement_selected_blocks_shared", same_blocks)
     record("agreement_outputs", outputs_agree)
     del q, k, v, call
@@ -212,6 +265,7 @@ def measure_cuda(
                 sess.attention(call)
 
         record(f"decode_hip_{name}_s", lambda steps=steps, n=params.effective_refresh: _cuda_time(steps, reps) / n)
+    kernel_figures("decode", q, k, v)
     del k, v
     k = torch.randn(1, hkv, prefill_tokens, d, device=dev, dtype=dt)
     v = torch.randn_like(k)
@@ -224,6 +278,7 @@ def measure_cuda(
         call = AttentionCall(5, q, k, v, None, scale)
         sess = session(name)[1]
         record(f"prefill_hip_{name}_s", lambda call=call, sess=sess: _cuda_time(lambda: sess.attention(call), 2))
+    kernel_figures("prefill", q, k, v)
     for phase in ("decode", "prefill"):
         for name in VARIANTS:
             dense, hip_s = results[f"{phase}_dense_s"], results[f"{phase}_hip_{name}_s"]
@@ -247,7 +302,11 @@ def main() -> None:
         os.environ["TRITON_INTERPRET"] = "1"
         out = measure_cuda(decode_context=2048, prefill_tokens=512, reps=1, dry_run=True)
     else:
-        out = measure_cuda()
+        out = {}
+        try:
+            measure_cuda(results=out)
+        except KeyboardInterrupt:  # a time limit: keep the figures measured so far
+            out["interrupted"] = True
     print(json.dumps(out, indent=1))
 
 

@@ -6,7 +6,12 @@ shapes stay small: the interpreter executes every program op by op.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +21,8 @@ from kvmux.policies.base import PolicyInputError
 from kvmux.policies.hip_search import SparseGeometry, hip_search
 from tests.policies.helpers import new_session, run_prefill, stepwise_logits
 from tests.policies.test_hip import SMALL, oracle
+
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 
 
 def run_attention(q, k, v, sel, geo, scaling, **kwargs):
@@ -41,11 +48,18 @@ def test_triton_search_selects_what_the_pytorch_search_selects(tq, tk, bq, bk, s
     geo = SparseGeometry.build(tq, tk, bq, bk, sinks, window, lookahead=0, device=q.device)
     stride = 2 if bq > 1 else 1
     want = hip_search(geo.query_blocks(q), k, geo.lo, geo.hi, groups, bk, query_stride=stride, score_mode="gather")
-    got = hip_triton.search(q, k, geo, groups, stride)
     assert geo.max_candidates == int((geo.hi - geo.lo).max())
-    assert got.rounds == want.rounds
-    assert torch.equal(got.valid, want.valid)
-    assert torch.equal(got.blocks, want.blocks)
+    # all 2 K_b candidates scored in one step, or 16 at a time: the same selection
+    for chunk in (2 * groups, 16):
+        got = hip_triton.search(q, k, geo, groups, stride, score_chunk=chunk)
+        assert got.rounds == want.rounds
+        assert torch.equal(got.valid, want.valid)
+        assert torch.equal(got.blocks, want.blocks)
+
+
+def test_search_score_chunk_must_be_a_power_of_two():
+    with pytest.raises(ValueError, match="power of two"):
+        hip_triton.search_constants(64, 32, 2, 256, 2, torch.float32, score_chunk=48)
 
 
 @pytest.mark.parametrize("tq,tk,bq,bk,sinks,window,groups,hq,hkv", CASES)
@@ -139,3 +153,19 @@ def test_auto_falls_back_to_pytorch_when_a_triton_kernel_fails(tiny_llama, monke
     explicit = new_session("hip", info, **SMALL, kernel="triton")
     with pytest.raises(RuntimeError, match="no kernel image"):
         run_prefill(explicit, runner, ids)
+
+
+def test_kernels_compile_for_cuda_without_a_gpu(tmp_path):
+    """The real Triton compiler (not the interpreter) lowers the policy's launches to an sm_90 cubin."""
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    report = tmp_path / "compile.json"
+    args = ["--arch", "90", "--head-dims", "128", "--dtypes", "bfloat16", "--json", str(report)]
+    done = subprocess.run(
+        [sys.executable, "-P", str(SCRIPTS / "compile_hip_kernels.py"), *args], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(report.read_text())["results"]
+    assert {row["variant"] for row in rows} == {
+        f"{kernel} {phase} D128 bfloat16" for kernel in ("search", "attention") for phase in ("prefill", "decode")
+    }
+    assert all(row["ok"] and row["shared_bytes"] <= 232448 for row in rows)
