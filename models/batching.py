@@ -9,6 +9,8 @@ batch, which is where decode time goes on small batches.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import torch
@@ -16,6 +18,19 @@ from transformers.cache_utils import Cache
 
 if TYPE_CHECKING:
     from kvmux.policies.base import PolicySession
+
+
+class BatchRowError(Exception):
+    """Rows (requests) of a batched decode failed: `failures` maps a batch row to its exception.
+
+    `logits` is None when the forward stopped part-way (the other rows must be undone and re-run),
+    or the whole batch's logits [B, V] when only a row's `after_forward` failed (the others are done).
+    """
+
+    def __init__(self, failures: dict[int, BaseException], logits: torch.Tensor | None = None):
+        super().__init__("; ".join(f"row {row}: {type(e).__name__}: {e}" for row, e in failures.items()))
+        self.failures = failures
+        self.logits = logits
 
 
 class RowSplitCache(Cache):
@@ -27,11 +42,22 @@ class RowSplitCache(Cache):
         self.rows: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        self.rows[layer_idx] = [
-            session.cache.update(key_states[i : i + 1], value_states[i : i + 1], layer_idx)
-            for i, session in enumerate(self.sessions)
-        ]
+        rows = []
+        for i, session in enumerate(self.sessions):
+            with self.row(i):
+                rows.append(session.cache.update(key_states[i : i + 1], value_states[i : i + 1], layer_idx))
+        self.rows[layer_idx] = rows
         return key_states, value_states
+
+    @contextmanager
+    def row(self, index: int) -> Iterator[None]:
+        """Tag an exception raised by one row's session with that row."""
+        try:
+            yield
+        except BatchRowError:
+            raise
+        except Exception as exc:
+            raise BatchRowError({index: exc}) from exc
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0
@@ -54,7 +80,14 @@ def batched_decode_forward(model: torch.nn.Module, sessions: list[PolicySession]
         kvmux_batch=cache,
         **{cache_kw: cache},
     )
-    for session in sessions:
+    logits = out.logits[:, -1].float()
+    failures: dict[int, BaseException] = {}
+    for row, session in enumerate(sessions):
         session.tokens_seen += 1
-        session.after_forward(1)
-    return out.logits[:, -1].float()
+        try:
+            session.after_forward(1)
+        except Exception as exc:  # noqa: BLE001 - one request's fault must not fail the batch
+            failures[row] = exc
+    if failures:
+        raise BatchRowError(failures, logits)
+    return logits

@@ -4,7 +4,9 @@
 transformers still builds the causal/padding mask for chunked prefill) in
 `AttentionMaskInterface`, then switches the model to it. The function finds the request's
 session through the `kvmux_session` keyword passed to the model's forward and delegates to
-`session.attention(...)`; without a session it is plain SDPA.
+`session.attention(...)`; without a session it is plain SDPA. Before each layer it asks the
+session's `interrupt` callback, so a cancelled request stops at the next layer boundary; in a
+batched decode a row's failure is tagged with its row (`BatchRowError`) so only that request fails.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from torch import nn
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.masking_utils import sdpa_mask
 
-from kvmux.policies.base import AttentionCall
+from kvmux.policies.base import AttentionCall, StepInterrupted
 from kvmux.policies.dense import sdpa
 
 ATTENTION_NAME = "kvmux"
@@ -36,14 +38,16 @@ def kvmux_attention(
     batch = kwargs.get("kvmux_batch")
     if batch is not None:  # batched decode: each row attends through its own session
         rows = batch.rows[module.layer_idx]
-        outs = [
-            session.attention(AttentionCall(module.layer_idx, query[i : i + 1], k, v, None, scale))
-            for i, (session, (k, v)) in enumerate(zip(batch.sessions, rows, strict=True))
-        ]
+        outs = []
+        for i, (session, (k, v)) in enumerate(zip(batch.sessions, rows, strict=True)):
+            with batch.row(i):
+                outs.append(session.attention(AttentionCall(module.layer_idx, query[i : i + 1], k, v, None, scale)))
         return torch.cat(outs, dim=0), None
     session = kwargs.get("kvmux_session")
     if session is None:
         return sdpa(query, key, value, attention_mask, scale), None
+    if session.interrupt is not None and session.interrupt():
+        raise StepInterrupted(f"stopped before layer {module.layer_idx}")
     call = AttentionCall(
         layer_idx=module.layer_idx,
         query=query,

@@ -77,6 +77,16 @@ async def collect(handle: Handle, request: Request | None) -> Collected:
             raise ClientGone()
 
 
+async def collect_all(handles: list[Handle], request: Request | None) -> list[Collected]:
+    """Collect n choices at once; on any exit before all finish (an error, the client leaving, the
+    handler's task being cancelled) every choice is cancelled, so none runs on unobserved."""
+    try:
+        return list(await asyncio.gather(*(collect(h, request) for h in handles)))
+    finally:
+        for handle in handles:
+            handle.cancel()
+
+
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {
         "prompt_tokens": prompt_tokens,
@@ -142,28 +152,33 @@ async def stream_events(
     completion_tokens = 0
     first = [True] * len(handles)
     pending = set(range(len(handles)))
+    wake = asyncio.Event()
+    for handle in handles:
+        handle.wake = wake
+    watch = DisconnectWatch(request)
     try:
         while pending:
+            wake.clear()
             for index in sorted(pending):
                 handle = handles[index]
-                try:
+                while index in pending and not handle.events.empty():
                     kind, payload = handle.events.get_nowait()
-                except asyncio.QueueEmpty:
-                    continue
-                if kind == "token":
-                    completion_tokens += 1
-                    yield sse(chunk_for(index, payload, first[index]))
-                    first[index] = False
-                elif kind == "done":
-                    pending.discard(index)
-                elif kind == "error":
-                    raise payload
-                elif kind == "cancelled":
-                    pending.discard(index)
+                    if kind == "token":
+                        completion_tokens += 1
+                        yield sse(chunk_for(index, payload, first[index]))
+                        first[index] = False
+                    elif kind == "error":
+                        raise payload
+                    elif kind in ("done", "cancelled"):
+                        pending.discard(index)
             if pending:
-                if await request.is_disconnected():
+                if await watch.gone():
                     raise ClientGone()
-                await _wait_any([handles[i] for i in pending])
+                if not any(not handles[i].events.empty() for i in pending):
+                    try:  # woken by the next event; the timeout only paces the disconnect check
+                        await asyncio.wait_for(wake.wait(), timeout=DISCONNECT_POLL_S)
+                    except TimeoutError:
+                        pass
         if include_usage:
             yield sse(usage_chunk(usage(prompt_tokens, completion_tokens)))
     except ClientGone:
@@ -175,15 +190,6 @@ async def stream_events(
         for handle in handles:
             handle.cancel()
     yield sse("[DONE]")
-
-
-async def _wait_any(handles: list[Handle]) -> None:
-    """Sleep until one handle has an event (or a short poll interval passes)."""
-    deadline = time.monotonic() + DISCONNECT_POLL_S
-    while time.monotonic() < deadline:
-        if any(not h.events.empty() for h in handles):
-            return
-        await asyncio.sleep(0.005)
 
 
 def new_id(prefix: str) -> str:

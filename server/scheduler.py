@@ -3,8 +3,12 @@
 HTTP handlers `submit` a prepared request and read its events from an asyncio queue. The worker
 admits requests up to `max_active_sessions`, then interleaves the active ones step by step (one
 prefill chunk or one decode token each, round-robin), so a short request finishes while a long
-prefill is running. A cancelled request (client gone, deadline passed) is dropped before its
-next step and its session's KV cache is released.
+prefill is running. A cancelled request (client gone, deadline passed, server draining) stops at
+the next layer boundary of its forward and its session's KV cache is released.
+
+One request's fault stays its own: a failing step fails only that request; a failing batched
+decode fails the row that raised, undoes the step for the others and runs them alone. If the
+worker itself stops, new work is refused with 503 and `/health` says so.
 """
 
 from __future__ import annotations
@@ -17,10 +21,16 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from kvmux.models.batching import BatchRowError
+from kvmux.policies.base import StepInterrupted
 from kvmux.server.engine import Engine, GenerationRequest, NeedDecode, RequestState, TokenEvent
-from kvmux.server.errors import DeadlineError, OverloadedError, UnavailableError
+from kvmux.server.errors import DeadlineError, KvmuxError, OverloadedError, UnavailableError
+from kvmux.server.limits import prepared_request_bytes, resolve_budget
 
 log = logging.getLogger("kvmux.scheduler")
+
+MAX_LOOP_FAILURES = 5  # consecutive unexpected failures of the worker loop before it gives up
+SHUTDOWN_STOP = "The server is shutting down; the request was stopped."
 
 
 @dataclass
@@ -34,12 +44,28 @@ class Handle:
     deadline: float | None = None
     submitted_at: float = field(default_factory=time.monotonic)
     state: RequestState | None = None
+    wake: asyncio.Event | None = None  # set on every event (one Event may serve several handles)
+    stop_reason: KvmuxError | None = None  # why the server (not the client) stopped it
 
-    def cancel(self) -> None:
+    def cancel(self, reason: KvmuxError | None = None) -> None:
+        if reason is not None and not self.cancelled.is_set():
+            self.stop_reason = reason
         self.cancelled.set()
 
+    def should_stop(self) -> bool:
+        """True once the request is cancelled or past its deadline (checked between layers)."""
+        return self.cancelled.is_set() or (self.deadline is not None and time.monotonic() > self.deadline)
+
     def push(self, kind: str, payload: Any) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
+        try:
+            self.loop.call_soon_threadsafe(self._deliver, (kind, payload))
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            pass
+
+    def _deliver(self, item: tuple[str, Any]) -> None:
+        self.events.put_nowait(item)
+        if self.wake is not None:
+            self.wake.set()
 
 
 @dataclass
@@ -76,26 +102,31 @@ class Scheduler:
         self._lock = threading.Condition()
         self._accepting = True
         self._stopped = False
+        self._drain_deadline: float | None = None
+        self.failure: str | None = None  # why the worker stopped, if it did
         self._thread = threading.Thread(target=self._loop, name="kvmux-worker", daemon=True)
-        self.healthy = True
 
     # -- public API (called from the event loop) -------------------------------------------------
     def start(self) -> None:
         self._thread.start()
 
     def submit(self, request: GenerationRequest, deadline_s: float | None = None) -> Handle:
+        self.kv_budget = resolve_budget(self.kv_budget, self.engine)  # `auto`: the engine's measured budget
         needed = self.kv_bytes_needed(request)
         if self.kv_budget is not None and needed > self.kv_budget:
+            kv, step = prepared_request_bytes(self.engine, request)
             raise UnavailableError(
-                f"The request needs about {needed} bytes of KV cache with preset '{request.preset.name}', more "
-                f"than this server's KV memory budget of {self.kv_budget} bytes; shorten it or pick a policy "
-                "that keeps less.",
+                f"The request needs about {needed} bytes ({kv} of KV cache, {step} for its largest step) with "
+                f"preset '{request.preset.name}', more than this server's KV memory budget of {self.kv_budget} "
+                "bytes; shorten it or pick a policy that keeps less.",
                 status=503,
             )
         handle = Handle(request=request, loop=asyncio.get_running_loop())
         if deadline_s:
             handle.deadline = handle.submitted_at + deadline_s
         with self._lock:
+            if self.failure is not None or (self._thread.ident is not None and not self._thread.is_alive()):
+                raise UnavailableError("The engine's worker has stopped; this server cannot serve requests.")
             if not self._accepting:
                 raise UnavailableError("The server is shutting down and accepts no new requests.")
             if len(self._waiting) >= self.max_queued:
@@ -108,13 +139,16 @@ class Scheduler:
         return handle
 
     def kv_bytes_needed(self, request: GenerationRequest) -> int:
-        preset = request.preset
-        tokens = len(request.prompt_ids) + request.sampling.max_tokens
-        return preset.policy.kv_bytes_needed(preset.params, self.engine.info, tokens)
+        """Bytes reserved for a request under the budget: its KV and its largest step's transient memory."""
+        if self.kv_budget is None:  # no budget: only the KV is tracked
+            preset = request.preset
+            tokens = len(request.prompt_ids) + request.sampling.max_tokens
+            return preset.policy.kv_bytes_needed(preset.params, self.engine.info, tokens)
+        return sum(prepared_request_bytes(self.engine, request))
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive() and self._accepting
+        return self._thread.is_alive() and self._accepting and self.failure is None
 
     @property
     def num_running(self) -> int:
@@ -128,18 +162,26 @@ class Scheduler:
         with self._lock:
             self._accepting = False
 
-    def shutdown(self, grace_s: float = 10.0) -> None:
-        """Stop admitting, let in-flight work finish for up to `grace_s`, then cancel the rest."""
-        self.stop_accepting()
-        end = time.monotonic() + grace_s
-        while (self._active or self._waiting) and time.monotonic() < end:
-            time.sleep(0.05)
+    def drain(self, grace_s: float) -> None:
+        """Stop admitting; work still running after `grace_s` is stopped with a 503 (SIGTERM)."""
         with self._lock:
-            for handle in list(self._waiting) + [a.handle for a in self._active]:
-                handle.cancel()
+            self._accepting = False
+            end = time.monotonic() + max(grace_s, 0.0)
+            if self._drain_deadline is None or end < self._drain_deadline:
+                self._drain_deadline = end
+            self._lock.notify()
+
+    def shutdown(self, grace_s: float = 10.0) -> None:
+        """Stop admitting, let in-flight work finish until the drain deadline (at most `grace_s`
+        from now), stop the rest, and wait for the worker (it stops within one layer's work)."""
+        self.drain(grace_s)
+        while (self._active or self._waiting) and time.monotonic() < (self._drain_deadline or 0):
+            time.sleep(0.02)
+        with self._lock:
+            self._stop_everything(UnavailableError(SHUTDOWN_STOP))
             self._stopped = True
             self._lock.notify()
-        self._thread.join(timeout=5.0)
+        self._thread.join(timeout=2.0)
 
     # -- worker thread ---------------------------------------------------------------------------
     def _emit(self, kind: str, handle: Handle, payload: Any) -> None:
@@ -149,32 +191,85 @@ class Scheduler:
             except Exception:  # metrics must never break serving
                 log.exception("metrics hook failed")
 
+    def _stop_everything(self, reason: KvmuxError) -> None:
+        for handle in list(self._waiting) + [a.handle for a in self._active]:
+            handle.cancel(reason)
+
+    def _end_waiting(self, handle: Handle, kind: str, payload: Any) -> None:
+        handle.push(kind, payload)
+        self._emit(kind, handle, payload)
+
     def _admit(self) -> None:
         with self._lock:
             while not self._active and not self._waiting and not self._stopped:
                 self._lock.wait(timeout=0.5)
+            if self._drain_deadline is not None and time.monotonic() >= self._drain_deadline:
+                self._stop_everything(UnavailableError(SHUTDOWN_STOP))
             while self._waiting and len(self._active) < self.max_active:
                 handle = self._waiting[0]
-                needed = self.kv_bytes_needed(handle.request)
+                try:
+                    needed = self.kv_bytes_needed(handle.request)
+                except Exception as exc:  # noqa: BLE001 - a policy's estimate failing fails only its request
+                    log.exception("request %s: KV estimate failed", handle.request.request_id)
+                    self._waiting.popleft()
+                    self._end_waiting(handle, "error", exc)
+                    continue
                 if self.kv_budget is not None and self._active and self.kv_reserved + needed > self.kv_budget:
                     break  # waits (in order) until running requests release their KV
                 self._waiting.popleft()
                 if handle.cancelled.is_set():
-                    handle.push("cancelled", None)
-                    self._emit("cancelled", handle, None)
+                    if handle.stop_reason is not None:
+                        self._end_waiting(handle, "error", handle.stop_reason)
+                    else:
+                        self._end_waiting(handle, "cancelled", None)
+                    continue
+                if handle.deadline is not None and time.monotonic() > handle.deadline:
+                    self._end_waiting(handle, "error", DeadlineError("The request exceeded its deadline while queued."))
                     continue
                 state = self.engine.start(handle.request)
+                state.interrupt = handle.should_stop
                 handle.state = state
                 self.kv_reserved += needed
                 self._active.append(_Active(handle, state, state.steps(), kv_bytes=needed))
                 self._emit("started", handle, None)
 
     def _loop(self) -> None:
-        while not self._stopped:
-            self._admit()
-            for active in list(self._active):
-                self._step(active)
-            self._run_decodes()
+        failures = 0
+        try:
+            while not self._stopped:
+                try:
+                    self._admit()
+                    for active in list(self._active):
+                        self._step(active)
+                    self._run_decodes()
+                    failures = 0
+                except Exception:
+                    failures += 1
+                    log.exception("worker loop failed (%d in a row)", failures)
+                    if failures >= MAX_LOOP_FAILURES:
+                        raise
+                    time.sleep(0.05 * failures)
+        except BaseException as exc:  # noqa: BLE001 - the worker is gone: refuse work rather than hang
+            self._die(exc)
+            return
+        self._end_all(UnavailableError(SHUTDOWN_STOP))
+
+    def _end_all(self, reason: KvmuxError) -> None:
+        """Answer every request still held (worker stopping): none may wait forever."""
+        with self._lock:
+            waiting, self._waiting = list(self._waiting), deque()
+        for handle in waiting:
+            self._end_waiting(handle, "error", reason)
+        for active in list(self._active):
+            self._finish(active, "error", reason)
+
+    def _die(self, exc: BaseException) -> None:
+        log.critical("the worker stopped: %s: %s", type(exc).__name__, exc)
+        reason = UnavailableError("The engine's worker has stopped; this server cannot serve requests.")
+        with self._lock:
+            self.failure = f"{type(exc).__name__}: {exc}"
+            self._accepting = False
+        self._end_all(reason)
 
     def _run_decodes(self) -> None:
         """Answer every pending NeedDecode: batchable sessions share one forward."""
@@ -183,37 +278,95 @@ class Scheduler:
         if len(batch) < 2:
             batch = []
         singles = [a for a in waiting if a not in batch]
-        runner = self.engine.runner
-        try:
-            if batch:
-                logits = runner.decode_batch([a.wants.session for a in batch], [a.wants.token for a in batch])
-                for row, active in enumerate(batch):
-                    active.reply, active.wants = logits[row], None
-        except Exception as exc:  # noqa: BLE001
-            log.exception("batched decode failed")
-            for active in batch:
-                self._finish(active, "error", exc)
+        if batch:
+            singles += self._decode_batch(batch)
         for active in singles:
+            if active not in self._active:
+                continue
             try:
-                active.reply, active.wants = active.wants.session.decode(runner, active.wants.token), None
+                active.reply, active.wants = active.wants.session.decode(self.engine.runner, active.wants.token), None
+            except StepInterrupted:
+                self._finish(active, *self._stopped_payload(active.handle))
             except Exception as exc:  # noqa: BLE001
                 log.exception("decode failed for %s", active.handle.request.request_id)
                 self._finish(active, "error", exc)
 
+    def _decode_batch(self, batch: list[_Active]) -> list[_Active]:
+        """One forward for `batch`; returns the requests to re-run alone after a failed step."""
+        checkpoints = {}
+        for active in list(batch):
+            try:
+                checkpoints[id(active)] = active.wants.session.checkpoint()
+            except Exception as exc:  # noqa: BLE001
+                log.exception("checkpoint failed for %s", active.handle.request.request_id)
+                self._finish(active, "error", exc)
+                batch.remove(active)
+        if len(batch) < 2:
+            return batch
+        try:
+            logits = self.engine.runner.decode_batch([a.wants.session for a in batch], [a.wants.token for a in batch])
+        except BatchRowError as err:
+            for row, exc in err.failures.items():
+                log.error("request %s failed in a batched decode: %r", batch[row].handle.request.request_id, exc)
+                self._finish(batch[row], "error", exc)
+            others = [(row, a) for row, a in enumerate(batch) if row not in err.failures]
+            if err.logits is None:  # the forward stopped part-way: undo the others' step, re-run them
+                return self._undo([a for _, a in others], checkpoints)
+            for row, active in others:  # only a row's after_forward failed: the others' step is done
+                active.reply, active.wants = err.logits[row], None
+            return []
+        except Exception:  # noqa: BLE001 - no row owns it: undo the step and run every request alone
+            log.exception("batched decode failed; running its requests one by one")
+            return self._undo(batch, checkpoints)
+        for row, active in enumerate(batch):
+            active.reply, active.wants = logits[row], None
+        return []
+
+    def _undo(self, actives: list[_Active], checkpoints: dict[int, Any]) -> list[_Active]:
+        retry = []
+        for active in actives:
+            try:
+                active.wants.session.restore(checkpoints[id(active)])
+                retry.append(active)
+            except Exception as exc:  # noqa: BLE001
+                log.exception("could not undo a failed batched step for %s", active.handle.request.request_id)
+                self._finish(active, "error", exc)
+        return retry
+
     def _finish(self, active: _Active, kind: str, payload: Any) -> None:
+        """End one request however it ends; nothing here may take the worker down."""
+        if active not in self._active:
+            return
         self._active.remove(active)
         self.kv_reserved -= active.kv_bytes
-        active.steps.close()  # releases the session's cache if it is still open
+        try:
+            active.steps.close()  # releases the session's cache if it is still open
+        except Exception:  # noqa: BLE001 - a policy failing to close is logged; its cache is dropped anyway
+            log.exception("request %s: closing its session failed", active.handle.request.request_id)
         active.handle.push(kind, payload)
         self._emit(kind, active.handle, payload)
 
+    def _kv_stats(self, active: _Active) -> dict[str, Any]:
+        try:
+            return active.state.kv_stats()
+        except Exception:  # noqa: BLE001 - the answer is complete; only its figures are missing
+            log.exception("request %s: KV stats failed", active.handle.request.request_id)
+            preset = active.state.request.preset
+            return {"policy": preset.policy.name, "preset": preset.name}
+
+    def _stopped_payload(self, handle: Handle) -> tuple[str, Any]:
+        if handle.stop_reason is not None:
+            return "error", handle.stop_reason
+        if handle.cancelled.is_set():
+            return "cancelled", None
+        return "error", DeadlineError("The request exceeded its deadline and was stopped.")
+
     def _step(self, active: _Active) -> None:
         handle = active.handle
-        if handle.cancelled.is_set():
-            self._finish(active, "cancelled", None)
+        if active not in self._active:
             return
-        if handle.deadline is not None and time.monotonic() > handle.deadline:
-            self._finish(active, "error", DeadlineError("The request exceeded its deadline and was stopped."))
+        if handle.should_stop():
+            self._finish(active, *self._stopped_payload(handle))
             return
         if active.wants is not None:
             return
@@ -225,14 +378,16 @@ class Scheduler:
                     handle.push("token", event)
                     self._emit("token", handle, event)
                     if event.finish_reason is not None:
-                        self._finish(active, "done", active.state.kv_stats())
+                        self._finish(active, "done", self._kv_stats(active))
                         return
                     continue
                 if isinstance(event, NeedDecode):
                     active.wants = event
                 return
         except StopIteration:
-            self._finish(active, "done", active.state.kv_stats())
+            self._finish(active, "done", self._kv_stats(active))
+        except StepInterrupted:
+            self._finish(active, *self._stopped_payload(handle))
         except Exception as exc:  # a failing request must not take the server down
             log.exception("request %s failed", handle.request.request_id)
             self._finish(active, "error", exc)

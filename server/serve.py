@@ -1,7 +1,15 @@
-"""Compose the server from a config: load the model, build engine, scheduler and app."""
+"""Compose the server from a config (load the model, build engine, scheduler and app) and run it.
+
+Shutdown budget: on SIGTERM the whole shutdown fits `shutdown_grace_s`. New requests get 503 at
+once; running ones may finish until `grace - margin`, then they are stopped (at the next layer
+boundary) with a 503; open connections then close, the worker is joined and the process exits.
+"""
 
 from __future__ import annotations
 
+import logging
+
+import uvicorn
 from fastapi import FastAPI
 
 from kvmux.server.app import build_app
@@ -10,6 +18,8 @@ from kvmux.server.engine import Engine
 from kvmux.server.metrics import Metrics
 from kvmux.server.scheduler import Scheduler
 from kvmux.server.state import ServerState
+
+log = logging.getLogger("kvmux.server")
 
 
 def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
@@ -27,3 +37,42 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
         batch_decode=config.batch_decode,
     )
     return build_app(ServerState(config=config, engine=engine, scheduler=scheduler, metrics=metrics))
+
+
+def shutdown_plan(grace_s: float) -> tuple[float, float]:
+    """(seconds running work may continue, seconds uvicorn waits for connections) after SIGTERM.
+
+    The margin covers stopping work at a layer boundary, flushing the last responses, joining the
+    worker and exiting; everything together stays within `grace_s`.
+    """
+    margin = min(2.0, grace_s / 4)
+    work = max(grace_s - margin, 0.0)
+    return work, work + margin / 2
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server that starts draining the scheduler the moment a shutdown begins."""
+
+    def __init__(self, config: uvicorn.Config, scheduler: Scheduler, grace_s: float):
+        super().__init__(config)
+        self.scheduler = scheduler
+        self.grace_s = grace_s
+
+    async def shutdown(self, sockets=None) -> None:
+        work, _ = shutdown_plan(self.grace_s)
+        log.info("shutting down: running requests get %.1f s, the whole shutdown %.1f s", work, self.grace_s)
+        self.scheduler.drain(work)
+        await super().shutdown(sockets)
+
+
+def run_server(app: FastAPI, config: ServerConfig, log_level: str = "info") -> None:
+    """Serve `app` until SIGINT/SIGTERM, then shut down within `config.shutdown_grace_s`."""
+    _, connections = shutdown_plan(config.shutdown_grace_s)
+    uv_config = uvicorn.Config(
+        app,
+        host=config.host,
+        port=config.port,
+        log_level=log_level,
+        timeout_graceful_shutdown=max(1, int(connections)),
+    )
+    DrainingServer(uv_config, app.state.kvmux.scheduler, config.shutdown_grace_s).run()

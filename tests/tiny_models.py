@@ -58,15 +58,16 @@ def byte_tokenizer():
     return fast
 
 
-def tiny_engine(prefill_chunk_tokens: int = 16, **engine_kwargs):
-    """An Engine around a tiny random Llama with a byte tokenizer and the repository's presets."""
+def tiny_engine(prefill_chunk_tokens: int = 16, model_overrides: dict | None = None, **engine_kwargs):
+    """An Engine around a tiny random Llama with a byte tokenizer and the repository's presets
+    (`model_overrides` change the model config, e.g. its number of layers)."""
     from pathlib import Path
 
     from kvmux.models.loader import LoadedModel
     from kvmux.policies.presets import load_presets
     from kvmux.server.engine import Engine
 
-    model, info, _ = make_tiny("llama")
+    model, info, _ = make_tiny("llama", **(model_overrides or {}))
     tokenizer = byte_tokenizer()
     info = ModelInfo.from_model(model, served_name="tiny-llama", root="random", tokenizer=tokenizer)
     presets = load_presets(Path(__file__).resolve().parents[1] / "configs" / "policies")
