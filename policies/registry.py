@@ -1,14 +1,24 @@
-"""The policy registry: name -> Policy class. Every policy module registers itself here."""
+"""The policy registry: name -> Policy class. Every policy module registers itself here.
+
+Kernel modules with optional dependencies (`hip_triton`, which needs triton) are not imported
+here: the policy that uses one imports it when the kernel actually runs. A policy module whose
+own optional dependency is missing is skipped with a warning, so the other policies still load.
+"""
 
 from __future__ import annotations
 
 import importlib
+import logging
 import pkgutil
 
 import kvmux.policies
 from kvmux.policies.base import Policy
 
 _REGISTRY: dict[str, type[Policy]] = {}
+_SKIPPED: set[str] = set()
+# modules that define no policy and need an optional package; imported where they are used
+KERNEL_MODULES = frozenset({"hip_triton"})
+log = logging.getLogger(__name__)
 
 
 def register(cls: type[Policy]) -> type[Policy]:
@@ -22,7 +32,16 @@ def register(cls: type[Policy]) -> type[Policy]:
 def _load_builtin() -> None:
     """Import every module of the policies package; policy modules register themselves."""
     for module in pkgutil.iter_modules(kvmux.policies.__path__):
-        importlib.import_module(f"kvmux.policies.{module.name}")
+        if module.name in KERNEL_MODULES:
+            continue
+        try:
+            importlib.import_module(f"kvmux.policies.{module.name}")
+        except ModuleNotFoundError as exc:
+            if exc.name is None or exc.name.split(".")[0] == "kvmux":
+                raise
+            if module.name not in _SKIPPED:
+                _SKIPPED.add(module.name)
+                log.warning("policy module %s not loaded: it needs the package '%s'", module.name, exc.name)
 
 
 def get_policy(name: str) -> Policy:
