@@ -60,6 +60,8 @@ def _config_from_args(args: argparse.Namespace):
         updates["api_keys"] = api_keys
     if getattr(args, "no_batch_decode", False):
         updates["batch_decode"] = False
+    if getattr(args, "allow_unauthenticated", False):
+        updates["allow_unauthenticated"] = True
     if getattr(args, "cors_origin", None):
         updates["cors_origins"] = args.cors_origin
     return type(config).model_validate({**config.model_dump(), **updates})
@@ -82,13 +84,40 @@ def build_engine(config):
     )
 
 
+def unauthenticated_exposure(config) -> str | None:
+    """Why serving with this config is refused: a non-loopback host, no API key, and no opt-in."""
+    import ipaddress
+
+    if config.api_keys or config.allow_unauthenticated:
+        return None
+    host = config.host.strip("[]")
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if loopback:
+        return None
+    return (
+        f"refusing to serve on '{config.host}' (reachable from other machines) without an API key. "
+        "Set one with --api-key or the KVMUX_API_KEY environment variable (or api_keys in the config), "
+        "or pass --allow-unauthenticated (allow_unauthenticated: true) to serve without authentication."
+    )
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from kvmux.server.serve import create_app
 
     config = _config_from_args(args)
+    refusal = unauthenticated_exposure(config)
+    if refusal:
+        print(f"kvmux serve: {refusal}", file=sys.stderr)
+        return 2
     app = create_app(config)
+    # the hub token is needed only to fetch the model: keep it out of the serving process from now on
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        os.environ.pop(name, None)
     # uvicorn shuts down gracefully on SIGTERM and then re-raises it; after a clean shutdown exit 0
     signal.signal(signal.SIGTERM, lambda *_: None)
     uvicorn.run(
@@ -160,6 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", action="append", help="require this Bearer key (repeatable; env KVMUX_API_KEY)")
     serve.add_argument("--cors-origin", action="append", help="allow this CORS origin (repeatable)")
     serve.add_argument("--no-batch-decode", action="store_true", help="decode every request in its own forward")
+    serve.add_argument(
+        "--allow-unauthenticated",
+        action="store_true",
+        help="serve on a non-loopback --host without an API key (refused otherwise)",
+    )
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(func=cmd_serve)
 

@@ -32,6 +32,10 @@ class ServerConfig(BaseModel):
     batch_decode: bool = Field(True, description="decode concurrent requests in one forward where policies allow")
     api_keys: list[str] = Field(default_factory=list, description="Bearer keys for /v1/* (empty: no auth)")
     auth_health_and_metrics: bool = Field(False, description="also require a key on /health and /metrics")
+    auth_docs: bool = Field(True, description="with api_keys: also require a key on /docs, /redoc, /openapi.json")
+    allow_unauthenticated: bool = Field(
+        False, description="serve on a non-loopback host without api_keys (refused unless set)"
+    )
     cors_origins: list[str] = Field(default_factory=list, description="allowed CORS origins (empty: CORS off)")
     max_request_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     shutdown_grace_s: float = Field(10.0, ge=0)
