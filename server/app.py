@@ -1,8 +1,12 @@
-"""The FastAPI application: OpenAI-compatible routes, kvmux's policy listing, errors in OpenAI shape."""
+"""The FastAPI application: OpenAI-compatible routes, kvmux's policy listing, errors in OpenAI shape.
+
+The POST routes take typed pydantic bodies (so /openapi.json documents them); every validation
+or parse failure is a 400 in the OpenAI error shape naming the field. Tokenizing and the other
+CPU work of a request run in the state's worker pool, off the event loop.
+"""
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -13,14 +17,12 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kvmux.server.engine import Engine, TokenEvent
 from kvmux.server.errors import (
     ModelNotServedError,
     OverloadedError,
-    RequestError,
     UnavailableError,
     error_body,
     to_error_body,
@@ -48,13 +50,26 @@ from kvmux.server.state import ServerState
 log = logging.getLogger("kvmux.server")
 
 
-def _validation_message(exc: ValidationError | RequestValidationError) -> tuple[str, str | None]:
+NOT_JSON = "The request body is not valid JSON."
+NOT_AN_OBJECT = "The request body must be a JSON object (sent with 'Content-Type: application/json')."
+# FastAPI's answer when reading or decoding a body fails other than by a JSON syntax error
+# (invalid UTF-8, an integer past Python's digit limit, nesting past the recursion limit)
+BODY_PARSE_FAILED = "There was an error parsing the body"
+ERROR_KINDS = {401: "AuthenticationError", 404: "NotFoundError", 405: "BadRequestError", 413: "BadRequestError"}
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     first = exc.errors()[0]
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    field = ".".join(loc) or None
     if first.get("type") == "json_invalid":
-        return "The request body is not valid JSON.", None
-    return (f"{field}: {first['msg']}" if field else first["msg"]), field
+        return NOT_JSON, None
+    if not loc:  # the body as a whole: missing, not an object, not JSON-typed
+        return NOT_AN_OBJECT, None
+    ctx = first.get("ctx") or {}
+    if first.get("type") == "kvmux_invalid":  # a sentence that names its field already
+        return first["msg"], ctx.get("param") or ".".join(loc)
+    field = ".".join(loc)
+    return f"{field}: {first['msg']}", field
 
 
 def error_response(exc: BaseException) -> JSONResponse:
@@ -63,35 +78,21 @@ def error_response(exc: BaseException) -> JSONResponse:
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-async def read_json(request: Request) -> dict[str, Any]:
-    raw = await request.body()
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise RequestError("The request body is not valid JSON.") from None
-    if not isinstance(body, dict):
-        raise RequestError("The request body must be a JSON object.")
-    return body
-
-
-def parse(model_cls: type, body: dict[str, Any]):
-    try:
-        return model_cls.model_validate(body)
-    except ValidationError as exc:
-        message, field = _validation_message(exc)
-        raise RequestError(message, field) from None
-
-
 def build_app(state: ServerState) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        state.start_workers()
         state.scheduler.start()
         state.ready = True
-        yield
-        state.ready = False
-        state.scheduler.shutdown(state.config.shutdown_grace_s)
+        try:
+            yield
+        finally:
+            state.ready = False
+            state.scheduler.shutdown(state.config.shutdown_grace_s)
+            state.stop_workers()
 
-    app = FastAPI(title="kvmux", version="0.1.0", lifespan=lifespan)
+    # strict_content_type=False: a JSON body without a Content-Type header is still read as JSON
+    app = FastAPI(title="kvmux", version="0.1.0", lifespan=lifespan, strict_content_type=False)
     app.state.kvmux = state
     state.install_middleware(app)
 
@@ -102,8 +103,9 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException):
-        kind = "NotFoundError" if exc.status_code == 404 else "BadRequestError"
-        return JSONResponse(error_body(str(exc.detail), kind, exc.status_code), status_code=exc.status_code)
+        status = exc.status_code
+        message = NOT_JSON if status == 400 and exc.detail == BODY_PARSE_FAILED else str(exc.detail)
+        return JSONResponse(error_body(message, ERROR_KINDS.get(status, "BadRequestError"), status), status_code=status)
 
     @app.get("/health")
     async def health():
@@ -120,7 +122,7 @@ def build_app(state: ServerState) -> FastAPI:
             "object": "model",
             "created": state.started,
             "owned_by": "kvmux",
-            "root": info.root,
+            "root": info.served_name,  # never the model's location on disk
             "parent": None,
             "max_model_len": info.max_context,
         }
@@ -135,9 +137,8 @@ def build_app(state: ServerState) -> FastAPI:
         }
 
     @app.post("/v1/completions")
-    async def completions(request: Request):
+    async def completions(req: CompletionRequest, request: Request):
         try:
-            req = parse(CompletionRequest, await read_json(request))
             return await run_completion(state, req, request)
         except ClientGone:
             return Response(status_code=499)
@@ -145,9 +146,8 @@ def build_app(state: ServerState) -> FastAPI:
             return error_response(exc)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
+    async def chat_completions(req: ChatCompletionRequest, request: Request):
         try:
-            req = parse(ChatCompletionRequest, await read_json(request))
             return await run_chat(state, req, request)
         except ClientGone:
             return Response(status_code=499)
@@ -155,26 +155,19 @@ def build_app(state: ServerState) -> FastAPI:
             return error_response(exc)
 
     @app.post("/tokenize")
-    async def tokenize(request: Request):
+    async def tokenize(req: TokenizeRequest):
         try:
-            req = parse(TokenizeRequest, await read_json(request))
             check_model(state.engine, req.model)
-            if req.messages is not None:
-                text = state.engine.render_chat(message_dicts(req.messages))
-                tokens = state.engine.tokenize(text, add_special_tokens=False)
-            else:
-                tokens = state.engine.tokenize(req.prompt or "", add_special_tokens=req.add_special_tokens)
+            tokens = await state.off_loop(tokenize_request, state.engine, req)
             return {"count": len(tokens), "max_model_len": state.engine.info.max_context, "tokens": tokens}
         except Exception as exc:  # noqa: BLE001
             return error_response(exc)
 
     @app.post("/detokenize")
-    async def detokenize(request: Request):
+    async def detokenize(req: DetokenizeRequest):
         try:
-            req = parse(DetokenizeRequest, await read_json(request))
             check_model(state.engine, req.model)
-            state.engine.check_token_ids(req.tokens, "tokens")
-            return {"prompt": state.engine.tokenizer.decode(req.tokens)}
+            return {"prompt": await state.off_loop(detokenize_request, state.engine, req)}
         except Exception as exc:  # noqa: BLE001
             return error_response(exc)
 
@@ -183,10 +176,21 @@ def build_app(state: ServerState) -> FastAPI:
 
 
 def check_model(engine: Engine, model: str | None) -> None:
-    if model is not None and model not in (engine.info.served_name, engine.info.root):
+    if model is not None and model != engine.info.served_name:
         raise ModelNotServedError(
             f"The model '{model}' does not exist; this server serves '{engine.info.served_name}'.", "model"
         )
+
+
+def tokenize_request(engine: Engine, req: TokenizeRequest) -> list[int]:
+    if req.messages is not None:
+        return engine.tokenize(engine.render_chat(message_dicts(req.messages)), add_special_tokens=False)
+    return engine.tokenize(req.prompt or "", add_special_tokens=req.add_special_tokens)
+
+
+def detokenize_request(engine: Engine, req: DetokenizeRequest) -> str:
+    engine.check_token_ids(req.tokens, "tokens")
+    return engine.tokenizer.decode(req.tokens)
 
 
 def submit_all(state: ServerState, req: OpenAIRequest, prepared) -> list:
@@ -245,13 +249,17 @@ CHAT = ResponseShape(
 
 async def run_completion(state: ServerState, req: CompletionRequest, request: Request):
     check_model(state.engine, req.model)
-    prepared = state.engine.prepare(prompt=req.prompt_input(), sampling=req.to_sampling(), kv_policy=req.kv_policy)
+    prepared = await state.off_loop(
+        state.engine.prepare, prompt=req.prompt_input(), sampling=req.to_sampling(), kv_policy=req.kv_policy
+    )
     return await respond(state, req, request, prepared, COMPLETION)
 
 
 async def run_chat(state: ServerState, req: ChatCompletionRequest, request: Request):
     check_model(state.engine, req.model)
-    prepared = state.engine.prepare(messages=req.message_dicts(), sampling=req.to_sampling(), kv_policy=req.kv_policy)
+    prepared = await state.off_loop(
+        state.engine.prepare, messages=req.message_dicts(), sampling=req.to_sampling(), kv_policy=req.kv_policy
+    )
     return await respond(state, req, request, prepared, CHAT)
 
 

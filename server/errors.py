@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import re
+from contextvars import ContextVar
 from typing import Any
+
+log = logging.getLogger("kvmux.server")
+
+# The id of the request being served (set by the request middleware; returned as X-Request-Id).
+REQUEST_ID: ContextVar[str | None] = ContextVar("kvmux_request_id", default=None)
 
 
 class KvmuxError(Exception):
@@ -69,4 +76,9 @@ def to_error_body(exc: BaseException) -> tuple[int, dict[str, Any]]:
         return exc.status, error_body(exc.message, exc.error_type, exc.status, exc.param)
     if isinstance(exc, (PresetError, PolicyInputError)):
         return 400, error_body(exc.message, "BadRequestError", 400, exc.param)
-    return 500, error_body(f"Internal error: {type(exc).__name__}: {exc}", "InternalServerError", 500)
+    # an unexpected failure: the details go to the log, never to the client
+    request_id = REQUEST_ID.get()
+    log.error("request_id=%s internal error", request_id, exc_info=exc)
+    message = "The server had an internal error while processing the request"
+    message += f" (request id {request_id})." if request_id else "."
+    return 500, error_body(message, "InternalServerError", 500)

@@ -2,7 +2,9 @@
 
 Fields follow the OpenAI API order, then the vLLM-style sampling extras, then kvmux's own
 (`kv_policy`). Unknown top-level fields are accepted and logged (as vLLM does); every known field
-is validated so a bad value is a 400 naming the field.
+is validated so a bad value is a 400 naming the field. Sizes that would cost the server per
+generated token are bounded: at most MAX_STOP_STRINGS stop strings of at most MAX_STOP_LENGTH
+characters, at most MAX_STOP_TOKEN_IDS stop token ids; `seed` is a signed 64-bit integer.
 """
 
 from __future__ import annotations
@@ -10,7 +12,8 @@ from __future__ import annotations
 import logging
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from kvmux.server.errors import RequestError
 from kvmux.server.sampling import SamplingParams
@@ -18,6 +21,15 @@ from kvmux.server.sampling import SamplingParams
 log = logging.getLogger("kvmux.server")
 
 MAX_LOGPROBS = 20
+MAX_STOP_STRINGS = 16
+MAX_STOP_LENGTH = 256
+MAX_STOP_TOKEN_IDS = 256
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # seed + n - 1 stays within what torch.Generator accepts
+
+
+def invalid(message: str, param: str | None = None) -> PydanticCustomError:
+    """A validation error whose message is shown as is (a full sentence) and names `param`."""
+    return PydanticCustomError("kvmux_invalid", "{message}", {"message": message, "param": param})
 
 
 class StreamOptions(BaseModel):
@@ -33,8 +45,10 @@ class OpenAIRequest(BaseModel):
     model: str | None = None
     max_tokens: int | None = Field(None, description="tokens to generate (default 16)")
     n: int = Field(1, ge=1, le=16)
-    seed: int | None = None
-    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
+    stop: str | list[str] | None = Field(
+        None, description=f"up to {MAX_STOP_STRINGS} strings of up to {MAX_STOP_LENGTH} characters"
+    )
     stream: bool = False
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(None, ge=0.0, le=2.0)
@@ -46,12 +60,32 @@ class OpenAIRequest(BaseModel):
     top_k: int | None = Field(None, ge=-1)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
     ignore_eos: bool = False
     # -- kvmux extensions --
     kv_policy: str | dict[str, Any] | None = Field(
         None, description="preset name, or {'preset': name, <param>: value, 'query': text}"
     )
+
+    @field_validator("stop")
+    @classmethod
+    def _check_stop(cls, stop: str | list[str] | None):
+        stops = [stop] if isinstance(stop, str) else stop or []
+        if len(stops) > MAX_STOP_STRINGS:
+            raise invalid(f"stop: at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(stops)}.", "stop")
+        if any(len(s) > MAX_STOP_LENGTH for s in stops):
+            raise invalid(f"stop: each stop string may have at most {MAX_STOP_LENGTH} characters.", "stop")
+        return stop
+
+    @field_validator("kv_policy")
+    @classmethod
+    def _check_kv_policy(cls, spec: str | dict[str, Any] | None):
+        if isinstance(spec, dict):
+            if "preset" in spec and not isinstance(spec["preset"], str):
+                raise invalid("kv_policy.preset must be a preset name (a string).", "kv_policy.preset")
+            if spec.get("query") is not None and not isinstance(spec["query"], str):
+                raise invalid("kv_policy.query must be a string or null.", "kv_policy.query")
+        return spec
 
     @model_validator(mode="after")
     def _log_ignored_fields(self):
@@ -98,11 +132,11 @@ class CompletionRequest(OpenAIRequest):
     @model_validator(mode="after")
     def _check_prompt(self):
         if self.echo:
-            raise RequestError("echo is not supported.", "echo")
+            raise invalid("echo is not supported.", "echo")
         if self.suffix:
-            raise RequestError("suffix is not supported.", "suffix")
+            raise invalid("suffix is not supported.", "suffix")
         if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], str) and len(self.prompt) > 1:
-            raise RequestError("Send one prompt per request (a list of several prompts is not supported).", "prompt")
+            raise invalid("Send one prompt per request (a list of several prompts is not supported).", "prompt")
         return self
 
     def prompt_input(self) -> str | list[int]:

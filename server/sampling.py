@@ -14,10 +14,14 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+# Temperatures below this sample greedily (as vLLM does): dividing logits by a tiny temperature
+# overflows to inf and the softmax to NaN.
+SAMPLING_EPS = 1e-5
+
 
 @dataclass
 class SamplingParams:
-    """How to pick tokens and when to stop (OpenAI / vLLM semantics; temperature 0 = greedy)."""
+    """How to pick tokens and when to stop (OpenAI / vLLM semantics; temperature < SAMPLING_EPS = greedy)."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -33,7 +37,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < SAMPLING_EPS
 
 
 class Sampler:

@@ -1,26 +1,40 @@
-"""What the app holds: config, engine, scheduler, readiness; and its middleware (auth, ids, limits)."""
+"""What the app holds: config, engine, scheduler, readiness, a CPU worker pool; and its middleware
+(API keys, request ids, body-size limit, CORS)."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
+import re
 import time
 import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
-from fastapi import FastAPI
+from fastapi import FastAPI, HTTPException
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse
 
 from kvmux.server.config import ServerConfig
 from kvmux.server.engine import Engine
-from kvmux.server.errors import error_body
+from kvmux.server.errors import REQUEST_ID, error_body
 from kvmux.server.metrics import Metrics, install_metrics_route
 from kvmux.server.scheduler import Scheduler
 
 log = logging.getLogger("kvmux.access")
 
-PUBLIC_PATHS = {"/health", "/metrics"}
+T = TypeVar("T")
+
+HEALTH_PATHS = {"/health", "/metrics"}
+DOCS_PATHS = {"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
+# Tokenization, chat templates and policies' prompt checks run here, off the event loop. Few
+# threads: HF fast tokenizers gain little from more and dislike heavy concurrent use.
+CPU_WORKERS = 2
+MISSING_KEY = "Missing or invalid API key (send 'Authorization: Bearer <key>')."
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 @dataclass
@@ -31,30 +45,46 @@ class ServerState:
     metrics: Metrics | None = None
     started: int = field(default_factory=lambda: int(time.time()))
     ready: bool = False
+    cpu_pool: ThreadPoolExecutor | None = None
 
     def install_middleware(self, app: FastAPI) -> None:
+        # pure ASGI (not @app.middleware): handlers must still see the client's disconnect
+        app.add_middleware(RequestContextMiddleware, state=self)
         if self.config.cors_origins:
+            # outermost: it answers browser preflights (which carry no API key) and adds CORS
+            # headers to every response, 401 and 413 included
             app.add_middleware(
                 CORSMiddleware, allow_origins=self.config.cors_origins, allow_methods=["*"], allow_headers=["*"]
             )
-        # pure ASGI (not @app.middleware): handlers must still see the client's disconnect
-        app.add_middleware(RequestContextMiddleware, state=self)
 
-    def authorized(self, path: str, authorization: str) -> bool:
+    def start_workers(self) -> None:
+        self.cpu_pool = ThreadPoolExecutor(max_workers=CPU_WORKERS, thread_name_prefix="kvmux-cpu")
+
+    def stop_workers(self) -> None:
+        if self.cpu_pool is not None:
+            self.cpu_pool.shutdown(wait=False, cancel_futures=True)
+            self.cpu_pool = None
+
+    async def off_loop(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run CPU-bound request work (tokenizing, rendering, checking) in the worker pool."""
+        if self.cpu_pool is None:
+            raise RuntimeError("the server's worker pool is not running")
+        return await asyncio.get_running_loop().run_in_executor(self.cpu_pool, lambda: fn(*args, **kwargs))
+
+    def authorized(self, path: str, authorization: bytes) -> bool:
         keys = self.config.api_keys
         if not keys:
             return True
-        protected = (
-            path.startswith("/v1/")
-            or path in {"/tokenize", "/detokenize"}
-            or (path in PUBLIC_PATHS and self.config.auth_health_and_metrics)
-        )
-        if not protected:
+        if path in HEALTH_PATHS and not self.config.auth_health_and_metrics:
             return True
-        scheme, _, token = authorization.partition(" ")
-        if scheme.lower() != "bearer" or not token:
+        if path in DOCS_PATHS and not self.config.auth_docs:
+            return True
+        scheme, _, token = authorization.partition(b" ")
+        token = token.strip()
+        if scheme.lower() != b"bearer" or not token:
             return False
-        return any(hmac.compare_digest(token.strip(), key) for key in keys)
+        # bytes on both sides: a non-ASCII header value is just a wrong key
+        return any(hmac.compare_digest(token, key.encode()) for key in keys)
 
     def install_extra_routes(self, app: FastAPI) -> None:
         """Routes beyond the OpenAI surface: Prometheus metrics."""
@@ -63,9 +93,17 @@ class ServerState:
             install_metrics_route(app, self.metrics, lambda: (scheduler.num_running, scheduler.num_waiting))
 
 
+class BodyTooLarge(HTTPException):
+    """The request body grew past `max_request_body_bytes` while it was being read."""
+
+    def __init__(self, limit: int):
+        super().__init__(413, f"The request body is larger than {limit} bytes.")
+
+
 class RequestContextMiddleware:
-    """Request id (X-Request-Id honoured or generated, and returned), body-size limit, API keys,
-    and one structured access-log line per request."""
+    """Request id (a well-formed X-Request-Id is honoured, else one is generated; returned either
+    way), body-size limit (Content-Length and the bytes actually received), API keys, and one
+    structured access-log line per request."""
 
     def __init__(self, app, state: ServerState):
         self.app = app
@@ -75,34 +113,51 @@ class RequestContextMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        request_id = headers.get("x-request-id") or uuid.uuid4().hex
+        headers = {k.lower(): v for k, v in scope.get("headers", [])}
+        given_id = headers.get(b"x-request-id", b"").decode("latin-1")
+        request_id = given_id if _REQUEST_ID.fullmatch(given_id) else uuid.uuid4().hex
+        token = REQUEST_ID.set(request_id)
         started = time.perf_counter()
-        status = {"code": 500}
+        status = {"code": 500, "sent": False}
+        limit = self.state.config.max_request_body_bytes
+        received = 0
 
         async def send_with_id(message):
             if message["type"] == "http.response.start":
-                status["code"] = message["status"]
+                status["code"], status["sent"] = message["status"], True
                 message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", request_id.encode())]}
             await send(message)
 
-        config = self.state.config
-        length = headers.get("content-length", "")
-        if length.isdigit() and int(length) > config.max_request_body_bytes:
-            message = f"The request body is larger than {config.max_request_body_bytes} bytes."
-            response = JSONResponse(error_body(message, "BadRequestError", 413), status_code=413)
-            await response(scope, receive, send_with_id)
-        elif not self.state.authorized(scope["path"], headers.get("authorization", "")):
-            message = "Missing or invalid API key (send 'Authorization: Bearer <key>')."
-            response = JSONResponse(error_body(message, "AuthenticationError", 401), status_code=401)
-            await response(scope, receive, send_with_id)
-        else:
-            await self.app(scope, receive, send_with_id)
-        log.info(
-            "request_id=%s method=%s path=%s status=%s duration_ms=%.1f",
-            request_id,
-            scope.get("method"),
-            scope["path"],
-            status["code"],
-            (time.perf_counter() - started) * 1000,
-        )
+        async def receive_limited():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyTooLarge(limit)
+            return message
+
+        async def reply(message: str, kind: str, code: int) -> None:
+            await JSONResponse(error_body(message, kind, code), status_code=code)(scope, receive, send_with_id)
+
+        length = headers.get(b"content-length", b"")
+        try:
+            if length.isdigit() and int(length) > limit:
+                await reply(BodyTooLarge(limit).detail, "BadRequestError", 413)
+            elif not self.state.authorized(scope["path"], headers.get(b"authorization", b"")):
+                await reply(MISSING_KEY, "AuthenticationError", 401)
+            else:
+                await self.app(scope, receive_limited, send_with_id)
+        except BodyTooLarge as exc:  # read outside a route's body parsing (e.g. by a disconnect check)
+            if not status["sent"]:
+                await reply(exc.detail, "BadRequestError", 413)
+        finally:
+            REQUEST_ID.reset(token)
+            log.info(
+                "request_id=%s method=%s path=%s status=%s duration_ms=%.1f",
+                request_id,
+                scope.get("method"),
+                scope["path"],
+                status["code"],
+                (time.perf_counter() - started) * 1000,
+            )

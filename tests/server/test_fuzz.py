@@ -1,12 +1,12 @@
 """Fuzz the live server: schemathesis over its OpenAPI schema, plus hypothesis-made JSON bodies.
 
-The app parses the JSON bodies of its POST routes itself, so its OpenAPI schema may declare no
-request bodies; where one is missing the test declares the route's pydantic request model (the
-model the handler validates with), so schemathesis generates schema-shaped and schema-breaking
-bodies. Separately, arbitrary JSON values and near-valid objects (real preset names, odd values
-in every known field) go to the generation routes. Nothing may answer 5xx, no stream may carry an
-internal error, and the server must still serve a normal request afterwards. The server allows at
-most 2 new tokens so that valid requests stay cheap; examples are bounded and derandomized.
+The POST routes take typed pydantic bodies, so the server's own OpenAPI schema declares each
+request model and schemathesis generates schema-shaped and schema-breaking bodies from it (every
+endpoint; every POST in both modes). Separately, arbitrary JSON values and near-valid objects
+(real preset names, odd values in every known field) go to the generation routes. Nothing may
+answer 5xx, no stream may carry an internal error, and the server must still serve a normal
+request afterwards. The server allows at most 2 new tokens so that valid requests stay cheap;
+examples are bounded and derandomized.
 """
 
 from __future__ import annotations
@@ -21,16 +21,15 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
 
-from kvmux.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from tests.server.conftest import start_server
 
 pytestmark = pytest.mark.model
 
 REQUEST_MODELS = {
-    "/v1/completions": CompletionRequest,
-    "/v1/chat/completions": ChatCompletionRequest,
-    "/tokenize": TokenizeRequest,
-    "/detokenize": DetokenizeRequest,
+    "/v1/completions": "CompletionRequest",
+    "/v1/chat/completions": "ChatCompletionRequest",
+    "/tokenize": "TokenizeRequest",
+    "/detokenize": "DetokenizeRequest",
 }
 EXAMPLES_PER_OPERATION = 12
 JSON_EXAMPLES = 40
@@ -50,20 +49,13 @@ def fuzz_server(smollm):
         yield server
 
 
-def with_request_bodies(spec: dict[str, Any]) -> dict[str, Any]:
-    """The server's schema, with each POST route's request model declared where it is missing."""
-    spec = json.loads(json.dumps(spec))
-    components = spec.setdefault("components", {}).setdefault("schemas", {})
+def assert_request_bodies_declared(spec: dict[str, Any]) -> None:
+    """Every POST route declares its pydantic request model as a required JSON body."""
     for path, model in REQUEST_MODELS.items():
-        operation = spec["paths"].get(path, {}).get("post")
-        if operation is None or "requestBody" in operation:
-            continue
-        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
-        components.update(schema.pop("$defs", {}))
-        components[model.__name__] = schema
-        content = {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}
-        operation["requestBody"] = {"required": True, "content": content}
-    return spec
+        body = spec["paths"][path]["post"].get("requestBody")
+        assert body and body.get("required"), f"POST {path} declares no required request body"
+        assert body["content"]["application/json"]["schema"]["$ref"] == f"#/components/schemas/{model}"
+        assert spec["components"]["schemas"][model]["properties"], model
 
 
 def server_failure(status: int, content_type: str, text: str) -> str | None:
@@ -109,9 +101,11 @@ def fuzz_operation(url: str, operation, mode: GenerationMode, failures: list[str
 def test_schema_fuzz_finds_no_server_errors(fuzz_server):
     url = fuzz_server.url
     raw = httpx.get(url + "/openapi.json", timeout=30).json()
-    schema = schemathesis.openapi.from_dict(with_request_bodies(raw))
+    assert_request_bodies_declared(raw)
+    schema = schemathesis.openapi.from_dict(raw)
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert {op.path for op in operations} >= {"/health", "/v1/models", "/v1/completions", "/v1/chat/completions"}
+    assert {op.path for op in operations} >= {"/health", "/v1/models", *REQUEST_MODELS}
+    assert all(op.body for op in operations if op.method.upper() == "POST")
     failures: list[str] = []
     calls = 0
     for operation in operations:
