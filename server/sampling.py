@@ -69,7 +69,12 @@ class Sampler:
         scores = self.chain(token_ids[None], logits[None].float())[0] if self.chain else logits.float()
         if self.params.greedy:
             return int(scores.argmax())
+        # extreme settings (a repetition penalty near 0, say) can push scores to inf or NaN:
+        # sample among the largest scores instead of failing
+        scores = scores.nan_to_num(nan=float("-inf"), posinf=torch.finfo(scores.dtype).max)
         probs = torch.softmax(scores, dim=-1)
+        if not bool(torch.isfinite(probs).all()):  # every score was -inf or NaN
+            return int(logits.argmax())
         return int(torch.multinomial(probs, 1, generator=self.generator))
 
 

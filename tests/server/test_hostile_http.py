@@ -202,6 +202,23 @@ def test_tiny_temperature_samples_greedily(server):
     assert tiny.json()["choices"][0]["text"] == greedy.json()["choices"][0]["text"]
 
 
+EXTREME_SAMPLING = [
+    {"repetition_penalty": 1e-300, "temperature": 1.0},
+    {"repetition_penalty": 1e-300, "temperature": 2.0, "top_k": 5},
+    {"temperature": 2.0, "top_p": 1e-300},
+    {"temperature": 1.0, "top_k": 10**30, "min_p": 1.0},
+    {"stop_token_ids": [10**30, -5]},
+]
+
+
+@pytest.mark.parametrize("fields", EXTREME_SAMPLING, ids=lambda f: ",".join(f))
+def test_extreme_sampling_settings_are_served(server, fields):
+    body = {"prompt": "Hello there", "max_tokens": 2, "seed": 3, "ignore_eos": True, **fields}
+    response = post(server.url, "/v1/completions", body)
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["completion_tokens"] == 2
+
+
 def test_internal_errors_do_not_leak_their_text(server, caplog):
     engine = server.state.engine
 
