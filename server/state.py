@@ -20,7 +20,7 @@ from starlette.responses import JSONResponse
 
 from kvmux.server.config import ServerConfig
 from kvmux.server.engine import Engine
-from kvmux.server.errors import REQUEST_ID, error_body
+from kvmux.server.errors import REQUEST_ID, error_body, to_error_body
 from kvmux.server.metrics import Metrics, install_metrics_route
 from kvmux.server.scheduler import Scheduler
 
@@ -151,6 +151,11 @@ class RequestContextMiddleware:
         except BodyTooLarge as exc:  # read outside a route's body parsing (e.g. by a disconnect check)
             if not status["sent"]:
                 await reply(exc.detail, "BadRequestError", 413)
+        except Exception as exc:  # noqa: BLE001 - whatever escaped the routes: logged, answered in OpenAI shape
+            if status["sent"]:
+                raise
+            code, body = to_error_body(exc)
+            await JSONResponse(body, status_code=code)(scope, receive, send_with_id)
         finally:
             REQUEST_ID.reset(token)
             log.info(

@@ -240,6 +240,25 @@ def test_internal_errors_do_not_leak_their_text(server, caplog):
     assert post(server.url, "/tokenize", {"prompt": "hi"}).status_code == 200
 
 
+class BrokenPresets(dict):
+    def values(self):
+        raise RuntimeError("secret detail from outside a route's own error handling")
+
+
+def test_errors_escaping_a_route_are_openai_shaped_500s(server):
+    engine = server.state.engine
+    original = engine.presets
+    engine.presets = BrokenPresets(original)
+    try:
+        response = httpx.get(server.url + "/v1/policies", headers={"X-Request-Id": "trace-43"}, timeout=30)
+    finally:
+        engine.presets = original
+    error = assert_error(response, 500)
+    assert "secret" not in response.text and "trace-43" in error["message"]
+    assert response.headers["x-request-id"] == "trace-43"
+    assert httpx.get(server.url + "/v1/policies", timeout=30).status_code == 200
+
+
 def test_malformed_request_id_is_replaced(server):
     response = httpx.get(server.url + "/health", headers={"X-Request-Id": "a b\tc" + "x" * 300})
     assert response.status_code == 200
