@@ -7,6 +7,7 @@ CPU work of a request run in the state's worker pool, off the event loop.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -31,7 +32,7 @@ from kvmux.server.handlers import (
     ClientGone,
     Collected,
     chat_logprobs,
-    collect,
+    collect_all,
     completion_logprobs,
     new_id,
     stream_events,
@@ -158,8 +159,8 @@ def build_app(state: ServerState) -> FastAPI:
     async def tokenize(req: TokenizeRequest):
         try:
             check_model(state.engine, req.model)
-            tokens = await state.off_loop(tokenize_request, state.engine, req)
-            return {"count": len(tokens), "max_model_len": state.engine.info.max_context, "tokens": tokens}
+            # a million token ids take a second to encode as JSON: that too happens off the event loop
+            return Response(await state.off_loop(tokenize_body, state.engine, req), media_type="application/json")
         except Exception as exc:  # noqa: BLE001
             return error_response(exc)
 
@@ -182,10 +183,13 @@ def check_model(engine: Engine, model: str | None) -> None:
         )
 
 
-def tokenize_request(engine: Engine, req: TokenizeRequest) -> list[int]:
+def tokenize_body(engine: Engine, req: TokenizeRequest) -> bytes:
+    """The /tokenize response, as JSON bytes."""
     if req.messages is not None:
-        return engine.tokenize(engine.render_chat(message_dicts(req.messages)), add_special_tokens=False)
-    return engine.tokenize(req.prompt or "", add_special_tokens=req.add_special_tokens)
+        tokens = engine.tokenize(engine.render_chat(message_dicts(req.messages)), add_special_tokens=False)
+    else:
+        tokens = engine.tokenize(req.prompt or "", add_special_tokens=req.add_special_tokens)
+    return json.dumps({"count": len(tokens), "max_model_len": engine.info.max_context, "tokens": tokens}).encode()
 
 
 def detokenize_request(engine: Engine, req: DetokenizeRequest) -> str:
@@ -281,7 +285,7 @@ async def respond(state: ServerState, req: OpenAIRequest, request: Request, prep
         body = stream_events(state.scheduler, handles, request, chunk, usage_chunk, req.include_usage)
         return StreamingResponse(body, media_type="text/event-stream")
 
-    results = [await collect(h, request) for h in handles]
+    results = await collect_all(handles, request)
     choices = [
         {"index": i, **shape.final(r, tokenizer), "finish_reason": r.finish_reason} for i, r in enumerate(results)
     ]
