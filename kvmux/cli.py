@@ -23,6 +23,10 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--presets-dir", type=Path, default=None, help="folder of policy preset YAML files")
 
 
+def _int_or_auto(text: str) -> int | str:
+    return "auto" if text == "auto" else int(text)
+
+
 def _config_from_args(args: argparse.Namespace):
     from kvmux.server.config import load_server_config
 
@@ -46,6 +50,7 @@ def _config_from_args(args: argparse.Namespace):
         "max_active_sessions",
         "max_queued_requests",
         "max_prompt_tokens",
+        "max_query_tokens",
         "max_new_tokens",
         "request_timeout_s",
         "kv_memory_budget_bytes",
@@ -81,6 +86,8 @@ def build_engine(config):
         prefill_chunk_tokens=config.model.prefill_chunk_tokens,
         max_prompt_tokens=config.max_prompt_tokens,
         max_new_tokens=config.max_new_tokens,
+        kv_memory_budget_bytes=config.kv_memory_budget_bytes,
+        max_query_tokens=config.max_query_tokens,
     )
 
 
@@ -182,10 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--default-preset", default=None)
     serve.add_argument("--max-active-sessions", type=int, default=None)
     serve.add_argument("--max-queued-requests", type=int, default=None)
-    serve.add_argument("--max-prompt-tokens", type=int, default=None)
+    serve.add_argument("--max-prompt-tokens", type=_int_or_auto, default=None, help="a number or 'auto'")
+    serve.add_argument("--max-query-tokens", type=int, default=None, help="longest kv_policy.query, in tokens")
     serve.add_argument("--max-new-tokens", type=int, default=None)
     serve.add_argument("--request-timeout-s", type=float, default=None)
-    serve.add_argument("--kv-memory-budget-bytes", type=int, default=None)
+    serve.add_argument("--kv-memory-budget-bytes", type=_int_or_auto, default=None, help="a number or 'auto'")
     serve.add_argument("--api-key", action="append", help="require this Bearer key (repeatable; env KVMUX_API_KEY)")
     serve.add_argument("--cors-origin", action="append", help="allow this CORS origin (repeatable)")
     serve.add_argument("--no-batch-decode", action="store_true", help="decode every request in its own forward")

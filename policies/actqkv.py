@@ -79,20 +79,42 @@ import torch
 from pydantic import Field, model_validator
 from transformers.cache_utils import Cache
 
-from kvmux.policies.base import AttentionCall, KVStats, Policy, PolicyInputError, PolicyParams, PolicySession
+from kvmux.policies.base import (
+    FP32_BYTES,
+    AttentionCall,
+    KVStats,
+    Policy,
+    PolicyInputError,
+    PolicyParams,
+    PolicySession,
+    pass_bytes,
+)
 from kvmux.policies.context_memory import ActivationStats, ContextMemory, top_attended_mean
 from kvmux.policies.registry import register
 from kvmux.policies.rope import rotate
 
+# most keys one window's queries may attend (bounds one step's scores: window x keys x heads)
+MAX_ATTENDED_KEYS = 16384
+# fp32 score elements of one piece of question rows (x3 copies: logits, masked, softmax): 16 MB each
+QUESTION_PIECE_ELEMENTS = 1 << 22
+
 
 class ActQKVParams(PolicyParams):
-    n_init: int = Field(64, ge=0, le=4096, description="initial tokens always attended (paper: 64)")
-    n_local: int = Field(512, ge=1, le=65536, description="local window of recent tokens (paper: 512)")
-    block_size: int = Field(32, ge=1, le=1024, description="tokens per retrievable block (paper: 32)")
-    repr_topk: int = Field(4, ge=1, le=1024, description="most-attended keys averaged into a block representative")
-    topk: int = Field(46, ge=1, le=100_000, description="mean blocks per layer: pool topk*layers, cap 2*topk (46)")
-    min_blocks: int = Field(32, ge=0, le=100_000, description="per-layer floor of retrieved blocks (reference: 32)")
-    window: int = Field(256, ge=1, le=65536, description="queries per retrieval window while reading (paper: 256)")
+    n_init: int = Field(64, ge=0, le=1024, description="initial tokens always attended (paper: 64; at most 1024)")
+    n_local: int = Field(512, ge=1, le=4096, description="local window of recent tokens (paper: 512; at most 4096)")
+    block_size: int = Field(32, ge=1, le=256, description="tokens per retrievable block (paper: 32; at most 256)")
+    repr_topk: int = Field(
+        4, ge=1, le=256, description="most-attended keys averaged into a block representative (at most 256)"
+    )
+    topk: int = Field(
+        46, ge=1, le=1024, description="mean blocks per layer: pool topk*layers, cap 2*topk (46; at most 1024)"
+    )
+    min_blocks: int = Field(
+        32, ge=0, le=1024, description="per-layer floor of retrieved blocks (reference: 32; at most 1024)"
+    )
+    window: int = Field(
+        256, ge=1, le=512, description="queries per retrieval window while reading (paper: 256; at most 512)"
+    )
     question_weight: float = Field(4.0, ge=0.0, le=100.0, description="weight of the kv_policy.query term (4)")
     entropy_history: int = Field(100, ge=1, le=100_000, description="entropy samples per layer for the split (100)")
     stats_warmup: int = Field(2, ge=0, le=100_000, description="windows per layer with uniform probe weights")
@@ -108,7 +130,17 @@ class ActQKVParams(PolicyParams):
     def _window_fits(self):
         if self.window > self.n_local:
             raise ValueError(f"window ({self.window}) must not exceed n_local ({self.n_local})")
+        if self.attended_keys > MAX_ATTENDED_KEYS:
+            raise ValueError(
+                f"n_init + max(2*topk, min_blocks)*block_size + n_local + window is {self.attended_keys}; at most "
+                f"{MAX_ATTENDED_KEYS} keys per query (one window's scores are window x that many per head)"
+            )
         return self
+
+    @property
+    def attended_keys(self) -> int:
+        """Most keys one query of a window attends: init + retrieved blocks + local window + window remainder."""
+        return self.n_init + max(2 * self.topk, self.min_blocks) * self.block_size + self.n_local + self.window
 
 
 class BlockBudget:
@@ -193,10 +225,14 @@ class ActQKVSession(PolicySession):
     def prefill(self, runner, input_ids):
         text = self.request.query_text
         if text and self.params.question_weight > 0:
-            tokenizer = self.info.tokenizer
-            if tokenizer is None:
-                raise PolicyInputError("actqkv: kv_policy.query needs the model's tokenizer", param="kv_policy.query")
-            ids = tokenizer.encode(text, add_special_tokens=False)
+            ids = self.request.query_ids  # tokenized (and its length checked) when the request was prepared
+            if ids is None:
+                tokenizer = self.info.tokenizer
+                if tokenizer is None:
+                    raise PolicyInputError(
+                        "actqkv: kv_policy.query needs the model's tokenizer", param="kv_policy.query"
+                    )
+                ids = tokenizer.encode(text, add_special_tokens=False)
             if ids:
                 self.encode_question(runner, torch.tensor([ids], device=self.info.device))
                 yield
@@ -211,14 +247,32 @@ class ActQKVSession(PolicySession):
             self.capturing = False
             self.tokens_seen -= question_ids.shape[1]
 
-    def _question_attention(self, mem: ContextMemory, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling):
-        n = q.shape[1]
-        pos = torch.arange(n, device=q.device)
-        probs = self._probs(rotate(q, pos, self.inv_freq), rotate(k, pos, self.inv_freq), scaling, None)
-        received = probs.sum(dim=2).reshape(q.shape[0], n)  # [Hq, n]
-        probe_q = rotate(q, torch.full((n,), self.params.n_local, device=q.device), self.inv_freq)
+    def _question_attention(
+        self, mem: ContextMemory, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling, piece_rows: int = 0
+    ):
+        """Causal attention of the question over itself, in pieces of query rows; stores the question vector.
+
+        A piece of p rows scores its queries against the keys up to its last row, so the transient memory
+        is O(p x n) fp32 scores (p = QUESTION_PIECE_ELEMENTS // (Hq x n) unless `piece_rows` is given)
+        instead of three n x n copies per head: the attention each key received is summed piece by piece.
+        """
+        hq, n = q.shape[0], q.shape[1]
+        dev = q.device
+        pos = torch.arange(n, device=dev)
+        q_rot, k_rot = rotate(q, pos, self.inv_freq), rotate(k, pos, self.inv_freq)
+        rows = piece_rows or max(1, QUESTION_PIECE_ELEMENTS // (hq * n))
+        received = torch.zeros(hq, n, device=dev)  # attention each question key received, per query head
+        outs = []
+        for start in range(0, n, rows):
+            stop = min(n, start + rows)
+            causal = torch.arange(stop, device=dev)[None, :] <= torch.arange(start, stop, device=dev)[:, None]
+            probs = self._probs(q_rot[:, start:stop], k_rot[:, :stop], scaling, causal)  # [Hkv, g, p, stop]
+            received[:, :stop] += probs.sum(dim=2).reshape(hq, stop)
+            outs.append(self._weighted(probs, v[:, :stop]))
+            del probs
+        probe_q = rotate(q, torch.full((n,), self.params.n_local, device=dev), self.inv_freq)
         mem.question = top_attended_mean(probe_q, received, self.params.repr_topk).reshape(-1)
-        return self._weighted(probs, v)
+        return torch.cat(outs, dim=1)
 
     # -- attention ------------------------------------------------------------------------------
     def attention(self, call: AttentionCall) -> torch.Tensor:
@@ -385,3 +439,26 @@ class ActQKVPolicy(Policy):
 
     def context_limit(self, params, info):
         return None if params.positions != "absolute" else info.max_context
+
+    def kv_bytes_needed(self, params, info, num_tokens: int) -> int:
+        # every token is kept; the block store grows by doubling (up to twice the blocks held), with a
+        # representative (fp32, Hq x D) per block and an fp32 local score per recent token and query head
+        blocks = 2 * math.ceil(num_tokens / params.block_size)
+        reprs = blocks * info.num_heads * info.head_dim * FP32_BYTES * info.num_layers
+        return 2 * info.kv_bytes_per_token * num_tokens + reprs
+
+    def step_bytes_needed(self, params, info, num_tokens: int, chunk: int, query_tokens: int = 0) -> int:
+        hq, hkv, d = info.num_heads, info.num_kv_heads, info.head_dim
+        w = params.window
+        keys = min(num_tokens, params.attended_keys) + w
+        # one window: local + global logits, their concatenation, the softmax and a sliced copy (fp32);
+        # the gathered and rotated keys and values
+        window = 4 * hq * w * keys * FP32_BYTES + 4 * hkv * keys * d * FP32_BYTES
+        # the block store of one layer is copied while it doubles
+        growth = info.kv_bytes_per_token // max(info.num_layers, 1) * 2 * num_tokens
+        question = 0
+        if query_tokens and params.question_weight > 0:
+            n = query_tokens
+            rows = min(n, max(1, QUESTION_PIECE_ELEMENTS // (hq * n)))
+            question = 3 * hq * rows * n * FP32_BYTES + 3 * hq * n * d * FP32_BYTES + pass_bytes(info, n, chunk)
+        return max(window + growth, question)

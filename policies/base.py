@@ -55,6 +55,7 @@ class SessionRequest:
     query_text: str | None = None  # kv_policy.query: the question, for query-aware policies
     prompt_text: str | None = None  # completions: the prompt; chat: the rendered prompt
     messages: list[dict[str, str]] | None = None  # chat: the request's messages (None for completions)
+    query_ids: list[int] | None = None  # query_text tokenized without special tokens (set by the engine)
 
 
 @dataclass(slots=True)
@@ -184,6 +185,31 @@ class PolicySession:
         self.cache = DynamicCache()
 
 
+FP32_BYTES = 4
+
+
+def dense_step_bytes(num_queries: int, num_keys: int) -> int:
+    """Transient bytes of one dense SDPA call: the boolean mask and one head's fp32 scores (a bound on a
+    fused kernel's working set; SDPA never materialises every head's scores)."""
+    return num_queries * num_keys * (1 + FP32_BYTES)
+
+
+def activation_bytes(info: ModelInfo, num_tokens: int) -> int:
+    """Activations one forward of `num_tokens` tokens holds at once (layers run one after another):
+    the residual and norm outputs, q/k/v and their rotated copies, and the MLP's three intermediates."""
+    config = info.config
+    hidden = getattr(config, "hidden_size", None) or info.num_heads * info.head_dim
+    intermediate = getattr(config, "intermediate_size", None) or 4 * hidden
+    qkv = (info.num_heads + 2 * info.num_kv_heads) * info.head_dim
+    elem = torch.finfo(info.dtype).bits // 8
+    return num_tokens * elem * (3 * intermediate + 4 * hidden + 2 * qkv)
+
+
+def pass_bytes(info: ModelInfo, num_tokens: int, chunk: int) -> int:
+    """Activations of a forward longer than the server's prefill chunk (what a chunked forward would not hold)."""
+    return activation_bytes(info, num_tokens) if num_tokens > chunk else 0
+
+
 class Policy:
     """A named KV policy. Subclasses set the class attributes and `session_class`."""
 
@@ -203,6 +229,18 @@ class Policy:
     def kv_bytes_needed(self, params: PolicyParams, info: ModelInfo, num_tokens: int) -> int:
         """Upper bound of the KV bytes a request of `num_tokens` tokens will hold (admission)."""
         return info.kv_bytes_per_token * num_tokens
+
+    def step_bytes_needed(
+        self, params: PolicyParams, info: ModelInfo, num_tokens: int, chunk: int, query_tokens: int = 0
+    ) -> int:
+        """Upper bound of the transient bytes of this policy's largest step (admission, with the KV).
+
+        `num_tokens`: prompt + completion; `chunk`: the server's prefill chunk; `query_tokens`: the
+        tokens of `kv_policy.query`. Counted: what a step materialises beyond one `chunk`-token forward
+        of the model (attention scores, masks, copies, longer passes). Default: chunked dense SDPA,
+        whose fused kernels never hold the scores; the mask plus one head's fp32 scores as a bound.
+        """
+        return dense_step_bytes(min(chunk, num_tokens), num_tokens)
 
     def context_limit(self, params: PolicyParams, info: ModelInfo) -> int | None:
         """Longest prompt this policy accepts (None = unbounded)."""

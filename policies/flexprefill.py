@@ -56,7 +56,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from kvmux.policies.base import AttentionCall, Policy, PolicyParams, PolicySession
+from kvmux.policies.base import FP32_BYTES, AttentionCall, Policy, PolicyParams, PolicySession, pass_bytes
 from kvmux.policies.dense import dense_attention
 from kvmux.policies.registry import register
 from kvmux.policies.sparse import (
@@ -68,14 +68,28 @@ from kvmux.policies.sparse import (
     query_blocks,
 )
 
+# longest forward FlexPrefill may run (a whole-prompt pass or an explicit chunk)
+MAX_PASS_TOKENS = 131072
+
 
 class FlexPrefillParams(PolicyParams):
-    block_size: int = Field(128, ge=16, le=1024, description="tokens per query/key block (paper: 128)")
+    block_size: int = Field(128, ge=16, le=512, description="tokens per query/key block (paper: 128; at most 512)")
     gamma: float = Field(0.95, gt=0.0, le=1.0, description="attention mass each head must cover (paper: 0.9-0.95)")
     tau: float = Field(0.1, ge=0.0, le=1.0, description="sqrt-JSD threshold below which a head is query-aware")
-    min_budget: int = Field(1024, ge=0, le=1 << 22, description="minimum vertical and slash budget, tokens")
-    max_budget: int | None = Field(None, ge=1, description="maximum vertical and slash budget, tokens (None = all)")
-    prefill_chunk: int = Field(0, ge=0, description="0: prefill the prompt in one forward (paper); >0: chunk size")
+    min_budget: int = Field(1024, ge=0, le=1 << 20, description="minimum vertical and slash budget, tokens")
+    max_budget: int | None = Field(
+        None, ge=1, le=1 << 22, description="maximum vertical and slash budget, tokens (None = all)"
+    )
+    prefill_chunk: int = Field(
+        0, ge=0, le=MAX_PASS_TOKENS, description="0: one forward up to max_single_pass_tokens (paper); >0: chunk size"
+    )
+    max_single_pass_tokens: int = Field(
+        8192,
+        ge=128,
+        le=MAX_PASS_TOKENS,
+        description="with prefill_chunk 0: longest prompt prefilled in one forward; longer prompts are prefilled "
+        f"in forwards of this many tokens, the last one ending at the prompt's end (at most {MAX_PASS_TOKENS})",
+    )
     backend: Literal["auto", "eager", "flex"] = Field("auto", description="block-sparse back-end (see sparse.py)")
 
 
@@ -247,9 +261,26 @@ class FlexPrefillSession(PolicySession):
         self.dense_calls = 0
         self.query_aware_heads = 0
         self.heads_seen = 0
+        self.prefill_forwards = 0
 
     def prefill_chunk_tokens(self, runner) -> int:
-        return self.params.prefill_chunk or (1 << 40)
+        return self.params.prefill_chunk or self.params.max_single_pass_tokens
+
+    def prefill(self, runner, input_ids: torch.Tensor):
+        """One forward (the paper) up to `max_single_pass_tokens`; longer prompts in forwards of that size
+        aligned to the prompt's end, so the last forward's probe is the prompt's real last block."""
+        p, total = self.params, input_ids.shape[1]
+        cap = self.prefill_chunk_tokens(runner)
+        if p.prefill_chunk or total <= cap:
+            self.prefill_forwards = math.ceil(total / cap)
+            return (yield from super().prefill(runner, input_ids))
+        bounds = [0, *range(total % cap or cap, total + 1, cap)]
+        self.prefill_forwards = len(bounds) - 1
+        logits = None
+        for start, stop in zip(bounds, bounds[1:], strict=False):
+            logits = runner.forward(self, input_ids[:, start:stop])
+            yield
+        return logits[0, -1]
 
     def is_short(self, num_keys: int) -> bool:
         bs = self.params.block_size
@@ -282,6 +313,8 @@ class FlexPrefillSession(PolicySession):
         stats.extra["density"] = round(self.kept_cells / self.causal_cells, 4) if self.causal_cells else 1.0
         stats.extra["sparse_calls"] = self.sparse_calls
         stats.extra["dense_calls"] = self.dense_calls
+        if self.prefill_forwards:
+            stats.extra["prefill_forwards"] = self.prefill_forwards
         if self.heads_seen:
             stats.extra["query_aware_fraction"] = round(self.query_aware_heads / self.heads_seen, 4)
         return stats
@@ -294,3 +327,14 @@ class FlexPrefillPolicy(Policy):
     Params = FlexPrefillParams
     session_class = FlexPrefillSession
     summary = "per-head adaptive block-sparse prefill (vertical-slash / query-aware), dense decode"
+
+    def step_bytes_needed(self, params, info, num_tokens: int, chunk: int, query_tokens: int = 0) -> int:
+        hq, hkv, d = info.num_heads, info.num_kv_heads, info.head_dim
+        cap = params.prefill_chunk or params.max_single_pass_tokens
+        tq, tk, bs = min(cap, num_tokens), num_tokens, params.block_size
+        nqb, nkb = num_blocks(tq, bs) + 1, num_blocks(tk, bs)
+        forward = pass_bytes(info, tq, chunk) + tq * tk  # activations of a long pass; the boolean mask
+        probe = 2 * (hq // hkv) * min(bs, tq) * tk * FP32_BYTES + 4 * hq * tk * FP32_BYTES  # + vertical, slash
+        cells = hq * nqb * nkb * 30  # block map: probabilities, sort, order, cumsum, masks
+        copies = 4 * hq * tq * d * FP32_BYTES + 2 * hkv * tk * d * FP32_BYTES  # sorted queries, output; K/V blocks
+        return forward + probe + cells + copies

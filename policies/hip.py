@@ -55,10 +55,10 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from kvmux.policies.base import AttentionCall, Policy, PolicyInputError, PolicyParams, PolicySession
+from kvmux.policies.base import FP32_BYTES, AttentionCall, Policy, PolicyInputError, PolicyParams, PolicySession
 from kvmux.policies.dense import dense_attention
-from kvmux.policies.hip_attention import sparse_attention
-from kvmux.policies.hip_search import ScoreMode, Selection, SparseGeometry, hip_search
+from kvmux.policies.hip_attention import CHUNK_BYTES, sparse_attention
+from kvmux.policies.hip_search import SEARCH_BYTES, ScoreMode, Selection, SparseGeometry, hip_search
 from kvmux.policies.registry import register
 
 Kernel = Literal["auto", "fast", "reference", "triton"]
@@ -98,14 +98,22 @@ def resolve_kernel(kernel: Kernel, device: torch.device) -> ResolvedKernel:
 
 
 class HipParams(PolicyParams):
-    mask_k: int = Field(512, ge=1, le=1_000_000, description="k: key tokens selected per query block (paper: 512)")
-    block_size_q: int = Field(32, ge=1, le=1024, description="b_q: queries sharing one selection (paper: 32)")
-    block_stride_q: int = Field(2, ge=1, le=1024, description="b_sq: every b_sq-th query scores branches (paper: 2)")
-    block_size_k: int = Field(2, ge=1, le=256, description="b_k: tokens per key block (paper: 2)")
-    sink_tokens: int = Field(16, ge=0, le=65536, description="first tokens always attended (paper: 16)")
-    window: int = Field(256, ge=1, le=1_000_000, description="last tokens always attended (paper: 256)")
+    mask_k: int = Field(
+        512, ge=1, le=16384, description="k: key tokens selected per query block (paper: 512; at most 16384)"
+    )
+    block_size_q: int = Field(
+        32, ge=1, le=128, description="b_q: queries sharing one selection (paper: 32; at most 128)"
+    )
+    block_stride_q: int = Field(
+        2, ge=1, le=128, description="b_sq: every b_sq-th query scores branches (paper: 2; at most 128)"
+    )
+    block_size_k: int = Field(2, ge=1, le=64, description="b_k: tokens per key block (paper: 2; at most 64)")
+    sink_tokens: int = Field(16, ge=0, le=4096, description="first tokens always attended (paper: 16; at most 4096)")
+    window: int = Field(256, ge=1, le=16384, description="last tokens always attended (paper: 256; at most 16384)")
     dense_layers: int = Field(3, ge=0, le=1024, description="l_d: first layers kept dense (paper: 3)")
-    refresh_interval: int = Field(8, ge=1, le=1_000_000, description="r_m: decode steps between searches (paper: 8)")
+    refresh_interval: int = Field(
+        8, ge=1, le=1024, description="r_m: decode steps between searches (paper: 8; at most 1024)"
+    )
     score_mode: ScoreMode = Field("auto", description="branch scoring: gathered representatives or a score table")
     kernel: Kernel = Field("auto", description="implementation: auto, fast, reference or triton (see module doc)")
 
@@ -319,3 +327,19 @@ class HipPolicy(Policy):
     Params = HipParams
     session_class = HipSession
     summary = "hierarchically pruned top-k key blocks + sinks + window (compute only; full KV kept)"
+
+    def step_bytes_needed(self, params, info, num_tokens: int, chunk: int, query_tokens: int = 0) -> int:
+        # dense layers and short calls; the search and the sparse attention run in slices of query
+        # blocks sized by SEARCH_BYTES / CHUNK_BYTES (at least one block each), plus the per-offset key copies
+        hq, hkv, d = info.num_heads, info.num_kv_heads, info.head_dim
+        device = info.device.type
+        bq, bk = params.block_size_q, params.block_size_k
+        sampled = max(1, bq // min(params.block_stride_q, bq))
+        groups = params.mask_k // bk
+        one_search = max(8 * hq * sampled * max(num_tokens // bk, 1), 4 * hq * 2 * groups * bk * (d + sampled))
+        width = params.window + bq - 1
+        one_slice = hq * (params.mask_k + width + params.sink_tokens) * (2 * d + 3 * bq) * FP32_BYTES
+        search = max(SEARCH_BYTES.get(device, 64 << 20), one_search)
+        attention = max(CHUNK_BYTES.get(device, 64 << 20), one_slice)
+        copies = hkv * num_tokens * d * FP32_BYTES + 2 * hq * min(chunk, num_tokens) * d * FP32_BYTES
+        return super().step_bytes_needed(params, info, num_tokens, chunk) + search + attention + copies

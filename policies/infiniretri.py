@@ -59,8 +59,18 @@ import torch
 from pydantic import Field
 from transformers import DynamicCache
 
-from kvmux.policies.base import AttentionCall, Policy, PolicyInputError, PolicyParams, PolicySession, SessionRequest
-from kvmux.policies.dense import attention_probs, dense_attention
+from kvmux.policies.base import (
+    FP32_BYTES,
+    AttentionCall,
+    Policy,
+    PolicyInputError,
+    PolicyParams,
+    PolicySession,
+    SessionRequest,
+    dense_step_bytes,
+    pass_bytes,
+)
+from kvmux.policies.dense import attention_probs, causal_mask, dense_attention
 from kvmux.policies.registry import register
 from kvmux.policies.sentences import (
     Span,
@@ -73,10 +83,17 @@ from kvmux.policies.sentences import (
     token_pieces,
 )
 
+# fp32 score elements of one piece of question rows in the scoring layer (x3 copies: scores, masked, softmax)
+ROW_PIECE_ELEMENTS = 1 << 22
+
 
 class InfiniRetriParams(PolicyParams):
-    chunk_tokens: int = Field(1024, ge=16, le=65536, description="context tokens read per chunk (paper: 1024)")
-    top_k: int = Field(300, ge=1, le=100_000, description="best-scored tokens whose sentences are kept (paper: 300)")
+    chunk_tokens: int = Field(
+        1024, ge=16, le=16384, description="context tokens read per chunk (paper: 1024; at most 16384)"
+    )
+    top_k: int = Field(
+        300, ge=1, le=16384, description="best-scored tokens whose sentences are kept (paper: 300; at most 16384)"
+    )
     window: int = Field(8, ge=1, le=256, description="phrase window: token scores summed over this many (paper: 8)")
     layer: int | None = Field(
         None, ge=-1024, le=1023, description="scoring layer (negative from the end; -1 = last, the paper)"
@@ -84,7 +101,9 @@ class InfiniRetriParams(PolicyParams):
     layer_depth: float = Field(0.62, ge=0.0, le=1.0, description="when layer is unset: fraction of the layer stack")
     sink_tokens: int = Field(4, ge=0, le=1024, description="first positions of each scoring input left out")
     question_weight: bool = Field(True, description="weight question rows by their in-question attention squared")
-    max_question_tokens: int = Field(512, ge=1, le=65536, description="longest default question paragraph")
+    max_question_tokens: int = Field(
+        512, ge=1, le=4096, description="longest default question paragraph (at most 4096)"
+    )
 
 
 @dataclass(slots=True)
@@ -180,6 +199,28 @@ def split_prompt(tokenizer, ids: list[int], request: SessionRequest, max_questio
     )
 
 
+def question_rows(call: AttentionCall, question_start: int, piece_rows: int = 0) -> torch.Tensor:
+    """Probabilities [R, N] of the question rows (queries from `question_start` on), summed over heads.
+
+    Rows are scored in pieces of p (p = ROW_PIECE_ELEMENTS // (Hq x N) unless `piece_rows` is given),
+    so the fp32 softmax of a long question never holds all R x N x Hq scores at once.
+    """
+    query, key = call.query, call.key
+    tq, tk = query.shape[2], key.shape[2]
+    rows = piece_rows or max(1, ROW_PIECE_ELEMENTS // (query.shape[1] * tk))
+    out = torch.empty(tq - question_start, tk, device=query.device)
+    for start in range(question_start, tq, rows):
+        stop = min(tq, start + rows)
+        if call.mask is None:  # causal, bottom-right: query i sees keys <= tk - tq + i
+            mask = causal_mask(tq, tk, query.device)[start:stop]
+        else:
+            mask = call.mask[:, :, start:stop, :]
+        probs = attention_probs(query[:, :, start:stop], key, call.scaling, mask)
+        out[start - question_start : stop - question_start] = probs[0].sum(0)
+        del probs
+    return out
+
+
 def window_sum(x: torch.Tensor, window: int) -> torch.Tensor:
     """[R, L] -> [R, L]: each column replaced by the sum over columns j-window//2 .. j+(window-1)//2."""
     padded = torch.nn.functional.pad(x, (window // 2, (window - 1) // 2))
@@ -230,6 +271,7 @@ class InfiniRetriSession(PolicySession):
         self._row_weights: torch.Tensor | None = None
         self._report: dict = {}
         self.retained: list[Span] = []  # token spans of the prompt kept after the last chunk
+        self.piece_rows = 0  # question rows scored at once (0: sized by ROW_PIECE_ELEMENTS)
 
     def _resolve_layer(self) -> int:
         n = self.info.num_layers
@@ -250,9 +292,7 @@ class InfiniRetriSession(PolicySession):
         probe = self._probe
         if probe is None or call.layer_idx != probe.layer:
             return dense_attention(call)
-        rows = call.query[:, :, probe.question_start :]
-        mask = None if call.mask is None else call.mask[:, :, probe.question_start :, :]
-        probe.rows = attention_probs(rows, call.key, call.scaling, mask)[0].sum(0)
+        probe.rows = question_rows(call, probe.question_start, self.piece_rows)
         raise _ProbeDone
 
     def _question_rows(self, runner, ids: list[int], question_start: int) -> torch.Tensor:
@@ -358,3 +398,15 @@ class InfiniRetriPolicy(Policy):
     session_class = InfiniRetriSession
     extends_context = True
     summary = "reads the context in sentence chunks, keeps sentences the question attends to"
+
+    def step_bytes_needed(self, params, info, num_tokens: int, chunk: int, query_tokens: int = 0) -> int:
+        # a scoring forward reads instruction + retained sentences + chunk + question in one pass (at most
+        # the model's context) up to the scoring layer, with a throwaway cache; the question rows of that
+        # layer are scored in pieces (fp32 scores, masked, softmax; the keys repeated per query head)
+        hq, d = info.num_heads, info.head_dim
+        seq = min(num_tokens + query_tokens + 2, info.max_context)
+        rows = min(seq, max(1, ROW_PIECE_ELEMENTS // (hq * seq)))
+        scoring = 3 * hq * rows * seq * FP32_BYTES + hq * seq * d * FP32_BYTES + seq * seq * FP32_BYTES
+        forward = pass_bytes(info, seq, chunk) + dense_step_bytes(seq, seq) + info.kv_bytes_per_token * seq
+        final = super().step_bytes_needed(params, info, seq, chunk)
+        return max(scoring + forward, final)

@@ -61,7 +61,7 @@ from typing import Annotated, Literal
 import torch
 from pydantic import Field
 
-from kvmux.policies.base import AttentionCall, Policy, PolicyParams, PolicySession
+from kvmux.policies.base import FP32_BYTES, AttentionCall, Policy, PolicyParams, PolicySession
 from kvmux.policies.dense import dense_attention
 from kvmux.policies.eviction import (
     gather_tokens,
@@ -81,16 +81,18 @@ BLOCK_ELEMENTS_DEFAULT = 1 << 22
 
 
 class LazyEvictionParams(PolicyParams):
-    budget: int = Field(1024, ge=1, le=10_000_000, description="B: tokens per KV head kept after an eviction")
+    budget: int = Field(
+        1024, ge=1, le=131072, description="B: tokens per KV head kept after an eviction (at most 131072)"
+    )
     budget_ratio: float | None = Field(
         None, gt=0, le=1, description="if set, B = ceil(ratio * tokens seen so far), replacing budget"
     )
-    window: Annotated[int, Field(ge=1, le=1_000_000)] | Literal["auto"] = Field(
-        64, description="W: steps between evictions and newest tokens always kept; 'auto' = calibrate"
+    window: Annotated[int, Field(ge=1, le=8192)] | Literal["auto"] = Field(
+        64, description="W: steps between evictions and newest tokens always kept (at most 8192); 'auto' = calibrate"
     )
     alpha: float = Field(1e-4, gt=0, lt=1, description="a token counts as attended when its probability >= alpha")
     window_percentile: float = Field(80, gt=0, le=100, description="auto W: percentile of observed MRIs (paper: 80)")
-    calibration_rows: int = Field(512, ge=1, le=65_536, description="auto W: last prompt rows observed")
+    calibration_rows: int = Field(512, ge=1, le=8192, description="auto W: last prompt rows observed (at most 8192)")
     group_score: Literal["max", "mean"] = Field("max", description="how a KV head combines its query heads' scores")
 
 
@@ -284,6 +286,16 @@ class LazyEvictionSession(PolicySession):
         recent = torch.arange(self.tokens_seen - (length - kept.shape[1]), self.tokens_seen, device=device)
         return torch.cat([kept, recent[None, :].expand(heads, -1)], dim=1)
 
+    def checkpoint(self):
+        # recurrence states are replaced, never mutated in place: keeping the references is enough
+        return super().checkpoint(), [(state.ts, state.mri) for state in self.state]
+
+    def restore(self, checkpoint) -> None:
+        cache_lengths, states = checkpoint
+        super().restore(cache_lengths)
+        for state, (ts, mri) in zip(self.state, states, strict=True):
+            state.ts, state.mri = ts, mri
+
     def stats(self):
         stats = super().stats()
         stats.extra.update(
@@ -310,3 +322,15 @@ class LazyEvictionPolicy(Policy):
     session_class = LazyEvictionSession
     batched_decode = True  # a decode step is one query row through the session's own attention
     summary = "lagged eviction every W steps: W newest + top tokens by recurrence-interval score"
+
+    def step_bytes_needed(self, params, info, num_tokens: int, chunk: int, query_tokens: int = 0) -> int:
+        heads = info.num_heads
+        row = heads * num_tokens  # one observed row over every key, all query heads
+        # decode: fp32 scores and probabilities of one row; eviction: the score (and its terms) and a sort
+        decode = 6 * row * FP32_BYTES + row * 8
+        calibration = 0
+        if params.window == "auto":  # blocks of prompt rows: fp32 scores, the threshold test, the state update
+            limit = BLOCK_ELEMENTS.get(info.device.type, BLOCK_ELEMENTS_DEFAULT)
+            rows = min(params.calibration_rows, num_tokens, max(1, limit // max(row, 1)))
+            calibration = rows * row * (FP32_BYTES + 1 + 2 * 4)
+        return super().step_bytes_needed(params, info, num_tokens, chunk) + max(decode, calibration)

@@ -115,6 +115,11 @@ def resolve_request_policy(
     if not isinstance(spec, dict):
         raise PresetError("kv_policy must be a preset name or an object with 'preset'", "kv_policy")
     name = spec.get("preset", default)
+    if not isinstance(name, str):
+        raise PresetError(
+            f"kv_policy.preset must be a preset name (a string); available presets: {sorted(presets)}",
+            "kv_policy.preset",
+        )
     if name not in presets:
         raise PresetError(
             f"Unknown kv_policy preset '{name}'; available presets: {sorted(presets)}", "kv_policy.preset"

@@ -35,15 +35,15 @@ import torch
 from pydantic import Field
 from transformers.cache_utils import Cache, DynamicLayer
 
-from kvmux.policies.base import AttentionCall, Policy, PolicyParams, PolicySession
+from kvmux.policies.base import FP32_BYTES, AttentionCall, Policy, PolicyParams, PolicySession, dense_step_bytes
 from kvmux.policies.dense import sdpa
 from kvmux.policies.registry import register
 from kvmux.policies.rope import cos_sin, rotate, rotate_with
 
 
 class StreamingLLMParams(PolicyParams):
-    sink_tokens: int = Field(4, ge=0, le=1024, description="initial tokens always kept (paper: 4)")
-    window: int = Field(1020, ge=1, le=1_000_000, description="most recent tokens kept (paper: 1020)")
+    sink_tokens: int = Field(4, ge=0, le=256, description="initial tokens always kept (paper: 4; at most 256)")
+    window: int = Field(1020, ge=1, le=131072, description="most recent tokens kept (paper: 1020; at most 131072)")
     positions: Literal["cache", "original"] = Field(
         "cache", description="'cache': re-rotate keys to cache slots (paper); 'original': absolute"
     )
@@ -132,6 +132,14 @@ class StreamingLLMPolicy(Policy):
         # the cache never holds more than sinks + window (+ one prefill chunk before eviction)
         held = min(num_tokens, params.sink_tokens + 2 * params.window)
         return info.kv_bytes_per_token * held
+
+    def step_bytes_needed(self, params, info, num_tokens: int, chunk: int, query_tokens: int = 0) -> int:
+        # chunks of at most `window` tokens over at most sinks + window + chunk keys; in cache mode every
+        # layer re-rotates its keys (the rotated copy and its two products, fp32)
+        queries = max(1, min(chunk, params.window, num_tokens))
+        keys = min(num_tokens, params.sink_tokens + params.window + queries)
+        rotated = 3 * info.num_kv_heads * keys * info.head_dim * FP32_BYTES if params.positions == "cache" else 0
+        return dense_step_bytes(queries, keys) + rotated
 
     def context_limit(self, params, info):
         # in cache mode positions never exceed the cache, so any prompt length streams through

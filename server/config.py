@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -25,10 +26,16 @@ class ServerConfig(BaseModel):
     default_preset: str = Field("full", description="preset used when a request names none")
     max_active_sessions: int = Field(4, ge=1, description="requests running at once (interleaved)")
     max_queued_requests: int = Field(64, ge=0, description="waiting requests before 429")
-    max_prompt_tokens: int | None = Field(None, ge=1, description="longest accepted prompt")
+    max_prompt_tokens: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
+        "auto", description="longest accepted prompt; auto: tokens whose full KV fills the memory budget (limits.py)"
+    )
+    max_query_tokens: int | None = Field(1024, ge=1, description="longest accepted kv_policy.query, in tokens")
     max_new_tokens: int | None = Field(4096, ge=1, description="largest accepted max_tokens")
     request_timeout_s: float | None = Field(600.0, gt=0, description="per-request deadline")
-    kv_memory_budget_bytes: int | None = Field(None, ge=1, description="KV bytes all sessions may hold")
+    kv_memory_budget_bytes: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
+        "auto",
+        description="KV + step bytes all sessions may hold; auto: a share of the memory free after loading the model",
+    )
     batch_decode: bool = Field(True, description="decode concurrent requests in one forward where policies allow")
     api_keys: list[str] = Field(default_factory=list, description="Bearer keys for /v1/* (empty: no auth)")
     auth_health_and_metrics: bool = Field(False, description="also require a key on /health and /metrics")

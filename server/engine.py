@@ -23,6 +23,7 @@ from kvmux.policies.base import PolicySession, SessionRequest
 from kvmux.policies.presets import Preset, resolve_request_policy
 from kvmux.server.detok import IncrementalDetokenizer, StopStrings
 from kvmux.server.errors import RequestError
+from kvmux.server.limits import AUTO, DEFAULT_MAX_QUERY_TOKENS, Auto, resolve_limits
 from kvmux.server.sampling import Sampler, SamplingParams, token_logprobs
 
 
@@ -175,8 +176,10 @@ class Engine:
         presets: dict[str, Preset],
         default_preset: str = "full",
         prefill_chunk_tokens: int = 2048,
-        max_prompt_tokens: int | None = None,
+        max_prompt_tokens: int | Auto | None = None,
         max_new_tokens: int | None = None,
+        kv_memory_budget_bytes: int | Auto | None = AUTO,
+        max_query_tokens: int | None = DEFAULT_MAX_QUERY_TOKENS,
     ):
         if default_preset not in presets:
             raise ValueError(f"default preset '{default_preset}' is not among the presets {sorted(presets)}")
@@ -186,7 +189,10 @@ class Engine:
         self.presets = presets
         self.default_preset = default_preset
         self.runner = loaded.runner(prefill_chunk_tokens)
-        self.max_prompt_tokens = max_prompt_tokens
+        # `auto` settings resolved now that the model is loaded (free memory measured after its weights)
+        self.limits = resolve_limits(self.info, kv_memory_budget_bytes, max_prompt_tokens, max_query_tokens)
+        self.max_prompt_tokens = self.limits.max_prompt_tokens
+        self.max_query_tokens = self.limits.max_query_tokens
         self.max_new_tokens = max_new_tokens
         self.eos_token_ids = _eos_ids(loaded)
 
@@ -218,6 +224,9 @@ class Engine:
     ) -> GenerationRequest:
         sampling = sampling or SamplingParams()
         preset, query = resolve_request_policy(kv_policy, self.presets, self.default_preset)
+        query_ids = self._query_ids(query)
+        if isinstance(prompt, list):  # before the per-id checks: a huge token array is refused at once
+            self._check_prompt_length(len(prompt))
         if messages is not None:
             text = self.render_chat(messages)
             ids = self.tokenize(text, add_special_tokens=False)
@@ -230,7 +239,7 @@ class Engine:
         if not ids:
             raise RequestError("The prompt is empty; send at least one token.", "messages" if messages else "prompt")
         self._check_lengths(ids, sampling, preset)
-        session_request = SessionRequest(query_text=query, prompt_text=text, messages=messages)
+        session_request = SessionRequest(query_text=query, prompt_text=text, messages=messages, query_ids=query_ids)
         # a policy that cannot serve this request (e.g. no question found) says so now, as a 400
         trial = preset.policy.new_session(preset.params, self.info, session_request)
         try:
@@ -246,10 +255,7 @@ class Engine:
             raise RequestError(
                 f"max_tokens is {sampling.max_tokens}; this server allows at most {self.max_new_tokens}.", "max_tokens"
             )
-        if self.max_prompt_tokens is not None and len(ids) > self.max_prompt_tokens:
-            raise RequestError(
-                f"The prompt has {len(ids)} tokens; this server accepts at most {self.max_prompt_tokens}.", "prompt"
-            )
+        self._check_prompt_length(len(ids))
         limit = preset.policy.context_limit(preset.params, self.info)
         if limit is not None and len(ids) + sampling.max_tokens > limit:
             raise RequestError(
@@ -258,6 +264,25 @@ class Engine:
                 "the completion). Shorten the prompt, lower max_tokens, or pick a preset that extends context.",
                 "prompt",
             )
+
+    def _check_prompt_length(self, num_tokens: int) -> None:
+        if self.max_prompt_tokens is not None and num_tokens > self.max_prompt_tokens:
+            raise RequestError(
+                f"The prompt has {num_tokens} tokens; this server accepts at most {self.max_prompt_tokens}.", "prompt"
+            )
+
+    def _query_ids(self, query: str | None) -> list[int] | None:
+        """kv_policy.query as token ids (no special tokens); a 400 when longer than max_query_tokens."""
+        if query is None:
+            return None
+        ids = self.tokenize(query, add_special_tokens=False)
+        if self.max_query_tokens is not None and len(ids) > self.max_query_tokens:
+            raise RequestError(
+                f"kv_policy.query has {len(ids)} tokens; this server accepts at most {self.max_query_tokens} "
+                "(the question alone, without the context).",
+                "kv_policy.query",
+            )
+        return ids
 
     def copy_request(self, request: GenerationRequest, seed_offset: int) -> GenerationRequest:
         """Another choice of the same request (n > 1): same prompt and policy, its own seed."""
