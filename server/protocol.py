@@ -24,6 +24,7 @@ MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
 MAX_STOP_TOKEN_IDS = 256
+MAX_LOGGED_FIELDS = 10
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # seed + n - 1 stays within what torch.Generator accepts
 
 
@@ -89,8 +90,11 @@ class OpenAIRequest(BaseModel):
 
     @model_validator(mode="after")
     def _log_ignored_fields(self):
-        if self.model_extra:
-            log.info("ignoring unknown request fields: %s", sorted(self.model_extra))
+        if self.model_extra:  # a bounded line, however many (and however long) the names
+            names = sorted(self.model_extra)
+            shown = [name[:64] for name in names[:MAX_LOGGED_FIELDS]]
+            more = f" and {len(names) - len(shown)} more" if len(names) > len(shown) else ""
+            log.info("ignoring unknown request fields: %s%s", shown, more)
         return self
 
     def _logprobs(self) -> int | None:

@@ -181,6 +181,15 @@ def test_inputs_that_used_to_raise_are_400(server, path, name, body, param):
     assert_still_serving(server.url)
 
 
+def test_many_unknown_fields_are_ignored_with_a_bounded_log_line(server, caplog):
+    body = {"prompt": "Hello", "max_tokens": 1, **{f"field_{i}_" + "x" * 200: i for i in range(250)}}
+    with caplog.at_level(logging.INFO, logger="kvmux.server"):
+        response = post(server.url, "/v1/completions", body)
+    assert response.status_code == 200, response.text
+    lines = [r.getMessage() for r in caplog.records if "unknown request fields" in r.getMessage()]
+    assert lines and all(len(line) < 1500 for line in lines) and "and 240 more" in lines[0]
+
+
 def test_form_encoded_body_is_a_400_asking_for_json(server):
     response = httpx.post(server.url + "/v1/completions", data={"prompt": "hi"}, timeout=60)
     error = assert_error(response, 400)
