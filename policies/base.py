@@ -14,6 +14,8 @@ Hooks (defaults give dense full attention):
 | `session.after_forward(n)` | nothing |
 | `session.next_position_ids(n)` | absolute positions (tokens seen so far) |
 | `session.stats()` | tokens and bytes kept in the cache |
+| `policy.kv_bytes_needed(params, info, n)` | a full cache of n tokens (admission under the memory budget) |
+| `policy.step_bytes_needed(params, info, n, chunk, query_tokens)` | a dense chunk: mask + one head's scores |
 """
 
 from __future__ import annotations

@@ -25,12 +25,24 @@ Algorithm, per query head, for every prefill forward of every layer (block size 
 Decoding is dense over the full cache (the paper sparsifies the prefill only); prompts with
 at most max(2, ceil(min_budget/bs)) key blocks are prefilled densely, as in the reference.
 
-Chunked prefill: by default (`prefill_chunk=0`) the whole prompt is prefilled in ONE forward,
-as the paper does, so the probe is the prompt's real last block (where the question usually
-sits). With `prefill_chunk > 0` the prompt is prefilled in chunks and every chunk runs the same
-selection with its own last block as the probe over all keys so far (blocks on the absolute
-grid, rows = the chunk's query blocks): correct attention, but a chunk's probe does not see the
-question at the end of the prompt, so the pattern may differ from the one-pass result.
+Chunked prefill: by default (`prefill_chunk=0`) a prompt of up to `max_single_pass_tokens`
+(8192) tokens is prefilled in ONE forward, as the paper does, so the probe is the prompt's real
+last block (where the question usually sits). Why one pass: the paper estimates every head's
+pattern (vertical-slash budgets, the query-aware test) from the last query block of the whole
+prompt; chunking gives each chunk its own probe, which changes the selections. With
+`prefill_chunk > 0` the prompt is prefilled in chunks and every chunk runs the same selection with
+its own last block as the probe over all keys so far (blocks on the absolute grid, rows = the
+chunk's query blocks): correct attention, but a chunk's probe does not see the question at the end
+of the prompt, so the pattern may differ from the one-pass result.
+
+The single pass is capped (a deviation, for serving): one forward cannot be interleaved with other
+requests, and its activations, mask and block map grow with the prompt. A prompt longer than
+`max_single_pass_tokens` (at most 131072) is prefilled in forwards of that size aligned to the
+prompt's END (the first forward takes the remainder): the last forward's probe is still the
+prompt's real last block over all keys, so the rows of the last `max_single_pass_tokens` queries
+get the one-pass vertical-slash budgets and query-aware test; earlier rows get their own forward's
+probe, as with `prefill_chunk`. Raise `max_single_pass_tokens` (per preset or request) to keep the
+paper's single pass for longer prompts; the server counts that pass's memory before admitting it.
 
 Deviations from the reference code:
 - Budget divisor = configured block size (see 2), not 128.

@@ -47,6 +47,12 @@ Deviations from the reference, and why:
   sentences go first).
 - The final answer is decoded with the request's sampling settings (the reference samples at
   temperature 0.5).
+- Bounded question: the question rows of the scoring layer are scored in pieces of rows (at most
+  `ROW_PIECE_ELEMENTS` fp32 scores per piece; the same rows as one computation), the default
+  question paragraph is at most `max_question_tokens` (512, capped at 4096), a `kv_policy.query`
+  at most the server's `max_query_tokens` (1024), and any question must leave `chunk_tokens` of
+  the model's context free. A query found in the prompt starts the question at its last
+  occurrence, so that question is bounded by the context check alone.
 """
 
 from __future__ import annotations
