@@ -124,9 +124,15 @@ class ActQKVParams(PolicyParams):
         256, ge=1, le=512, description="queries per retrieval window while reading (paper: 256; at most 512)"
     )
     question_weight: float = Field(4.0, ge=0.0, le=100.0, description="weight of the kv_policy.query term (4)")
-    entropy_history: int = Field(100, ge=1, le=100_000, description="entropy samples per layer for the split (100)")
-    stats_warmup: int = Field(2, ge=0, le=100_000, description="windows per layer with uniform probe weights")
-    stats_horizon: int = Field(1000, ge=1, le=1_000_000, description="cap on windows in the running statistics")
+    entropy_history: int = Field(
+        100, ge=1, le=100_000, description="entropy samples per layer for the split (100; at most 100000)"
+    )
+    stats_warmup: int = Field(
+        2, ge=0, le=100_000, description="windows per layer with uniform probe weights (at most 100000)"
+    )
+    stats_horizon: int = Field(
+        1000, ge=1, le=1_000_000, description="cap on windows in the running statistics (at most 1000000)"
+    )
     positions: Literal["inf_llm", "ordered", "absolute"] = Field(
         "inf_llm",
         description="'inf_llm': local relative, global at n_local (paper); 'ordered': attended keys at "

@@ -110,7 +110,7 @@ class HipParams(PolicyParams):
     block_size_k: int = Field(2, ge=1, le=64, description="b_k: tokens per key block (paper: 2; at most 64)")
     sink_tokens: int = Field(16, ge=0, le=4096, description="first tokens always attended (paper: 16; at most 4096)")
     window: int = Field(256, ge=1, le=16384, description="last tokens always attended (paper: 256; at most 16384)")
-    dense_layers: int = Field(3, ge=0, le=1024, description="l_d: first layers kept dense (paper: 3)")
+    dense_layers: int = Field(3, ge=0, le=1024, description="l_d: first layers kept dense (paper: 3; at most 1024)")
     refresh_interval: int = Field(
         8, ge=1, le=1024, description="r_m: decode steps between searches (paper: 8; at most 1024)"
     )
