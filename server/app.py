@@ -56,7 +56,7 @@ NOT_AN_OBJECT = "The request body must be a JSON object (sent with 'Content-Type
 # FastAPI's answer when reading or decoding a body fails other than by a JSON syntax error
 # (invalid UTF-8, an integer past Python's digit limit, nesting past the recursion limit)
 BODY_PARSE_FAILED = "There was an error parsing the body"
-ERROR_KINDS = {401: "AuthenticationError", 404: "NotFoundError", 405: "BadRequestError", 413: "BadRequestError"}
+ERROR_KINDS = {401: "AuthenticationError", 404: "NotFoundError", 408: "TimeoutError", 413: "BadRequestError"}
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:

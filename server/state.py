@@ -100,10 +100,17 @@ class BodyTooLarge(HTTPException):
         super().__init__(413, f"The request body is larger than {limit} bytes.")
 
 
+class BodyTooSlow(HTTPException):
+    """The request body did not arrive within `request_body_timeout_s` (a stalled or trickling upload)."""
+
+    def __init__(self, timeout_s: float):
+        super().__init__(408, f"The request body did not arrive within {timeout_s:g} s.")
+
+
 class RequestContextMiddleware:
     """Request id (a well-formed X-Request-Id is honoured, else one is generated; returned either
-    way), body-size limit (Content-Length and the bytes actually received), API keys, and one
-    structured access-log line per request."""
+    way), body-size limit (Content-Length and the bytes actually received), body deadline, API keys,
+    and one structured access-log line per request."""
 
     def __init__(self, app, state: ServerState):
         self.app = app
@@ -120,7 +127,9 @@ class RequestContextMiddleware:
         started = time.perf_counter()
         status = {"code": 500, "sent": False}
         limit = self.state.config.max_request_body_bytes
-        received = 0
+        body_timeout = self.state.config.request_body_timeout_s
+        body_deadline = time.monotonic() + body_timeout
+        received, body_done = 0, False
 
         async def send_with_id(message):
             if message["type"] == "http.response.start":
@@ -129,12 +138,20 @@ class RequestContextMiddleware:
             await send(message)
 
         async def receive_limited():
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_done
+            if body_done:  # later calls wait for the client's disconnect, however long that takes
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(body_deadline - time.monotonic(), 0.0))
+            except TimeoutError:
+                raise BodyTooSlow(body_timeout) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
                     raise BodyTooLarge(limit)
+                body_done = not message.get("more_body", False)
+            else:
+                body_done = True
             return message
 
         async def reply(message: str, kind: str, code: int) -> None:
@@ -148,9 +165,10 @@ class RequestContextMiddleware:
                 await reply(MISSING_KEY, "AuthenticationError", 401)
             else:
                 await self.app(scope, receive_limited, send_with_id)
-        except BodyTooLarge as exc:  # read outside a route's body parsing (e.g. by a disconnect check)
+        except (BodyTooLarge, BodyTooSlow) as exc:  # read outside a route's body parsing (a disconnect check)
             if not status["sent"]:
-                await reply(exc.detail, "BadRequestError", 413)
+                kind = "BadRequestError" if exc.status_code == 413 else "TimeoutError"
+                await reply(exc.detail, kind, exc.status_code)
         except Exception as exc:  # noqa: BLE001 - whatever escaped the routes: logged, answered in OpenAI shape
             if status["sent"]:
                 raise

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -31,13 +32,15 @@ ROOT = Path(__file__).resolve().parents[2]
 MODEL = "SmolLM2-135M-Instruct"
 KEY = "hostile-test-key"
 LIMIT = 64 * 1024
+BODY_TIMEOUT_S = 2.0
 ORIGIN = "https://app.example"
 
 
 @pytest.fixture(scope="module")
 def server(smollm):
-    """A server with a small body limit and at most 4 new tokens."""
-    with start_server(smollm, max_new=4, max_request_body_bytes=LIMIT, request_timeout_s=60.0) as live:
+    """A server with a small body limit, a short body deadline and at most 4 new tokens."""
+    config = {"max_request_body_bytes": LIMIT, "request_body_timeout_s": BODY_TIMEOUT_S, "request_timeout_s": 60.0}
+    with start_server(smollm, max_new=4, **config) as live:
         live.state = live.server.config.app.state.kvmux
         yield live
 
@@ -124,6 +127,35 @@ def test_client_leaving_a_chunked_stream_still_cancels_its_request(server):
         assert scheduler.num_running == 0  # cancelled long before 3000 tokens
     finally:
         scheduler.engine.max_new_tokens = original
+
+
+def send_stalled_body(port: int, headers: str, body: bytes) -> str:
+    """Send the headers and part of a body, then nothing more; the server's answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        sock.sendall(headers.encode() + b"\r\n" + body)
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+            data = sock.recv(65536)
+            if not data:
+                break
+            answer += data
+    return answer.decode("latin-1")
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+def test_stalled_body_is_408(server, framing):
+    part = b'{"prompt": "Hel'
+    if framing == "chunked":
+        head, body = "Transfer-Encoding: chunked\r\n", f"{len(part):x}\r\n".encode() + part + b"\r\n"
+    else:
+        head, body = "Content-Length: 1000\r\n", part
+    request = f"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n{head}"
+    answer = send_stalled_body(server.port, request, body)
+    status_line, _, rest = answer.partition("\r\n")
+    assert status_line.split()[1] == "408", answer
+    error = json.loads(rest[rest.index("\r\n\r\n") + 4 :])["error"]
+    assert error["code"] == 408 and error["type"] == "TimeoutError" and "did not arrive" in error["message"]
+    assert_still_serving(server.url)
 
 
 # -- bounded stop lists ------------------------------------------------------------------------
