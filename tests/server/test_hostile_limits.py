@@ -116,6 +116,16 @@ def test_derived_prompt_limit_follows_the_budget(engine, smollm):
     assert ServerConfig().kv_memory_budget_bytes == "auto" and ServerConfig().max_prompt_tokens == "auto"
 
 
+def test_serve_flags_take_auto_or_numbers():
+    from kvmux.cli import _config_from_args, build_parser
+
+    argv = ["serve", "--max-prompt-tokens", "auto", "--kv-memory-budget-bytes", "123456789", "--max-query-tokens", "64"]
+    config = _config_from_args(build_parser().parse_args(argv))
+    assert (config.max_prompt_tokens, config.kv_memory_budget_bytes, config.max_query_tokens) == ("auto", 123456789, 64)
+    config = _config_from_args(build_parser().parse_args(["serve", "--max-prompt-tokens", "5000"]))
+    assert config.max_prompt_tokens == 5000 and config.kv_memory_budget_bytes == "auto"  # configs/server.yaml
+
+
 @pytest.mark.parametrize("preset", ["streaming_llm", "actqkv", "infiniretri"])
 def test_token_array_over_the_derived_prompt_limit_is_400(server, engine, preset):
     """Presets without a context limit used to accept any token array the body could carry."""
