@@ -56,6 +56,10 @@ NOT_AN_OBJECT = "The request body must be a JSON object (sent with 'Content-Type
 # FastAPI's answer when reading or decoding a body fails other than by a JSON syntax error
 # (invalid UTF-8, an integer past Python's digit limit, nesting past the recursion limit)
 BODY_PARSE_FAILED = "There was an error parsing the body"
+NOT_READABLE = (
+    "The request body is not valid JSON, or exceeds what the server parses "
+    "(UTF-8 only, integers of at most 4300 digits, nesting of at most a few hundred levels)."
+)
 ERROR_KINDS = {401: "AuthenticationError", 404: "NotFoundError", 408: "TimeoutError", 413: "BadRequestError"}
 
 
@@ -105,7 +109,7 @@ def build_app(state: ServerState) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException):
         status = exc.status_code
-        message = NOT_JSON if status == 400 and exc.detail == BODY_PARSE_FAILED else str(exc.detail)
+        message = NOT_READABLE if status == 400 and exc.detail == BODY_PARSE_FAILED else str(exc.detail)
         return JSONResponse(error_body(message, ERROR_KINDS.get(status, "BadRequestError"), status), status_code=status)
 
     @app.get("/health")
