@@ -72,11 +72,23 @@ def _config_from_args(args: argparse.Namespace):
     return type(config).model_validate({**config.model_dump(), **updates})
 
 
+def import_policy_modules(names: list[str]) -> None:
+    """Import the configured plugin modules; each registers its policies with `@register`."""
+    import importlib
+
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise SystemExit(f"policy_modules: cannot import '{name}': {exc}") from None
+
+
 def build_engine(config):
     from kvmux.models.loader import load_model
     from kvmux.policies.presets import load_presets
     from kvmux.server.engine import Engine
 
+    import_policy_modules(config.policy_modules)
     presets = load_presets(Path(config.presets_dir), config.exposed_presets)
     loaded = load_model(config.model)
     return Engine(
@@ -112,9 +124,7 @@ def unauthenticated_exposure(config) -> str | None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from kvmux.server.serve import create_app
+    from kvmux.server.serve import create_app, run_server
 
     config = _config_from_args(args)
     refusal = unauthenticated_exposure(config)
@@ -127,13 +137,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         os.environ.pop(name, None)
     # uvicorn shuts down gracefully on SIGTERM and then re-raises it; after a clean shutdown exit 0
     signal.signal(signal.SIGTERM, lambda *_: None)
-    uvicorn.run(
-        app,
-        host=config.host,
-        port=config.port,
-        log_level=args.log_level,
-        timeout_graceful_shutdown=int(config.shutdown_grace_s) + 5,
-    )
+    run_server(app, config, log_level=args.log_level)
     return 0
 
 
@@ -167,6 +171,7 @@ def cmd_policies(args: argparse.Namespace) -> int:
     from kvmux.server.config import load_server_config
 
     config = load_server_config(args.config)
+    import_policy_modules(config.policy_modules)
     presets = load_presets(Path(args.presets_dir or config.presets_dir))
     if args.json:
         print(json.dumps([p.as_dict() for p in presets.values()], indent=1))

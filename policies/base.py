@@ -20,7 +20,7 @@ Hooks (defaults give dense full attention):
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -42,6 +42,10 @@ class PolicyInputError(ValueError):
         super().__init__(message)
         self.message = message
         self.param = param
+
+
+class StepInterrupted(Exception):
+    """Raised at a layer boundary when the request was cancelled or ran past its deadline."""
 
 
 class PolicyParams(BaseModel):
@@ -124,6 +128,10 @@ def cache_kept_tokens(cache: Cache) -> tuple[int, int]:
 class PolicySession:
     """Per-request state and hooks. Subclasses override only what their paper changes."""
 
+    # set by the server: returns True once the request should stop; checked before every layer's
+    # attention, so a cancelled or timed-out request stops within one layer of work
+    interrupt: Callable[[], bool] | None = None
+
     def __init__(self, policy: Policy, params: PolicyParams, info: ModelInfo, request: SessionRequest):
         self.policy = policy
         self.params = params
@@ -172,6 +180,18 @@ class PolicySession:
         ids = torch.tensor([[token_id]], device=self.info.device)
         return runner.forward(self, ids)[0, -1]
 
+    # -- decode checkpoints (a failed batched decode step is undone, then retried alone) ---------
+    def checkpoint(self) -> Any:
+        """What `restore` needs to undo one decode step: every layer's cached length."""
+        return [_layer_length(layer) for layer in self.cache.layers]
+
+    def restore(self, checkpoint: Any) -> None:
+        """Undo a decode step that failed part-way (cache entries appended since `checkpoint`)."""
+        for layer, length in zip(self.cache.layers, checkpoint, strict=False):
+            if length is not None and _layer_length(layer) not in (None, length):
+                layer.keys = layer.keys[..., :length, :]
+                layer.values = layer.values[..., :length, :]
+
     # -- reporting ---------------------------------------------------------------------------
     def stats(self) -> KVStats:
         kept, kept_bytes = cache_kept_tokens(self.cache)
@@ -185,6 +205,11 @@ class PolicySession:
     def close(self) -> None:
         """Release the cache (called when the request ends, however it ends)."""
         self.cache = DynamicCache()
+
+
+def _layer_length(layer: Any) -> int | None:
+    keys = getattr(layer, "keys", None)
+    return keys.shape[-2] if torch.is_tensor(keys) else None
 
 
 FP32_BYTES = 4

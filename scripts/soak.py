@@ -1,13 +1,19 @@
 """Bounded soak test of `kvmux serve`: concurrent clients mixing presets, streaming and not, some
-disconnecting mid-request; checks for 5xx, unfinished requests and memory growth.
+disconnecting mid-request, optionally some sending requests whose policy fails on purpose;
+checks for 5xx on healthy requests, unfinished requests and memory growth.
 
 The script starts the server itself (`kvmux serve` on a free 127.0.0.1 port, the embedded model
 unless --serve-arg says otherwise), warms it up with one request per preset, records the server
 process's idle RSS, runs the load for --minutes, waits until the server is idle again, records RSS
 again, stops the server with SIGTERM and writes a Markdown report (and a JSON file).
 
+With --faulty-fraction F, the server also loads the deliberately faulty policy of the test suite
+(`tests/faulty_policy.py`, through `policy_modules`) as preset `faulty`, and that fraction of
+requests use it with a random fault (in the prefill, a decode step's attention or eviction hook, the
+stats, or the clean-up): those may fail alone, every other request must still complete.
+
 Usage:
-    python scripts/soak.py --minutes 5 --clients 8 --out docs/results/soak.md
+    python scripts/soak.py --minutes 5 --clients 8 --faulty-fraction 0.1 --out docs/results/soak.md
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,6 +43,9 @@ WORDS = (
     "tunnel velvet walnut anchor basket candle desert feather ginger hammer island jacket kettle"
 ).split()
 LONGEST_PROMPT_WORDS = 900
+REPO = Path(__file__).resolve().parents[1]
+FAULTY_PRESET = "faulty"
+FAULTS = ["prefill", "decode", "after_decode", "stats", "close"]
 QUESTIONS = [
     "What is the capital of France?",
     "Name three colours of the rainbow.",
@@ -54,6 +64,7 @@ class Outcome:
     route: str
     stream: bool
     plan: str  # "complete" or "disconnect"
+    fault: str | None = None  # where a faulty request fails on purpose (None: a healthy request)
     status: int | None = None  # None: no response (connection error)
     result: str = ""  # completed | disconnected | rejected | client_error | server_error | failed
     finish_reason: str | None = None
@@ -97,9 +108,25 @@ def kvmux_command() -> str:
     return str(local) if local.exists() else (shutil.which("kvmux") or "kvmux")
 
 
+def faulty_config(folder: Path) -> Path:
+    """A server config whose presets are the repository's plus `faulty` (policy from the tests)."""
+    presets = folder / "policies"
+    presets.mkdir(parents=True, exist_ok=True)
+    for path in (REPO / "configs" / "policies").glob("*.yaml"):
+        shutil.copy(path, presets / path.name)
+    (presets / "faulty.yaml").write_text(
+        f"name: {FAULTY_PRESET}\npolicy: faulty\ndescription: fails on purpose\nparams: {{fail_in: decode}}\n"
+    )
+    config = folder / "server.yaml"
+    config.write_text(f"presets_dir: {presets}\npolicy_modules: [tests.faulty_plugin]\n")
+    return config
+
+
 def start_server(port: int, extra: list[str], log_path: Path, threads: int | None) -> subprocess.Popen:
     argv = [kvmux_command(), "serve", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", *extra]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    # the repository on the path: `policy_modules` may name the test suite's faulty policy
+    paths = [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(paths)}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)  # torch's intra-op threads in the server process
     log = log_path.open("w")
@@ -132,6 +159,8 @@ def scrape(url: str) -> dict[str, float] | None:
                 continue
             key = s.name + (f"[{s.labels['reason']}]" if "reason" in s.labels else "")
             out[key] = out.get(key, 0.0) + s.value
+            if s.labels.get("policy") == "faulty":  # the faulty requests' share, to tell them apart
+                out[key + "{faulty}"] = out.get(key + "{faulty}", 0.0) + s.value
     return out
 
 
@@ -237,15 +266,26 @@ async def run_whole(client: httpx.AsyncClient, route: str, body: dict, out: Outc
         out.error = response.text[:300]
 
 
+def make_faulty(rng: random.Random, body: dict) -> tuple[str, dict]:
+    """Turn a request into one whose policy fails on purpose (somewhere random)."""
+    fault = rng.choice(FAULTS)
+    spec = {"preset": FAULTY_PRESET, "fail_in": fault, "fail_after": rng.randint(0, 4)}
+    return fault, {**body, "kv_policy": spec}
+
+
 async def client_loop(url: str, seed: int, presets: list[str], deadline: float, args, report: Report) -> None:
     rng = random.Random(seed)
     timeout = httpx.Timeout(args.request_timeout_s, connect=30.0)
     async with httpx.AsyncClient(base_url=url, timeout=timeout) as client:
         while time.monotonic() < deadline:
             preset, route, body = make_request(rng, presets, args.max_tokens)
+            fault = None
+            if rng.random() < args.faulty_fraction:
+                fault, body = make_faulty(rng, body)
+                preset = FAULTY_PRESET
             stream = rng.random() < 0.5
-            disconnect = rng.random() < args.disconnect_fraction
-            out = Outcome(preset, route, stream, "disconnect" if disconnect else "complete")
+            disconnect = fault is None and rng.random() < args.disconnect_fraction
+            out = Outcome(preset, route, stream, "disconnect" if disconnect else "complete", fault)
             started = time.monotonic()
             try:
                 if stream:
@@ -256,6 +296,8 @@ async def client_loop(url: str, seed: int, presets: list[str], deadline: float, 
                     await run_whole(client, route, body, out, give_up)
             except (httpx.HTTPError, json.JSONDecodeError, KeyError) as exc:
                 out.result, out.error = "failed", f"{type(exc).__name__}: {exc}"[:300]
+            if out.fault is not None and out.result == "server_error":
+                out.result = "faulted"  # failed on purpose, alone: what a faulty request may do
             out.seconds = round(time.monotonic() - started, 3)
             report.outcomes.append(out)
 
@@ -302,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=32, help="largest max_tokens a client asks for")
     parser.add_argument("--disconnect-fraction", type=float, default=0.25)
+    parser.add_argument("--faulty-fraction", type=float, default=0.0, help="share of requests that fail on purpose")
     parser.add_argument("--request-timeout-s", type=float, default=600.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--torch-threads", type=int, default=None, help="OMP_NUM_THREADS for the server")
@@ -313,12 +356,17 @@ def main(argv: list[str] | None = None) -> int:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"kvmux-soak-{port}.log"
-    proc = start_server(port, args.serve_arg, log_path, args.torch_threads)
+    serve_args = list(args.serve_arg)
+    if args.faulty_fraction > 0:
+        folder = Path(tempfile.mkdtemp(prefix="kvmux-soak-"))
+        serve_args += ["--config", str(faulty_config(folder))]
+    proc = start_server(port, serve_args, log_path, args.torch_threads)
     report = Report(args=vars(args) | {"out": str(args.out), "json": str(args.json)}, presets=[])
     try:
         wait_healthy(url, proc, timeout_s=300)
         report.rss_startup_kib = rss_kib(proc.pid)
-        report.presets = [p["name"] for p in httpx.get(url + "/v1/policies", timeout=30).json()["data"]]
+        listed = [p["name"] for p in httpx.get(url + "/v1/policies", timeout=30).json()["data"]]
+        report.presets = [name for name in listed if name != FAULTY_PRESET]
         warm_up(url, report.presets)
         wait_idle(url, timeout_s=60)
         report.rss_idle_before_kib = rss_kib(proc.pid)

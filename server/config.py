@@ -46,7 +46,12 @@ class ServerConfig(BaseModel):
     cors_origins: list[str] = Field(default_factory=list, description="allowed CORS origins (empty: CORS off)")
     max_request_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     request_body_timeout_s: float = Field(60.0, gt=0, description="a request body must arrive within this (else 408)")
-    shutdown_grace_s: float = Field(10.0, ge=0)
+    shutdown_grace_s: float = Field(
+        8.0, ge=0, description="the whole SIGTERM shutdown (draining, stopping work, exit) fits in this"
+    )
+    policy_modules: list[str] = Field(
+        default_factory=list, description="extra Python modules imported at start-up that register policies"
+    )
 
 
 def load_server_config(path: Path | None) -> ServerConfig:

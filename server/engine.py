@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -88,12 +88,14 @@ class RequestState:
         self.decode_seconds = 0.0
         self.finish_reason: str | None = None
         self.final_stats: dict[str, Any] = {}
+        self.interrupt: Callable[[], bool] | None = None  # handed to the session (layer-boundary stops)
 
     def steps(self) -> Generator[TokenEvent | NeedDecode | None, torch.Tensor | None, None]:
         req, engine = self.request, self.engine
         preset = req.preset
         try:
             self.session = preset.policy.new_session(preset.params, engine.info, req.session_request)
+            self.session.interrupt = self.interrupt
             started = time.perf_counter()
             ids = torch.tensor([req.prompt_ids], device=engine.info.device)
             logits = yield from self.session.prefill(engine.runner, ids)
@@ -101,8 +103,10 @@ class RequestState:
             yield from self._decode_loop(logits)
         finally:
             if self.session is not None:
-                self.final_stats = self.session.stats().as_dict()
-                self.session.close()
+                try:
+                    self.final_stats = self.session.stats().as_dict()
+                finally:
+                    self.session.close()
 
     def _decode_loop(self, logits: torch.Tensor) -> Generator[TokenEvent | NeedDecode, torch.Tensor, None]:
         req, engine = self.request, self.engine

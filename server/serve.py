@@ -45,9 +45,8 @@ def shutdown_plan(grace_s: float) -> tuple[float, float]:
     The margin covers stopping work at a layer boundary, flushing the last responses, joining the
     worker and exiting; everything together stays within `grace_s`.
     """
-    margin = min(2.0, grace_s / 4)
-    work = max(grace_s - margin, 0.0)
-    return work, work + margin / 2
+    margin = min(2.0, grace_s / 2)
+    return grace_s - margin, grace_s - margin / 4
 
 
 class DrainingServer(uvicorn.Server):
@@ -73,6 +72,6 @@ def run_server(app: FastAPI, config: ServerConfig, log_level: str = "info") -> N
         host=config.host,
         port=config.port,
         log_level=log_level,
-        timeout_graceful_shutdown=max(1, int(connections)),
+        timeout_graceful_shutdown=connections,
     )
     DrainingServer(uv_config, app.state.kvmux.scheduler, config.shutdown_grace_s).run()

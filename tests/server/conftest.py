@@ -27,6 +27,8 @@ def free_port() -> int:
 
 class LiveServer:
     def __init__(self, app, port: int):
+        self.app = app
+        self.engine = app.state.kvmux.engine
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))

@@ -11,8 +11,16 @@ refuses new work, and SSE streams wait for events instead of polling.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from kvmux.policies.presets import Preset
 from kvmux.policies.registry import _REGISTRY, register
@@ -21,6 +29,7 @@ from kvmux.server.handlers import stream_events
 from kvmux.server.sampling import SamplingParams
 from kvmux.server.scheduler import MAX_LOOP_FAILURES, Handle, Scheduler
 from tests.faulty_policy import FaultyPolicy, InjectedFault
+from tests.server.conftest import free_port, start_server
 from tests.tiny_models import tiny_engine
 
 LAYERS = 6
@@ -230,3 +239,124 @@ def test_stream_waits_for_events_without_polling(engine):
     CountingQueue.polls = 0
     assert asyncio.run(scenario()) == ["data: [DONE]\n\n"]
     assert CountingQueue.polls < 40
+
+
+# -- through a live server on the embedded model ---------------------------------------------------
+@pytest.fixture(scope="module")
+def faulty_server(smollm):
+    register(FaultyPolicy)
+    server = start_server(smollm, max_active_sessions=6)
+    add_faulty_presets(server.engine)
+    with server:
+        yield server
+    _REGISTRY.pop(FaultyPolicy.name, None)
+
+
+def _completion(url: str, preset: str, max_tokens: int, stream: bool = False, timeout: float = 300) -> httpx.Response:
+    body = {
+        "prompt": "The river ran past the old mill and",
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": stream,
+        "kv_policy": preset,
+    }
+    return httpx.post(url + "/v1/completions", json=body, timeout=timeout)
+
+
+def _metric(url: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for family in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=10).text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
+def _wait_idle(url: str) -> None:
+    for _ in range(600):
+        if _metric(url, "kvmux_scheduler_running") == 0 and _metric(url, "kvmux_scheduler_waiting") == 0:
+            return
+        time.sleep(0.1)
+    raise AssertionError("the server did not become idle")
+
+
+@pytest.mark.model
+def test_live_faulty_request_among_healthy_ones(faulty_server, monkeypatch):
+    sizes = _batch_sizes(faulty_server.engine, monkeypatch)
+    url = faulty_server.url
+    with ThreadPoolExecutor(4) as pool:
+        healthy = [pool.submit(_completion, url, "full", 12, stream=i == 0) for i in range(3)]
+        bad = pool.submit(_completion, url, "faulty_decode", 12)
+        bad, healthy = bad.result(), [f.result() for f in healthy]
+    assert max(sizes) >= 2
+    assert bad.status_code == 500
+    error = bad.json()["error"]
+    assert error["type"] == "InternalServerError" and error["code"] == 500
+    assert "injected" not in error["message"] and "Fault" not in error["message"]  # details stay in the log
+    for response in healthy:
+        assert response.status_code == 200, response.text
+        if response.headers["content-type"].startswith("text/event-stream"):
+            assert '"error"' not in response.text and response.text.rstrip().endswith("data: [DONE]")
+        else:
+            assert response.json()["usage"]["completion_tokens"] == 12
+    assert httpx.get(url + "/health", timeout=10).status_code == 200
+    assert _completion(url, "full", 2).status_code == 200
+
+
+@pytest.mark.model
+def test_live_n_choices_all_cancelled_when_the_client_leaves(faulty_server):
+    url = faulty_server.url
+    _wait_idle(url)
+    before = _metric(url, "kvmux_request_outcomes_total", reason="cancelled")
+    ended = _metric(url, "kvmux_request_outcomes_total")
+    body = {"prompt": "Count slowly:", "max_tokens": 400, "ignore_eos": True, "n": 3, "temperature": 0.8}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url + "/v1/completions", json=body, timeout=httpx.Timeout(10, read=2.0))
+    for _ in range(1200):  # until the three choices have ended, however they ended
+        if _metric(url, "kvmux_request_outcomes_total") - ended >= 3:
+            break
+        time.sleep(0.1)
+    # every choice was stopped, none ran on to its 400 tokens unobserved
+    assert _metric(url, "kvmux_request_outcomes_total", reason="cancelled") - before == 3
+    assert _completion(url, "full", 2).status_code == 200
+
+
+@pytest.mark.model
+def test_sigterm_shutdown_fits_the_grace_period(smollm, tmp_path):
+    """A stream in flight at SIGTERM is stopped with a 503 event and the process exits 0 in time."""
+    grace = 4.0
+    config = tmp_path / "server.yaml"
+    config.write_text(f"shutdown_grace_s: {grace}\nmax_new_tokens: 100000\n")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    argv = [sys.executable, "-m", "kvmux.cli", "serve", "--config", str(config), "--port", str(port)]
+    log = (tmp_path / "server.log").open("w")
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        for _ in range(240):
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        body = {"prompt": "Once upon a time", "max_tokens": 4000, "ignore_eos": True, "stream": True}
+        lines: list[str] = []
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as response:
+            for line in response.iter_lines():
+                lines.append(line)
+                if len(lines) == 4:  # the stream is running: stop the server now
+                    started = time.monotonic()
+                    proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+        elapsed = time.monotonic() - started
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    assert code == 0, (tmp_path / "server.log").read_text()[-3000:]
+    assert elapsed < grace + 1.5, f"shutdown took {elapsed:.1f} s with shutdown_grace_s {grace}"
+    events = [line for line in lines if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]"
+    assert '"code": 503' in events[-2] and "shutting down" in events[-2]
