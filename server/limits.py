@@ -5,9 +5,10 @@ Two settings may be `auto` (the default), resolved once the model is loaded:
 - `kv_memory_budget_bytes: auto` = a share of the memory left after loading the model: on CUDA,
   `GPU_MEMORY_SHARE` of the device's free memory (`torch.cuda.mem_get_info`); on CPU,
   `CPU_MEMORY_SHARE` of the available RAM (MemAvailable in /proc/meminfo, else the free pages from
-  `os.sysconf`). The rest is headroom for what the budget does not count: the model's weights'
-  working set, one `prefill_chunk_tokens` forward's activations, the allocator's slack, the Python
-  process and anything else running on the machine.
+  `os.sysconf`; less when a container's memory cgroup leaves less room). The rest is headroom for
+  what the budget does not count: the model's weights' working set, one `prefill_chunk_tokens`
+  forward's activations, the allocator's slack, the Python process and anything else running on
+  the machine.
 - `max_prompt_tokens: auto` = the prompt whose full KV cache would fill the budget (at least the
   model's context length, at most `AUTO_MAX_PROMPT_TOKENS`): longer prompts are refused with a 400
   whatever the policy, so a request can no longer be as long as the body limit allows.
@@ -52,10 +53,22 @@ DEFAULT_MAX_QUERY_TOKENS = 1024  # longest kv_policy.query, in tokens
 
 
 def available_memory_bytes(device: torch.device) -> int | None:
-    """Memory free for new allocations on `device` now (None when it cannot be measured)."""
+    """Memory free for new allocations on `device` now (None when it cannot be measured).
+
+    On CPU: the machine's available RAM, or less when this process's cgroup (a container's memory
+    limit) leaves less room than that, since /proc/meminfo shows the host's memory.
+    """
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free)
+    machine = _meminfo_available()
+    room = cgroup_room_bytes()
+    if machine is None or room is None:
+        return machine if room is None else room
+    return min(machine, room)
+
+
+def _meminfo_available() -> int | None:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
@@ -66,6 +79,26 @@ def available_memory_bytes(device: torch.device) -> int | None:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return None
+
+
+UNLIMITED = 1 << 60  # cgroup v1 reports "no limit" as a number near 2**63
+
+
+def cgroup_room_bytes(root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """limit - usage of the memory cgroup seen at `root` (v2, else v1); None when unlimited or absent."""
+    for limit_file, usage_file in (
+        ("memory.max", "memory.current"),
+        ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes"),
+    ):
+        try:
+            limit_text = (root / limit_file).read_text().strip()
+            usage = int((root / usage_file).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if limit_text == "max" or int(limit_text) >= UNLIMITED:
+            return None
+        return max(0, int(limit_text) - usage)
+    return None
 
 
 @dataclass(frozen=True)

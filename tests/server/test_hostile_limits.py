@@ -17,7 +17,7 @@ import pytest
 from kvmux.policies.presets import load_presets
 from kvmux.server.config import ServerConfig
 from kvmux.server.engine import Engine
-from kvmux.server.limits import AUTO_MAX_PROMPT_TOKENS, prepared_request_bytes, resolve_limits
+from kvmux.server.limits import AUTO_MAX_PROMPT_TOKENS, cgroup_room_bytes, prepared_request_bytes, resolve_limits
 from kvmux.server.sampling import SamplingParams
 from kvmux.server.serve import create_app
 from tests.server.conftest import LiveServer, free_port
@@ -114,6 +114,25 @@ def test_derived_prompt_limit_follows_the_budget(engine, smollm):
     assert machine.kv_memory_budget_bytes is not None and machine.kv_memory_budget_bytes > 0
     assert info.max_context <= machine.max_prompt_tokens <= AUTO_MAX_PROMPT_TOKENS
     assert ServerConfig().kv_memory_budget_bytes == "auto" and ServerConfig().max_prompt_tokens == "auto"
+
+
+def test_container_memory_limit_bounds_the_available_memory(tmp_path):
+    """/proc/meminfo shows the host's RAM inside a container; the cgroup's limit - usage is the real room."""
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "memory.max").write_text("4294967296\n")
+    (v2 / "memory.current").write_text("1073741824\n")
+    assert cgroup_room_bytes(v2) == 3 << 30
+    (v2 / "memory.max").write_text("max\n")
+    assert cgroup_room_bytes(v2) is None
+    v1 = tmp_path / "v1" / "memory"
+    v1.mkdir(parents=True)
+    (v1 / "memory.limit_in_bytes").write_text("2147483648")
+    (v1 / "memory.usage_in_bytes").write_text("3221225472")  # over the limit: no room
+    assert cgroup_room_bytes(tmp_path / "v1") == 0
+    (v1 / "memory.limit_in_bytes").write_text("9223372036854771712")  # v1's "unlimited"
+    assert cgroup_room_bytes(tmp_path / "v1") is None
+    assert cgroup_room_bytes(tmp_path / "absent") is None
 
 
 def test_serve_flags_take_auto_or_numbers():
