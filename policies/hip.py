@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Literal
@@ -330,7 +331,8 @@ class HipPolicy(Policy):
 
     def step_bytes_needed(self, params, info, num_tokens: int, chunk: int, query_tokens: int = 0) -> int:
         # dense layers and short calls; the search and the sparse attention run in slices of query
-        # blocks sized by SEARCH_BYTES / CHUNK_BYTES (at least one block each), plus the per-offset key copies
+        # blocks sized by SEARCH_BYTES / CHUNK_BYTES (at least one block each, at most the chunk's
+        # blocks), plus the per-offset key copies
         hq, hkv, d = info.num_heads, info.num_kv_heads, info.head_dim
         device = info.device.type
         bq, bk = params.block_size_q, params.block_size_k
@@ -339,7 +341,8 @@ class HipPolicy(Policy):
         one_search = max(8 * hq * sampled * max(num_tokens // bk, 1), 4 * hq * 2 * groups * bk * (d + sampled))
         width = params.window + bq - 1
         one_slice = hq * (params.mask_k + width + params.sink_tokens) * (2 * d + 3 * bq) * FP32_BYTES
-        search = max(SEARCH_BYTES.get(device, 64 << 20), one_search)
-        attention = max(CHUNK_BYTES.get(device, 64 << 20), one_slice)
+        blocks = math.ceil(min(chunk, num_tokens) / bq)  # query blocks of one prefill chunk
+        search = min(blocks * one_search, max(SEARCH_BYTES.get(device, 64 << 20), one_search))
+        attention = min(blocks * one_slice, max(CHUNK_BYTES.get(device, 64 << 20), one_slice))
         copies = hkv * num_tokens * d * FP32_BYTES + 2 * hq * min(chunk, num_tokens) * d * FP32_BYTES
         return super().step_bytes_needed(params, info, num_tokens, chunk) + search + attention + copies
