@@ -20,7 +20,7 @@ from starlette.responses import JSONResponse
 
 from kvmux.server.config import ServerConfig
 from kvmux.server.engine import Engine
-from kvmux.server.errors import REQUEST_ID, error_body, to_error_body
+from kvmux.server.errors import REQUEST_ID, OverloadedError, UnavailableError, error_body, to_error_body
 from kvmux.server.metrics import Metrics, install_metrics_route
 from kvmux.server.scheduler import Scheduler
 
@@ -46,6 +46,7 @@ class ServerState:
     started: int = field(default_factory=lambda: int(time.time()))
     ready: bool = False
     cpu_pool: ThreadPoolExecutor | None = None
+    cpu_pending: int = 0  # jobs in or waiting for the worker pool (changed on the event loop only)
 
     def install_middleware(self, app: FastAPI) -> None:
         # pure ASGI (not @app.middleware): handlers must still see the client's disconnect
@@ -65,11 +66,23 @@ class ServerState:
             self.cpu_pool.shutdown(wait=False, cancel_futures=True)
             self.cpu_pool = None
 
+    @property
+    def max_cpu_pending(self) -> int:
+        """Jobs the worker pool may hold at once: as many as the scheduler may hold requests."""
+        return self.config.max_active_sessions + self.config.max_queued_requests
+
     async def off_loop(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run CPU-bound request work (tokenizing, rendering, checking) in the worker pool."""
+        """Run CPU-bound request work (tokenizing, rendering, checking) in the worker pool; 429 when
+        `max_cpu_pending` jobs are already there, so a flood of large prompts cannot queue without end."""
         if self.cpu_pool is None:
-            raise RuntimeError("the server's worker pool is not running")
-        return await asyncio.get_running_loop().run_in_executor(self.cpu_pool, lambda: fn(*args, **kwargs))
+            raise UnavailableError("The server is starting or shutting down; retry later.")
+        if self.cpu_pending >= self.max_cpu_pending:
+            raise OverloadedError("The server is busy preparing other requests; retry later.")
+        self.cpu_pending += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.cpu_pool, lambda: fn(*args, **kwargs))
+        finally:
+            self.cpu_pending -= 1
 
     def authorized(self, path: str, authorization: bytes) -> bool:
         keys = self.config.api_keys
