@@ -1,5 +1,5 @@
-"""What the app holds: config, engine, scheduler, readiness, a CPU worker pool; and its middleware
-(API keys, request ids, body-size limit, CORS)."""
+"""What the app holds: config, engine, scheduler, readiness, a bounded CPU worker pool; and its
+middleware (API keys, request ids, body size limit and deadline, errors that escape a route, CORS)."""
 
 from __future__ import annotations
 
