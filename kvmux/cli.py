@@ -53,6 +53,8 @@ def _config_from_args(args: argparse.Namespace):
         "max_query_tokens",
         "max_new_tokens",
         "request_timeout_s",
+        "max_connections",
+        "shutdown_grace_s",
         "kv_memory_budget_bytes",
     ):
         value = getattr(args, name, None)
@@ -198,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-query-tokens", type=int, default=None, help="longest kv_policy.query, in tokens")
     serve.add_argument("--max-new-tokens", type=int, default=None)
     serve.add_argument("--request-timeout-s", type=float, default=None)
+    serve.add_argument("--max-connections", type=int, default=None, help="open connections before 503")
+    serve.add_argument("--shutdown-grace-s", type=float, default=None, help="bound on the whole SIGTERM shutdown")
     serve.add_argument("--kv-memory-budget-bytes", type=_int_or_auto, default=None, help="a number or 'auto'")
     serve.add_argument("--api-key", action="append", help="require this Bearer key (repeatable; env KVMUX_API_KEY)")
     serve.add_argument("--cors-origin", action="append", help="allow this CORS origin (repeatable)")

@@ -46,6 +46,9 @@ class ServerConfig(BaseModel):
     cors_origins: list[str] = Field(default_factory=list, description="allowed CORS origins (empty: CORS off)")
     max_request_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     request_body_timeout_s: float = Field(60.0, gt=0, description="a request body must arrive within this (else 408)")
+    max_connections: int | None = Field(
+        256, ge=1, description="open connections (and their request bodies) before uvicorn answers 503"
+    )
     shutdown_grace_s: float = Field(
         8.0, ge=0, description="the whole SIGTERM shutdown (draining, stopping work, exit) fits in this"
     )

@@ -87,14 +87,14 @@ class Scheduler:
         max_active_sessions: int = 4,
         max_queued_requests: int = 64,
         on_event: Any = None,
-        kv_memory_budget_bytes: int | None = None,
+        kv_memory_budget_bytes: int | str | None = None,
         batch_decode: bool = True,
     ):
         self.engine = engine
         self.max_active = max_active_sessions
         self.max_queued = max_queued_requests
         self.on_event = on_event  # metrics hook: on_event(kind, handle, payload)
-        self.kv_budget = kv_memory_budget_bytes
+        self.kv_budget = resolve_budget(kv_memory_budget_bytes, engine)  # `auto`: the engine's measured budget
         self.kv_reserved = 0
         self.batch_decode = batch_decode
         self._waiting: deque[Handle] = deque()
@@ -111,7 +111,6 @@ class Scheduler:
         self._thread.start()
 
     def submit(self, request: GenerationRequest, deadline_s: float | None = None) -> Handle:
-        self.kv_budget = resolve_budget(self.kv_budget, self.engine)  # `auto`: the engine's measured budget
         needed = self.kv_bytes_needed(request)
         if self.kv_budget is not None and needed > self.kv_budget:
             kv, step = prepared_request_bytes(self.engine, request)
@@ -129,7 +128,9 @@ class Scheduler:
                 raise UnavailableError("The engine's worker has stopped; this server cannot serve requests.")
             if not self._accepting:
                 raise UnavailableError("The server is shutting down and accepts no new requests.")
-            if len(self._waiting) >= self.max_queued:
+            # requests a free session slot will take at once do not count as waiting
+            free_slots = max(self.max_active - len(self._active), 0)
+            if len(self._waiting) - free_slots >= self.max_queued:
                 raise OverloadedError(
                     f"Too many requests are waiting ({len(self._waiting)}); retry shortly.", status=429
                 )

@@ -64,14 +64,21 @@ class DrainingServer(uvicorn.Server):
         await super().shutdown(sockets)
 
 
-def run_server(app: FastAPI, config: ServerConfig, log_level: str = "info") -> None:
-    """Serve `app` until SIGINT/SIGTERM, then shut down within `config.shutdown_grace_s`."""
+def draining_server(app: FastAPI, config: ServerConfig, log_level: str = "info") -> DrainingServer:
+    """The uvicorn server for `app`: connection limit and shutdown budget from `config`."""
     _, connections = shutdown_plan(config.shutdown_grace_s)
     uv_config = uvicorn.Config(
         app,
         host=config.host,
         port=config.port,
         log_level=log_level,
+        # uvicorn counts the new connection itself: N + 1 lets N connections be served at once
+        limit_concurrency=None if config.max_connections is None else config.max_connections + 1,
         timeout_graceful_shutdown=connections,
     )
-    DrainingServer(uv_config, app.state.kvmux.scheduler, config.shutdown_grace_s).run()
+    return DrainingServer(uv_config, app.state.kvmux.scheduler, config.shutdown_grace_s)
+
+
+def run_server(app: FastAPI, config: ServerConfig, log_level: str = "info") -> None:
+    """Serve `app` until SIGINT/SIGTERM, then shut down within `config.shutdown_grace_s`."""
+    draining_server(app, config, log_level).run()

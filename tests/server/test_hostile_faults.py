@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -22,14 +23,17 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from kvmux.policies.presets import Preset
+from kvmux.policies.presets import Preset, load_presets
 from kvmux.policies.registry import _REGISTRY, register
+from kvmux.server.config import ServerConfig
+from kvmux.server.engine import Engine
 from kvmux.server.errors import DeadlineError, UnavailableError
 from kvmux.server.handlers import stream_events
 from kvmux.server.sampling import SamplingParams
 from kvmux.server.scheduler import MAX_LOOP_FAILURES, Handle, Scheduler
+from kvmux.server.serve import create_app, draining_server
 from tests.faulty_policy import FaultyPolicy, InjectedFault
-from tests.server.conftest import free_port, start_server
+from tests.server.conftest import PRESETS, free_port, start_server
 from tests.tiny_models import tiny_engine
 
 LAYERS = 6
@@ -360,3 +364,33 @@ def test_sigterm_shutdown_fits_the_grace_period(smollm, tmp_path):
     events = [line for line in lines if line.startswith("data: ")]
     assert events[-1] == "data: [DONE]"
     assert '"code": 503' in events[-2] and "shutting down" in events[-2]
+
+
+@pytest.mark.model
+def test_connections_beyond_the_limit_get_503(smollm):
+    """max_connections bounds open connections (and so the bodies they can upload at once)."""
+    engine = Engine(smollm, load_presets(PRESETS), prefill_chunk_tokens=512, max_new_tokens=4000)
+    config = ServerConfig(port=free_port(), max_connections=1)
+    server = draining_server(create_app(config, engine=engine), config, log_level="warning")
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{config.port}"
+    try:
+        for _ in range(600):
+            if server.started:
+                break
+            time.sleep(0.1)
+        body = {"prompt": "Once upon a time", "max_tokens": 3000, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as held:
+            assert held.status_code == 200
+            lines = held.iter_lines()  # kept: closing the iterator would close the connection
+            assert next(lines).startswith("data: ")
+            assert httpx.get(url + "/health", timeout=10).status_code == 503  # a second connection
+        for _ in range(100):  # the held connection is closed: the server serves again
+            if httpx.get(url + "/health", timeout=10).status_code == 200:
+                break
+            time.sleep(0.1)
+        assert _completion(url, "full", 2).status_code == 200
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

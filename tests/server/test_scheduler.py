@@ -79,11 +79,30 @@ def test_cancel_releases_session_and_kv(engine):
 def test_queue_limit_gives_429(engine):
     async def scenario():
         scheduler = Scheduler(engine, max_active_sessions=1, max_queued_requests=1)
-        # not started: nothing is admitted, so the queue fills
+        # not started: nothing is admitted, so the queue fills (one for the free slot, one waiting)
+        scheduler.submit(_request(engine, 5, 1))
         scheduler.submit(_request(engine, 5, 1))
         with pytest.raises(OverloadedError) as info:
             scheduler.submit(_request(engine, 5, 1))
         assert info.value.status == 429
+
+    _run(scenario())
+
+
+def test_no_queue_still_admits_into_free_slots(engine):
+    async def scenario():
+        scheduler = Scheduler(engine, max_active_sessions=2, max_queued_requests=0)
+        scheduler.start()
+        try:
+            first = scheduler.submit(_request(engine, 5, 30))
+            second = scheduler.submit(_request(engine, 5, 30))
+            with pytest.raises(OverloadedError):  # both slots taken and nothing may wait
+                scheduler.submit(_request(engine, 5, 1))
+            assert (await _drain(first))[-1] == "done" and (await _drain(second))[-1] == "done"
+            third = scheduler.submit(_request(engine, 5, 1))
+            assert (await _drain(third))[-1] == "done"
+        finally:
+            scheduler.shutdown(grace_s=0)
 
     _run(scenario())
 
