@@ -1,8 +1,11 @@
 """The policy registry: name -> Policy class. Every policy module registers itself here.
 
-Kernel modules with optional dependencies (`hip_triton`, which needs triton) are not imported
-here: the policy that uses one imports it when the kernel actually runs. A policy module whose
-own optional dependency is missing is skipped with a warning, so the other policies still load.
+The loader imports every module and subpackage directly inside `kvmux.policies`; a policy that needs
+more than one file is a package whose `__init__` imports its policy module. Modules inside a package
+are imported only by that package, so kernel modules with optional dependencies (`hip/triton_kernels.py`,
+which needs triton) are never imported here: the policy that uses one imports it when the kernel actually
+runs. A policy module whose own optional dependency is missing is skipped with a warning, so the other
+policies still load.
 """
 
 from __future__ import annotations
@@ -16,8 +19,6 @@ from kvmux.policies.base import Policy
 
 _REGISTRY: dict[str, type[Policy]] = {}
 _SKIPPED: set[str] = set()
-# modules that define no policy and need an optional package; imported where they are used
-KERNEL_MODULES = frozenset({"hip_triton"})
 log = logging.getLogger(__name__)
 
 
@@ -30,10 +31,8 @@ def register(cls: type[Policy]) -> type[Policy]:
 
 
 def _load_builtin() -> None:
-    """Import every module of the policies package; policy modules register themselves."""
+    """Import every module and subpackage of the policies package; policy modules register themselves."""
     for module in pkgutil.iter_modules(kvmux.policies.__path__):
-        if module.name in KERNEL_MODULES:
-            continue
         try:
             importlib.import_module(f"kvmux.policies.{module.name}")
         except ModuleNotFoundError as exc:

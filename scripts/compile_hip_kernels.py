@@ -1,4 +1,4 @@
-"""Compile HiP's Triton kernels (arXiv 2406.09827; `policies/hip_triton.py`) for NVIDIA GPUs, no GPU needed.
+"""Compile HiP's Triton kernels (arXiv 2406.09827; `policies/hip/triton_kernels.py`) for NVIDIA GPUs, no GPU needed.
 
 Triton's CPU interpreter, which the tests use, runs the kernels op by op and accepts code that the
 real compiler rejects (a layout or type that does not lower, a tile that does not fit). This script
@@ -34,7 +34,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from kvmux.policies import hip_triton  # noqa: E402
+from kvmux.policies.hip import triton_kernels as hip_triton  # noqa: E402
 
 POINTER_TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}

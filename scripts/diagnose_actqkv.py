@@ -17,7 +17,7 @@ import json
 
 from passkey_case import add_case_arguments, generate, load_case
 
-from kvmux.policies import actqkv
+from kvmux.policies.actqkv import policy as actqkv
 
 
 def hits(records: list[dict]) -> str:

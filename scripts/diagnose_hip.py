@@ -19,7 +19,7 @@ import json
 
 from passkey_case import add_case_arguments, generate, layer_values, load_case, override_per_layer
 
-from kvmux.policies import hip
+from kvmux.policies.hip import policy as hip
 
 
 def covered_per_head(sel, block_k: int, needle: list[int]) -> list[int]:

@@ -150,7 +150,7 @@ def measure_cuda(
 
     from kvmux.models.runner import ModelInfo
     from kvmux.policies.base import AttentionCall, SessionRequest
-    from kvmux.policies.hip import HipParams, HipPolicy
+    from kvmux.policies.hip.policy import HipParams, HipPolicy
 
     dev, dt = torch.device("cuda"), torch.bfloat16
     hq, hkv, d, scale = 32, 8, 128, 128**-0.5
@@ -185,8 +185,9 @@ def measure_cuda(
     call = AttentionCall(5, q, k, v, None, scale)
 
     def same_blocks() -> float:
-        from kvmux.policies import hip_triton
-        from kvmux.policies.hip_search import SparseGeometry, hip_search
+        from kvmux.policies.hip import triton_kernels as hip_triton
+        from kvmux.policies.hip.search import hip_search
+        from kvmux.policies.hip.types import SparseGeometry
 
         p = session("table")[0]
         geo = SparseGeometry.build(agree, agree, p.block_size_q, p.block_size_k, p.sink_tokens, p.window, 0, dev)
@@ -210,8 +211,8 @@ def measure_cuda(
 
     def kernel_figures(phase: str, q, k, v) -> None:
         """The two Triton kernels alone, under the launch settings that trade registers for occupancy."""
-        from kvmux.policies import hip_triton
-        from kvmux.policies.hip_search import SparseGeometry
+        from kvmux.policies.hip import triton_kernels as hip_triton
+        from kvmux.policies.hip.types import SparseGeometry
 
         p = session("triton")[0]
         block_q, stride = (p.block_size_q, p.block_stride_q) if q.shape[2] > 1 else (1, 1)

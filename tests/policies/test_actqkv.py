@@ -9,9 +9,9 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from kvmux.policies.actqkv import ActQKVParams, ActQKVSession, BlockBudget
+from kvmux.policies.actqkv.context_memory import ActivationStats, ContextMemory
+from kvmux.policies.actqkv.policy import ActQKVParams, ActQKVSession, BlockBudget
 from kvmux.policies.base import AttentionCall, PolicyInputError, SessionRequest
-from kvmux.policies.context_memory import ActivationStats, ContextMemory
 from kvmux.policies.dense import attention_probs
 from kvmux.policies.registry import get_policy
 from kvmux.policies.rope import rotate

@@ -10,11 +10,11 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from kvmux.policies import actqkv as aq
-from kvmux.policies import infiniretri as ir
+from kvmux.policies.actqkv import policy as aq
+from kvmux.policies.actqkv.context_memory import top_attended_mean
 from kvmux.policies.base import AttentionCall, SessionRequest, dense_step_bytes
-from kvmux.policies.context_memory import top_attended_mean
 from kvmux.policies.dense import attention_probs
+from kvmux.policies.infiniretri import policy as ir
 from kvmux.policies.presets import PresetError, resolve_request_policy
 from kvmux.policies.registry import get_policy
 from kvmux.policies.rope import rotate

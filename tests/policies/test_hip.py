@@ -7,15 +7,16 @@ import torch
 
 from kvmux.policies.base import AttentionCall
 from kvmux.policies.dense import repeat_kv, sdpa
-from kvmux.policies.hip import HipParams
-from kvmux.policies.hip_attention import sparse_attention
-from kvmux.policies.hip_search import Selection, SparseGeometry, choose_score_mode, hip_search
+from kvmux.policies.hip.attention import sparse_attention
+from kvmux.policies.hip.policy import HipParams
+from kvmux.policies.hip.search import choose_score_mode, hip_search
+from kvmux.policies.hip.types import KeyBlockSelection, SparseGeometry
 from tests.policies.helpers import full_logits, new_session, run_prefill, stepwise_logits
 
 SMALL = dict(mask_k=32, sink_tokens=4, window=16, block_size_q=16, dense_layers=0)  # budget 52
 
 
-def oracle(q, k, v, sel: Selection, geo: SparseGeometry, scaling: float):
+def oracle(q, k, v, sel: KeyBlockSelection, geo: SparseGeometry, scaling: float):
     """Dense attention with the token mask the selection means: sinks, selected blocks and window, causal."""
     b, hq, tq, _ = q.shape
     tk = k.shape[2]

@@ -16,9 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvmux.policies import hip, hip_triton  # triton is a test dependency
 from kvmux.policies.base import PolicyInputError
-from kvmux.policies.hip_search import SparseGeometry, hip_search
+from kvmux.policies.hip import policy as hip
+from kvmux.policies.hip import triton_kernels as hip_triton  # triton is a test dependency
+from kvmux.policies.hip.search import hip_search
+from kvmux.policies.hip.types import SparseGeometry
 from tests.policies.helpers import new_session, run_prefill, stepwise_logits
 from tests.policies.test_hip import SMALL, oracle
 
@@ -146,7 +148,7 @@ def test_auto_falls_back_to_pytorch_when_a_triton_kernel_fails(tiny_llama, monke
     monkeypatch.setattr(state, "usable", True)
     monkeypatch.setattr(hip, "resolve_kernel", lambda kernel, device: "triton")
     monkeypatch.setattr(hip, "triton_kernels", lambda: Broken)
-    with caplog.at_level(logging.WARNING, logger="kvmux.policies.hip"):
+    with caplog.at_level(logging.WARNING, logger="kvmux.policies.hip.policy"):
         got = stepwise_logits(new_session("hip", info, **SMALL), runner, ids, chunk=80)
     torch.testing.assert_close(got, want, atol=0, rtol=0)
     assert not state.usable and "unusable" in caplog.text

@@ -9,14 +9,20 @@ import pytest
 import torch
 
 from kvmux.policies.base import PolicyInputError, SessionRequest
-from kvmux.policies.infiniretri import (
+from kvmux.policies.infiniretri.policy import (
     cap_sentences,
     score_candidates,
     select_sentences,
     split_prompt,
     window_sum,
 )
-from kvmux.policies.sentences import ends_sentence, pack_chunks, sentence_spans, token_boundary, token_pieces
+from kvmux.policies.infiniretri.sentences import (
+    ends_sentence,
+    pack_chunks,
+    sentence_spans,
+    token_boundary,
+    token_pieces,
+)
 from tests.policies.helpers import new_session, run_prefill
 from tests.tiny_models import make_tiny
 

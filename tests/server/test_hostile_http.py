@@ -479,7 +479,7 @@ import sys
 sys.modules["triton"] = None  # as if triton were not installed
 from pathlib import Path
 from kvmux.policies.presets import load_presets
-from kvmux.policies import hip
+from kvmux.policies.hip import policy as hip
 from kvmux.server.sampling import SamplingParams
 from tests.tiny_models import tiny_engine
 

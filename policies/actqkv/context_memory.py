@@ -7,7 +7,7 @@ Per layer and request the memory holds every token seen, in three parts:
   while they were in the local window, concatenated over heads ([Hq*D]);
 - `recent`: everything after the last block (the local window plus fewer than `block_size` tokens
   on their way to the next block), with the local attention each key has received so far.
-Keys are stored without RoPE (the model runs at position 0, see `policies/actqkv.py`).
+Keys are stored without RoPE (the model runs at position 0, see `policy.py`).
 
 `ActivationStats` keeps the running per-channel statistics of the probe inputs (the window
 queries, flattened over heads) and turns a window into Activation-Bias weights.

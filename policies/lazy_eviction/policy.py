@@ -63,7 +63,7 @@ from pydantic import Field
 
 from kvmux.policies.base import FP32_BYTES, AttentionCall, Policy, PolicyParams, PolicySession
 from kvmux.policies.dense import dense_attention
-from kvmux.policies.eviction import (
+from kvmux.policies.lazy_eviction.eviction import (
     gather_tokens,
     grouped_activations,
     grouped_output,

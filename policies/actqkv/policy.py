@@ -4,7 +4,7 @@ Activation-aware Probe-Query: Effective Key-Value Retrieval for Long-Context LLM
 Xiao et al., 2025, https://arxiv.org/abs/2502.13542 (reference: MrXiaoaa/ActQKV,
 `context_manager_activate_3_dev.py`, an InfLLM / Q-LLM fork; InfLLM is arXiv 2402.04617).
 
-Algorithm (per layer, per request; the memory layout is in `policies/context_memory.py`):
+Algorithm (per layer, per request; the memory layout is in `context_memory.py`):
 1. Queries are processed in windows of `window` tokens (a decoded token is a window of one).
 2. Local attention: each query sees the `n_local` most recent tokens (itself included).
 3. Probe-query: the window's queries, flattened over heads, are weighted by their Activation
@@ -87,6 +87,7 @@ import torch
 from pydantic import Field, model_validator
 from transformers.cache_utils import Cache
 
+from kvmux.policies.actqkv.context_memory import ActivationStats, ContextMemory, top_attended_mean
 from kvmux.policies.base import (
     FP32_BYTES,
     AttentionCall,
@@ -97,7 +98,6 @@ from kvmux.policies.base import (
     PolicySession,
     pass_bytes,
 )
-from kvmux.policies.context_memory import ActivationStats, ContextMemory, top_attended_mean
 from kvmux.policies.registry import register
 from kvmux.policies.rope import rotate
 

@@ -1,12 +1,12 @@
 """HiP's sparse attention in PyTorch (arXiv 2406.09827): sinks + selected key blocks + window, one softmax.
 
-Given a selection from `hip_search`, every query attends, causally and each key once, to the
+Given a selection from `search.hip_search`, every query attends, causally and each key once, to the
 `sinks` first tokens, the tokens of its query block's selected key blocks that lie at or before
 (position - window), and its last `window` tokens. Two implementations with one meaning:
 `reference` gathers every attended key per query block and head and takes one masked softmax;
 `fast` reads sinks and window as shared slices per KV head (a strided view, no copy per query
 head) and gathers only the selected blocks. Query blocks are processed in slices that bound the
-working memory. The CUDA kernel with the same meaning is `hip_triton.attention`.
+working memory. The CUDA kernel with the same meaning is `triton_kernels.attention`.
 """
 
 from __future__ import annotations
@@ -16,9 +16,7 @@ from typing import Literal
 
 import torch
 
-from kvmux.policies.hip_search import Selection, SparseGeometry
-
-CHUNK_BYTES = {"cpu": 64 << 20, "cuda": 2 << 30}  # working set of one slice of query blocks, per device type
+from kvmux.policies.hip.types import KeyBlockSelection, SparseGeometry, slice_bytes
 
 
 @dataclass(slots=True)
@@ -37,7 +35,7 @@ class Segments:
         return self.sel_mask.sum(-1) + fixed
 
 
-def segments(geo: SparseGeometry, sel: Selection, first: int, last: int) -> Segments:
+def segments(geo: SparseGeometry, sel: KeyBlockSelection, first: int, last: int) -> Segments:
     """Keys that query blocks [first, last) attend, each key once, causal."""
     bq, bk, window, sinks = geo.block_q, geo.block_k, geo.window, geo.sinks
     pos = geo.positions[first * bq : last * bq].view(-1, bq, 1)  # [c, b_q, 1]
@@ -130,7 +128,7 @@ def sparse_attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    sel: Selection,
+    sel: KeyBlockSelection,
     geo: SparseGeometry,
     scaling: float,
     kernel: Literal["fast", "reference"] = "fast",
@@ -155,7 +153,7 @@ def sparse_attention(
             padded = (key, value, 0)
         qb = qb.view(b, hkv, hq // hkv, geo.num_blocks, geo.block_q, d).transpose(2, 3).contiguous()
     per_block = b * hq * (sel.blocks.shape[-1] * geo.block_k + width + geo.sinks) * (2 * d + 3 * geo.block_q) * 4
-    step = max(1, CHUNK_BYTES.get(query.device.type, 64 << 20) // max(per_block, 1))
+    step = max(1, slice_bytes(query.device.type) // max(per_block, 1))
     outs, counts = [], []
     for first in range(0, geo.num_blocks, step):
         last = min(first + step, geo.num_blocks)

@@ -17,22 +17,13 @@ Two ways to score the representatives, which select the same blocks:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
+from kvmux.policies.hip.types import KeyBlockSelection, slice_bytes
+
 ScoreMode = Literal["auto", "gather", "table"]
-SEARCH_BYTES = {"cpu": 64 << 20, "cuda": 2 << 30}  # working set of one slice of query blocks, per device type
-
-
-@dataclass(frozen=True, slots=True)
-class Selection:
-    """Selected key blocks per (batch, query head, query block)."""
-
-    blocks: torch.Tensor  # int64 [B, Hq, nQB, K_b] key-block ids (block j covers tokens j*b_k .. j*b_k+b_k-1)
-    valid: torch.Tensor  # bool [B, Hq, nQB, K_b]; False where a group ended empty
-    rounds: int  # branch-and-prune rounds that were run
 
 
 def initial_groups(lo: torch.Tensor, hi: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,7 +116,7 @@ def hip_search(
     block_k: int,
     query_stride: int = 1,
     score_mode: ScoreMode = "auto",
-) -> Selection:
+) -> KeyBlockSelection:
     """Branch-and-prune top-`num_groups` key blocks for each query block and query head.
 
     query_blocks [B, Hq, nQB, b_q, D] (post-RoPE); key [B, Hkv, Tk, D]; lo/hi [nQB] int64: candidate
@@ -140,13 +131,13 @@ def hip_search(
         per_block = 8 * b * hq * queries.shape[3] * max(int(hi.max()), 1)
     else:
         per_block = 4 * b * hq * 2 * num_groups * block_k * (key.shape[-1] + queries.shape[3])
-    step = max(1, SEARCH_BYTES.get(key.device.type, 64 << 20) // per_block)
+    step = max(1, slice_bytes(key.device.type) // per_block)
     split = keys_by_offset(key, int(hi.max()), block_k) if mode == "table" and nqb and int(hi.max()) > 0 else None
     parts = [
         _search_slice(queries[:, :, i : i + step], key, split, lo[i : i + step], hi[i : i + step], num_groups, block_k)
         for i in range(0, nqb, step)
     ]
-    return Selection(
+    return KeyBlockSelection(
         blocks=torch.cat([p.blocks for p in parts], dim=2),
         valid=torch.cat([p.valid for p in parts], dim=2),
         rounds=max(p.rounds for p in parts),
@@ -161,7 +152,7 @@ def _search_slice(
     hi: torch.Tensor,
     num_groups: int,
     block_k: int,
-) -> Selection:
+) -> KeyBlockSelection:
     b, hq, nqb = queries.shape[:3]
     starts, sizes = initial_groups(lo, hi, num_groups)
     starts = starts.expand(b, hq, nqb, num_groups).contiguous()
@@ -183,61 +174,4 @@ def _search_slice(
     valid = sizes == 1
     blocks = torch.where(valid, starts, torch.zeros_like(starts))
     order = torch.where(valid, blocks, torch.full_like(blocks, torch.iinfo(torch.int64).max)).argsort(dim=-1)
-    return Selection(blocks=blocks.gather(-1, order), valid=valid.gather(-1, order), rounds=rounds)
-
-
-@dataclass(frozen=True, slots=True)
-class SparseGeometry:
-    """Where each query block of one attention call sits and which key blocks it may search.
-
-    Queries are the last `num_queries` of `num_keys` positions (bottom-right causal). They are cut
-    into blocks of `block_q`; the last block is padded by repeating the last query. The candidate key
-    blocks of a block are [lo, hi): from `floor(sinks / b_k)` to the block holding token
-    `last query - window + lookahead` (sinks and window are attended anyway).
-    """
-
-    block_q: int
-    block_k: int
-    sinks: int
-    window: int
-    num_queries: int
-    num_keys: int
-    positions: torch.Tensor  # int64 [nQB * b_q]: absolute position of every (padded) query row
-    lo: torch.Tensor  # int64 [nQB]
-    hi: torch.Tensor  # int64 [nQB]
-    max_candidates: int  # max(hi - lo), known on the host (the last query block's range)
-
-    @classmethod
-    def build(
-        cls,
-        num_queries: int,
-        num_keys: int,
-        block_q: int,
-        block_k: int,
-        sinks: int,
-        window: int,
-        lookahead: int,
-        device: torch.device,
-    ) -> SparseGeometry:
-        num_blocks = -(-num_queries // block_q)
-        rows = torch.arange(num_blocks * block_q, device=device).clamp(max=num_queries - 1)
-        positions = num_keys - num_queries + rows
-        last = positions.view(num_blocks, block_q)[:, -1]
-        end = (last + 1 - window + lookahead).clamp(max=num_keys)  # exclusive token limit
-        lo = torch.full((num_blocks,), sinks // block_k, dtype=torch.int64, device=device)
-        hi = torch.maximum(torch.div(end + block_k - 1, block_k, rounding_mode="floor"), lo)
-        last_end = min(num_keys - window + lookahead, num_keys)  # the last query is at num_keys - 1
-        most = max(-(-last_end // block_k) - sinks // block_k, 0)
-        return cls(block_q, block_k, sinks, window, num_queries, num_keys, positions, lo, hi, most)
-
-    @property
-    def num_blocks(self) -> int:
-        return self.lo.shape[0]
-
-    def query_blocks(self, query: torch.Tensor) -> torch.Tensor:
-        """[B, H, Tq, D] -> [B, H, nQB, b_q, D], the last block padded with the last query."""
-        b, h, tq, d = query.shape
-        pad = self.num_blocks * self.block_q - tq
-        if pad:
-            query = torch.cat([query, query[:, :, -1:].expand(b, h, pad, d)], dim=2)
-        return query.view(b, h, self.num_blocks, self.block_q, d)
+    return KeyBlockSelection(blocks=blocks.gather(-1, order), valid=valid.gather(-1, order), rounds=rounds)

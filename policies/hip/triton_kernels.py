@@ -2,8 +2,8 @@
 
 The paper's speed comes from fused kernels: one program per (head, query block) keeps the search
 rounds on chip, and a block-sparse flash kernel attends sinks, selected blocks and window in one
-online softmax. These two kernels do the same for CUDA. They compute what `hip_search.hip_search`
-and `hip_attention.sparse_attention` compute; the tests run both kernels through Triton's interpreter on CPU
+online softmax. These two kernels do the same for CUDA. They compute what `search.hip_search`
+and `attention.sparse_attention` compute; the tests run both kernels through Triton's interpreter on CPU
 and compare them with the PyTorch paths and a dense-mask oracle. For fp32 inputs the selection
 is the same. For bf16, branch scores accumulate in fp32 here, while the PyTorch search rounds them
 to bf16, so near-ties may break differently.
@@ -20,7 +20,7 @@ to bf16, so near-ties may break differently.
   compiles every launch for sm_80/sm_90 without a GPU and reports registers and spills.
 - `attention`: per (batch, query head, query block) one program: an online softmax over the
   sinks, the selected blocks (keys gathered by index inside the kernel, nothing materialised) and
-  the window, with the same masks as `hip_attention.segments` (each key once, causal). It folds the keys
+  the window, with the same masks as `attention.segments` (each key once, causal). It folds the keys
   every query row attended into the session's running sum and max (atomics, for the stats) and
   can return the per-row counts.
 
@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvmux.policies.hip_search import Selection, SparseGeometry
+from kvmux.policies.hip.types import KeyBlockSelection, SparseGeometry
 
 MIN_DOT = 16  # smallest tile side tl.dot accepts
 SEARCH_NUM_WARPS = 8
@@ -229,10 +229,11 @@ def search(
     query_stride: int,
     score_chunk: int | None = None,
     num_warps: int = SEARCH_NUM_WARPS,
-) -> Selection:
-    """The branch-and-prune search of `hip_search.hip_search`, one Triton program per query block.
+) -> KeyBlockSelection:
+    """The branch-and-prune search of `search.hip_search`, one Triton program per query block.
 
-    query [B, Hq, Tq, D], key [B, Hkv, Tk, D]. Returns the same `Selection` (blocks sorted, valid first).
+    query [B, Hq, Tq, D], key [B, Hkv, Tk, D]. Returns the same `KeyBlockSelection` (blocks sorted,
+    valid first).
     """
     b, hq, tq, d = query.shape
     hkv, tk = key.shape[1], key.shape[2]
@@ -256,7 +257,7 @@ def search(
     valid = sizes == 1
     blocks = torch.where(valid, starts, torch.zeros_like(starts))
     order = torch.where(valid, blocks, torch.full_like(blocks, torch.iinfo(torch.int64).max)).argsort(dim=-1)
-    return Selection(blocks=blocks.gather(-1, order), valid=valid.gather(-1, order), rounds=rounds)
+    return KeyBlockSelection(blocks=blocks.gather(-1, order), valid=valid.gather(-1, order), rounds=rounds)
 
 
 @triton.jit
@@ -355,7 +356,7 @@ def _attention_kernel(
         tl.atomic_max(TOTALS + 1, tl.max(count, axis=0))
 
 
-def pack(sel: Selection) -> tuple[torch.Tensor, torch.Tensor]:
+def pack(sel: KeyBlockSelection) -> tuple[torch.Tensor, torch.Tensor]:
     """A selection as the attention kernel reads it: int32 block ids [B, Hq, nQB, K_b], valid counts [B, Hq, nQB]."""
     return sel.blocks.to(torch.int32).contiguous(), sel.valid.sum(-1, dtype=torch.int32).contiguous()
 
@@ -376,7 +377,7 @@ def attention(
     block_n: int | None = None,
     num_warps: int = ATTENTION_NUM_WARPS,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`hip_attention.sparse_attention` in one Triton kernel, from scalars and a `pack`ed selection.
+    """`attention.sparse_attention` in one Triton kernel, from scalars and a `pack`ed selection.
 
     No geometry tensors are needed, so a decode step between refreshes launches this kernel alone.
 

@@ -4,7 +4,7 @@ A Training-Free Sub-quadratic Cost Transformer Model Serving Framework with Hier
 Attention, Lee et al., ICLR 2025, https://arxiv.org/abs/2406.09827 (algorithm of the v1.1 kernel).
 
 Algorithm: queries are tiled into blocks of `block_size_q` (b_q) and keys into blocks of
-`block_size_k` (b_k). Per query block and query head, a branch-and-prune search (`hip_search`)
+`block_size_k` (b_k). Per query block and query head, a branch-and-prune search (`search.py`)
 estimates the top `mask_k / b_k` key blocks over the causal prefix minus the sinks and the
 sliding window, scoring each branch by its center key block against every `block_stride_q`-th
 query of the block, for about log2(T / k) rounds. Each query then attends, in one softmax, to
@@ -16,9 +16,9 @@ Decoding searches with the single query, keeps the selection per layer and re-se
 token stays in the KV cache: HiP saves attention compute, not memory.
 
 Three implementations with one meaning (`kernel`): `reference` and `fast` are the PyTorch
-sparse attention of `hip_attention.py` (one gather of every attended key, or shared sink and
-window slices plus gathered blocks) after the PyTorch search of `hip_search.py`; `triton`
-(`hip_triton.py`) runs the search and the attention as two fused Triton kernels, one program per
+sparse attention of `attention.py` (one gather of every attended key, or shared sink and
+window slices plus gathered blocks) after the PyTorch search of `search.py`; `triton`
+(`triton_kernels.py`) runs the search and the attention as two fused Triton kernels, one program per
 (head, query block), as the paper's v1.1 kernels do. `auto` (default) is `triton` for CUDA
 tensors when Triton is installed, else `fast`; a Triton failure is logged and the `fast` path
 used from then on. Tests check every kernel against a dense computation with the equivalent
@@ -58,8 +58,9 @@ from pydantic import Field, model_validator
 
 from kvmux.policies.base import FP32_BYTES, AttentionCall, Policy, PolicyInputError, PolicyParams, PolicySession
 from kvmux.policies.dense import dense_attention
-from kvmux.policies.hip_attention import CHUNK_BYTES, sparse_attention
-from kvmux.policies.hip_search import SEARCH_BYTES, ScoreMode, Selection, SparseGeometry, hip_search
+from kvmux.policies.hip.attention import sparse_attention
+from kvmux.policies.hip.search import ScoreMode, hip_search
+from kvmux.policies.hip.types import KeyBlockSelection, SparseGeometry, slice_bytes
 from kvmux.policies.registry import register
 
 Kernel = Literal["auto", "fast", "reference", "triton"]
@@ -83,10 +84,10 @@ def _triton_state() -> _TritonState:
 def triton_kernels() -> ModuleType | None:
     """The Triton kernel module, or None where Triton is not installed."""
     try:
-        from kvmux.policies import hip_triton
+        from kvmux.policies.hip import triton_kernels as kernels
     except ImportError:
         return None
-    return hip_triton
+    return kernels
 
 
 def resolve_kernel(kernel: Kernel, device: torch.device) -> ResolvedKernel:
@@ -140,7 +141,7 @@ class HipParams(PolicyParams):
 class DecodeMask:
     """A layer's cached decode selection and the steps it has served."""
 
-    selection: Selection
+    selection: KeyBlockSelection
     steps: int = 0
     packed: tuple[torch.Tensor, torch.Tensor] | None = None  # the selection as the Triton kernel reads it
 
@@ -175,7 +176,7 @@ class HipSession(PolicySession):
 
     def select(
         self, call: AttentionCall, geo: SparseGeometry, block_stride: int, kernel: ResolvedKernel = "fast"
-    ) -> Selection:
+    ) -> KeyBlockSelection:
         """Run the branch-and-prune search for every query block of the call (`kernel` as resolved)."""
         p = self.params
         groups = p.mask_k // p.block_size_k
@@ -246,7 +247,7 @@ class HipSession(PolicySession):
         self._count_sparse(counts)
         return out
 
-    def _triton_attention(self, call: AttentionCall, sel: Selection, mask: DecodeMask | None, block_q: int):
+    def _triton_attention(self, call: AttentionCall, sel: KeyBlockSelection, mask: DecodeMask | None, block_q: int):
         """The Triton kernel from scalars: no geometry tensors, no per-call conversions between refreshes."""
         p, kernels = self.params, triton_kernels()
         if mask is None:
@@ -331,8 +332,8 @@ class HipPolicy(Policy):
 
     def step_bytes_needed(self, params, info, num_tokens: int, chunk: int, query_tokens: int = 0) -> int:
         # dense layers and short calls; the search and the sparse attention run in slices of query
-        # blocks sized by SEARCH_BYTES / CHUNK_BYTES (at least one block each, at most the chunk's
-        # blocks), plus the per-offset key copies
+        # blocks sized by `slice_bytes` (at least one block each, at most the chunk's blocks), plus the
+        # per-offset key copies
         hq, hkv, d = info.num_heads, info.num_kv_heads, info.head_dim
         device = info.device.type
         bq, bk = params.block_size_q, params.block_size_k
@@ -342,7 +343,7 @@ class HipPolicy(Policy):
         width = params.window + bq - 1
         one_slice = hq * (params.mask_k + width + params.sink_tokens) * (2 * d + 3 * bq) * FP32_BYTES
         blocks = math.ceil(min(chunk, num_tokens) / bq)  # query blocks of one prefill chunk
-        search = min(blocks * one_search, max(SEARCH_BYTES.get(device, 64 << 20), one_search))
-        attention = min(blocks * one_slice, max(CHUNK_BYTES.get(device, 64 << 20), one_slice))
+        search = min(blocks * one_search, max(slice_bytes(device), one_search))
+        attention = min(blocks * one_slice, max(slice_bytes(device), one_slice))
         copies = hkv * num_tokens * d * FP32_BYTES + 2 * hq * min(chunk, num_tokens) * d * FP32_BYTES
         return super().step_bytes_needed(params, info, num_tokens, chunk) + search + attention + copies

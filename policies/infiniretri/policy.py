@@ -77,8 +77,7 @@ from kvmux.policies.base import (
     pass_bytes,
 )
 from kvmux.policies.dense import attention_probs, causal_mask, dense_attention
-from kvmux.policies.registry import register
-from kvmux.policies.sentences import (
+from kvmux.policies.infiniretri.sentences import (
     Span,
     decode,
     gather,
@@ -88,6 +87,7 @@ from kvmux.policies.sentences import (
     token_boundary,
     token_pieces,
 )
+from kvmux.policies.registry import register
 
 # fp32 score elements of one piece of question rows in the scoring layer (x3 copies: scores, masked, softmax)
 ROW_PIECE_ELEMENTS = 1 << 22

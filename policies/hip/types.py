@@ -1,0 +1,88 @@
+"""HiP's shared types: the geometry of one attention call, the search's selection, and slice sizes.
+
+`SparseGeometry` places the query blocks of a call and their candidate key blocks; the search
+(`search.py`, `triton_kernels.search`) returns a `KeyBlockSelection`, which the attention
+(`attention.py`, `triton_kernels.attention`) reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# working set of one slice of query blocks, per device type: the search and the PyTorch attention
+# process query blocks in slices of about this many bytes (at least one block)
+SLICE_BYTES = {"cpu": 64 << 20, "cuda": 2 << 30}
+DEFAULT_SLICE_BYTES = 64 << 20
+
+
+def slice_bytes(device_type: str) -> int:
+    """Bytes one slice of query blocks may use on a device type."""
+    return SLICE_BYTES.get(device_type, DEFAULT_SLICE_BYTES)
+
+
+@dataclass(frozen=True, slots=True)
+class KeyBlockSelection:
+    """The top key blocks the search selected per (batch, query head, query block), as block ids."""
+
+    blocks: torch.Tensor  # int64 [B, Hq, nQB, K_b] key-block ids (block j covers tokens j*b_k .. j*b_k+b_k-1)
+    valid: torch.Tensor  # bool [B, Hq, nQB, K_b]; False where a group ended empty
+    rounds: int  # branch-and-prune rounds that were run
+
+
+@dataclass(frozen=True, slots=True)
+class SparseGeometry:
+    """Where each query block of one attention call sits and which key blocks it may search.
+
+    Queries are the last `num_queries` of `num_keys` positions (bottom-right causal). They are cut
+    into blocks of `block_q`; the last block is padded by repeating the last query. The candidate key
+    blocks of a block are [lo, hi): from `floor(sinks / b_k)` to the block holding token
+    `last query - window + lookahead` (sinks and window are attended anyway).
+    """
+
+    block_q: int
+    block_k: int
+    sinks: int
+    window: int
+    num_queries: int
+    num_keys: int
+    positions: torch.Tensor  # int64 [nQB * b_q]: absolute position of every (padded) query row
+    lo: torch.Tensor  # int64 [nQB]
+    hi: torch.Tensor  # int64 [nQB]
+    max_candidates: int  # max(hi - lo), known on the host (the last query block's range)
+
+    @classmethod
+    def build(
+        cls,
+        num_queries: int,
+        num_keys: int,
+        block_q: int,
+        block_k: int,
+        sinks: int,
+        window: int,
+        lookahead: int,
+        device: torch.device,
+    ) -> SparseGeometry:
+        num_blocks = -(-num_queries // block_q)
+        rows = torch.arange(num_blocks * block_q, device=device).clamp(max=num_queries - 1)
+        positions = num_keys - num_queries + rows
+        last = positions.view(num_blocks, block_q)[:, -1]
+        end = (last + 1 - window + lookahead).clamp(max=num_keys)  # exclusive token limit
+        lo = torch.full((num_blocks,), sinks // block_k, dtype=torch.int64, device=device)
+        hi = torch.maximum(torch.div(end + block_k - 1, block_k, rounding_mode="floor"), lo)
+        last_end = min(num_keys - window + lookahead, num_keys)  # the last query is at num_keys - 1
+        most = max(-(-last_end // block_k) - sinks // block_k, 0)
+        return cls(block_q, block_k, sinks, window, num_queries, num_keys, positions, lo, hi, most)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.lo.shape[0]
+
+    def query_blocks(self, query: torch.Tensor) -> torch.Tensor:
+        """[B, H, Tq, D] -> [B, H, nQB, b_q, D], the last block padded with the last query."""
+        b, h, tq, d = query.shape
+        pad = self.num_blocks * self.block_q - tq
+        if pad:
+            query = torch.cat([query, query[:, :, -1:].expand(b, h, pad, d)], dim=2)
+        return query.view(b, h, self.num_blocks, self.block_q, d)
