@@ -111,8 +111,9 @@ class FlexPrefillParams(PolicyParams):
 
 
 @dataclass
-class Selection:
-    """What the selection chose for one forward of one layer (batch element)."""
+class HeadPatterns:
+    """Each head's pattern (query-aware or vertical-slash), budgets and cells, as chosen for one forward of one
+    layer (batch element)."""
 
     blocks: torch.Tensor  # bool [Hq, nqb, nkb] (before adding the diagonal / dropping non-causal)
     query_aware: torch.Tensor  # bool [Hq]
@@ -212,7 +213,7 @@ def query_aware_cells(
     return keep.view(h, nqb, nkb)
 
 
-def select_blocks(query: torch.Tensor, key: torch.Tensor, scaling: float, params: FlexPrefillParams) -> Selection:
+def select_blocks(query: torch.Tensor, key: torch.Tensor, scaling: float, params: FlexPrefillParams) -> HeadPatterns:
     """FlexPrefill's cells for one batch element: query [Hq, Tq, D] (last Tq of Tk), key [Hkv, Tk, D]."""
     hq, tq, _ = query.shape
     hkv, tk, _ = key.shape
@@ -256,7 +257,7 @@ def select_blocks(query: torch.Tensor, key: torch.Tensor, scaling: float, params
     if bool(query_aware.any()):
         qa = query_aware.nonzero()[:, 0]
         blocks[qa] |= query_aware_cells(query[qa], key_means[qa], tk, scaling, bs, params.gamma)
-    return Selection(blocks, query_aware, n_vertical, n_slash, jsd)
+    return HeadPatterns(blocks, query_aware, n_vertical, n_slash, jsd)
 
 
 def top_mask(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
