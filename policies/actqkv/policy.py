@@ -36,12 +36,12 @@ call un-rotated (times RoPE's attention scaling, which both carry), and keys are
   among the recent tokens, as StreamingLLM assigns positions inside its cache. The gaps left by
   blocks that were not retrieved close up, so distances stay below n_init + 2*topk*block_size +
   n_local + window (~3.8K with the defaults) whatever the prompt length, and the model still sees
-  which retrieved token came first. Why: under `inf_llm` the 135M embedded model receives the retrieved blocks as
-  an unordered set and, at 16K-32K, continues the filler in half the passkey prompts although
-  the needle's block was retrieved by 28 of 30 layers (scripts/diagnose_actqkv.py). Ordered
-  positions alone do not fix that at the paper's budget (46 blocks per layer: 16K 3/6); with
-  16 blocks per layer (`actqkv_long`) they do, while InfLLM positions at 16 blocks do not
-  (docs/results/eval_long).
+  which retrieved token came first. Why: under `inf_llm` the retrieved blocks reach the model as
+  an unordered set, and beyond its context the small embedded model then often continues the
+  filler although the needle's block was retrieved (scripts/diagnose_actqkv.py). Neither ordered
+  positions at the paper's budget nor InfLLM positions with 16 blocks per layer fix that; both
+  together (`actqkv_long`) do. Measurements: docs/results/actqkv.md ("Ordered positions and a
+  smaller budget") and docs/results/eval_long.
 - `absolute`: every key and query is rotated to its absolute position (the dossier's simplified
   variant). Exact full attention when everything is retrieved; limited to the model's context.
 Retrieval uses the `n_local`-rotated queries against the un-rotated representatives in all three.

@@ -91,8 +91,8 @@ def block_score_table(queries: torch.Tensor, split_keys: list[torch.Tensor], num
 
 # `auto` scores with the table while the candidate blocks are at most this many times the blocks
 # one gather round scores (2 K_b). On CPU gathers are memory-bound copies and the table's GEMM
-# wins up to long ranges (one 9-head layer, K_b 256, 1 thread: 8K tokens 0.60 s vs 1.96 s,
-# 32K 7.4 s vs 13.7 s); on CUDA the gathers are cheap and the table's O(T^2) work is not.
+# wins up to long ranges (docs/results/hip.md, "Table scoring on CPU"); on CUDA the gathers are
+# cheap and the table's O(T^2) work is not.
 TABLE_RANGE_FACTOR = {"cpu": 64}
 DEFAULT_TABLE_RANGE_FACTOR = 4
 

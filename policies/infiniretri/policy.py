@@ -29,7 +29,8 @@ Prompt layout (how the request's own template is preserved):
 
 Deviations from the reference, and why:
 - Scoring layer: the reference uses the last layer. On small models the last layer is a poor
-  retriever (SmolLM2-135M, 30 layers: needle rank 26-268 in layer 29 vs ~12 in layer 18), so the
+  retriever (on the embedded model the needle ranks far lower in the last layer than in the
+  middle layers; measurements in docs/results/infiniretri.md, "Choice of the scoring layer"), so the
   layer is configurable (`layer`, negative counts from the end; -1 = the paper) and by default
   taken at `layer_depth` of the stack (0.62: layer 18 of 30).
 - Attention sinks: the first `sink_tokens` positions of each scoring input are left out of the
