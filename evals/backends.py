@@ -69,17 +69,15 @@ class EngineBackend:
         return preset.policy.context_limit(preset.params, self.engine.info)
 
     def generate(self, sample: Sample, kv_policy: dict[str, Any] | None) -> Generation:
-        from kvmux.policies.base import PolicyInputError
-        from kvmux.policies.presets import PresetError
-        from kvmux.server.errors import KvmuxError
+        from kvmux.errors import KvmuxError
         from kvmux.server.sampling import SamplingParams
 
         sampling = SamplingParams(max_tokens=sample.max_new_tokens, temperature=0.0)
         started = time.perf_counter()
         try:
             result = self.engine.generate(prompt=list(sample.prompt_ids), sampling=sampling, kv_policy=kv_policy)
-        except (KvmuxError, PresetError, PolicyInputError) as exc:
-            raise Rejected(getattr(exc, "message", str(exc))) from None
+        except KvmuxError as exc:  # presets, policies and the engine all raise these
+            raise Rejected(exc.message) from None
         return Generation(
             text=result.text,
             prompt_tokens=result.prompt_tokens,

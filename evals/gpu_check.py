@@ -125,15 +125,11 @@ def reference_run(model, ids: torch.Tensor, steps: int) -> tuple[list[int], torc
 
 def forced_logits(runner, preset, ids: torch.Tensor, tokens: list[int], request) -> torch.Tensor:
     """Logits [S, V] of a session prefilled with `ids` and fed the reference tokens (teacher forcing)."""
+    from kvmux.policies.base import run_prefill
+
     session = preset.policy.new_session(preset.params, runner.info, request)
     try:
-        prefill = session.prefill(runner, ids)
-        while True:
-            try:
-                next(prefill)
-            except StopIteration as stop:
-                steps = [stop.value.float()]
-                break
+        steps = [run_prefill(session, runner, ids).float()]
         for token in tokens[:-1]:
             steps.append(session.decode(runner, token).float())
         return torch.stack(steps)

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from kvmux.models.info import ModelInfo
 from kvmux.models.loader import LoadedModel
-from kvmux.models.runner import ModelInfo
 from kvmux.policies.hook import install_attention
 
 

@@ -74,59 +74,8 @@ def _config_from_args(args: argparse.Namespace):
     return type(config).model_validate({**config.model_dump(), **updates})
 
 
-def import_policy_modules(names: list[str]) -> None:
-    """Import the configured plugin modules; each registers its policies with `@register`."""
-    import importlib
-
-    for name in names:
-        try:
-            importlib.import_module(name)
-        except ImportError as exc:
-            raise SystemExit(f"policy_modules: cannot import '{name}': {exc}") from None
-
-
-def build_engine(config):
-    from kvmux.models.loader import load_model
-    from kvmux.policies.presets import load_presets
-    from kvmux.server.engine import Engine
-
-    import_policy_modules(config.policy_modules)
-    presets = load_presets(Path(config.presets_dir), config.exposed_presets)
-    loaded = load_model(config.model)
-    return Engine(
-        loaded,
-        presets,
-        default_preset=config.default_preset,
-        prefill_chunk_tokens=config.model.prefill_chunk_tokens,
-        max_prompt_tokens=config.max_prompt_tokens,
-        max_new_tokens=config.max_new_tokens,
-        kv_memory_budget_bytes=config.kv_memory_budget_bytes,
-        max_query_tokens=config.max_query_tokens,
-    )
-
-
-def unauthenticated_exposure(config) -> str | None:
-    """Why serving with this config is refused: a non-loopback host, no API key, and no opt-in."""
-    import ipaddress
-
-    if config.api_keys or config.allow_unauthenticated:
-        return None
-    host = config.host.strip("[]")
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if loopback:
-        return None
-    return (
-        f"refusing to serve on '{config.host}' (reachable from other machines) without an API key. "
-        "Set one with --api-key or the KVMUX_API_KEY environment variable (or api_keys in the config), "
-        "or pass --allow-unauthenticated (allow_unauthenticated: true) to serve without authentication."
-    )
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
-    from kvmux.server.serve import create_app, run_server
+    from kvmux.server.serve import create_app, run_server, unauthenticated_exposure
 
     config = _config_from_args(args)
     refusal = unauthenticated_exposure(config)
@@ -145,6 +94,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from kvmux.server.sampling import SamplingParams
+    from kvmux.server.serve import build_engine
 
     config = _config_from_args(args)
     engine = build_engine(config)
@@ -170,6 +120,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_policies(args: argparse.Namespace) -> int:
     from kvmux.policies.presets import load_presets
+    from kvmux.policies.registry import import_policy_modules
     from kvmux.server.config import load_server_config
 
     config = load_server_config(args.config)

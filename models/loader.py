@@ -17,7 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from kvmux.models.architectures import check_supported
 from kvmux.models.embedded import EMBEDDED_NAME, ModelNotFoundError, embedded_gguf_path, materialize_gguf
-from kvmux.models.runner import ModelInfo, Runner
+from kvmux.models.info import ModelInfo
+from kvmux.models.runner import Runner
 
 log = logging.getLogger("kvmux.models")
 

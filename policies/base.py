@@ -22,26 +22,34 @@ from __future__ import annotations
 
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict
 from transformers import DynamicCache
 from transformers.cache_utils import Cache
 
+from kvmux.errors import PolicyInputError as PolicyInputError  # policies raise it from here
+from kvmux.policies.attention_call import AttentionCall
 from kvmux.policies.dense import dense_attention
 
 if TYPE_CHECKING:
-    from kvmux.models.runner import ModelInfo, Runner
+    from kvmux.models.info import ModelInfo
 
 
-class PolicyInputError(ValueError):
-    """The request cannot be served by this policy (HTTP 400), e.g. no usable question."""
+class Runner(Protocol):
+    """What a session needs from the model runner (`kvmux.models.runner.Runner`): a forward pass
+    through the session's cache and hooks, and the prefill chunk size."""
 
-    def __init__(self, message: str, param: str | None = "kv_policy"):
-        super().__init__(message)
-        self.message = message
-        self.param = param
+    prefill_chunk_tokens: int
+
+    def forward(
+        self,
+        session: PolicySession,
+        input_ids: torch.Tensor,
+        all_logits: bool = False,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor: ...
 
 
 class StepInterrupted(Exception):
@@ -62,32 +70,6 @@ class SessionRequest:
     prompt_text: str | None = None  # completions: the prompt; chat: the rendered prompt
     messages: list[dict[str, str]] | None = None  # chat: the request's messages (None for completions)
     query_ids: list[int] | None = None  # query_text tokenized without special tokens (set by the engine)
-
-
-@dataclass(slots=True)
-class AttentionCall:
-    """One attention call of one layer.
-
-    query: [B, Hq, Tq, D] after RoPE; key/value: [B, Hkv, Tk, D], the whole cache including the
-    current tokens (not repeated for GQA); mask: bool [B, 1, Tq, Tk] (True = attend) or None,
-    meaning plain causal aligned bottom-right (query i sees keys <= Tk - Tq + i).
-    """
-
-    layer_idx: int
-    query: torch.Tensor
-    key: torch.Tensor
-    value: torch.Tensor
-    mask: torch.Tensor | None
-    scaling: float
-    position_ids: torch.Tensor | None = None
-
-    @property
-    def is_decode(self) -> bool:
-        return self.query.shape[2] == 1
-
-    @property
-    def num_kv_groups(self) -> int:
-        return self.query.shape[1] // self.key.shape[1]
 
 
 @dataclass(slots=True)
@@ -235,6 +217,18 @@ def activation_bytes(info: ModelInfo, num_tokens: int) -> int:
 def pass_bytes(info: ModelInfo, num_tokens: int, chunk: int) -> int:
     """Activations of a forward longer than the server's prefill chunk (what a chunked forward would not hold)."""
     return activation_bytes(info, num_tokens) if num_tokens > chunk else 0
+
+
+def run_prefill(session: PolicySession, runner: Runner, input_ids: torch.Tensor) -> torch.Tensor:
+    """Drive a session's prefill to its end in the calling thread; returns the last logits [vocab].
+
+    (`prefill` is a generator so that a scheduler can interleave requests between chunks.)"""
+    steps = session.prefill(runner, input_ids)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as stop:
+            return stop.value
 
 
 class Policy:

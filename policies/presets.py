@@ -21,17 +21,9 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from kvmux.errors import PresetError as PresetError  # raised by preset loading and resolution
 from kvmux.policies.base import Policy, PolicyParams
 from kvmux.policies.registry import get_policy, policy_names
-
-
-class PresetError(ValueError):
-    """A preset file or a request's policy selection is invalid."""
-
-    def __init__(self, message: str, param: str | None = None):
-        super().__init__(message)
-        self.message = message
-        self.param = param
 
 
 @dataclass(frozen=True)

@@ -52,3 +52,13 @@ def get_policy(name: str) -> Policy:
 def policy_names() -> list[str]:
     _load_builtin()
     return sorted(_REGISTRY)
+
+
+def import_policy_modules(names: list[str]) -> None:
+    """Import out-of-tree policy modules (`policy_modules` in the server config); each registers its
+    policies with `@register` on import, so presets can name them like the built-in ones."""
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise SystemExit(f"policy_modules: cannot import '{name}': {exc}") from None

@@ -148,7 +148,7 @@ def measure_cuda(
     """
     import torch.nn.functional as F
 
-    from kvmux.models.runner import ModelInfo
+    from kvmux.models.info import ModelInfo
     from kvmux.policies.base import AttentionCall, SessionRequest
     from kvmux.policies.hip.policy import HipParams, HipPolicy
 

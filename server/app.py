@@ -20,14 +20,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from kvmux.errors import KvmuxError, ModelNotServedError, OverloadedError, UnavailableError
 from kvmux.server.engine import Engine, TokenEvent
-from kvmux.server.errors import (
-    ModelNotServedError,
-    OverloadedError,
-    UnavailableError,
-    error_body,
-    to_error_body,
-)
+from kvmux.server.errors import error_body, to_error_body
 from kvmux.server.handlers import (
     ClientGone,
     Collected,
@@ -101,6 +96,16 @@ def build_app(state: ServerState) -> FastAPI:
     app.state.kvmux = state
     state.install_middleware(app)
 
+    # one place renders errors: kvmux's own (4xx/5xx with param), a client that left (499);
+    # anything else escapes to the request middleware, which logs it and answers a generic 500
+    @app.exception_handler(KvmuxError)
+    async def _kvmux(_: Request, exc: KvmuxError):
+        return error_response(exc)
+
+    @app.exception_handler(ClientGone)
+    async def _gone(_: Request, exc: ClientGone):
+        return Response(status_code=499)
+
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError):
         message, field = _validation_message(exc)
@@ -143,38 +148,22 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
-        try:
-            return await run_completion(state, req, request)
-        except ClientGone:
-            return Response(status_code=499)
-        except Exception as exc:  # noqa: BLE001 - every failure is rendered in the OpenAI shape
-            return error_response(exc)
+        return await run_completion(state, req, request)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request):
-        try:
-            return await run_chat(state, req, request)
-        except ClientGone:
-            return Response(status_code=499)
-        except Exception as exc:  # noqa: BLE001
-            return error_response(exc)
+        return await run_chat(state, req, request)
 
     @app.post("/tokenize")
     async def tokenize(req: TokenizeRequest):
-        try:
-            check_model(state.engine, req.model)
-            # a million token ids take a second to encode as JSON: that too happens off the event loop
-            return Response(await state.off_loop(tokenize_body, state.engine, req), media_type="application/json")
-        except Exception as exc:  # noqa: BLE001
-            return error_response(exc)
+        check_model(state.engine, req.model)
+        # a million token ids take a second to encode as JSON: that too happens off the event loop
+        return Response(await state.off_loop(tokenize_body, state.engine, req), media_type="application/json")
 
     @app.post("/detokenize")
     async def detokenize(req: DetokenizeRequest):
-        try:
-            check_model(state.engine, req.model)
-            return {"prompt": await state.off_loop(detokenize_request, state.engine, req)}
-        except Exception as exc:  # noqa: BLE001
-            return error_response(exc)
+        check_model(state.engine, req.model)
+        return {"prompt": await state.off_loop(detokenize_request, state.engine, req)}
 
     state.install_extra_routes(app)
     return app

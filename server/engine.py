@@ -18,11 +18,11 @@ from typing import Any
 
 import torch
 
+from kvmux.errors import RequestError
 from kvmux.models.loader import LoadedModel, eos_token_ids
 from kvmux.policies.base import PolicySession, SessionRequest
 from kvmux.policies.presets import Preset, resolve_request_policy
 from kvmux.server.detok import IncrementalDetokenizer, StopStrings
-from kvmux.server.errors import RequestError
 from kvmux.server.limits import AUTO, DEFAULT_MAX_QUERY_TOKENS, Auto, resolve_limits
 from kvmux.server.sampling import Sampler, SamplingParams, token_logprobs
 

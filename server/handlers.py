@@ -11,8 +11,9 @@ from typing import Any
 
 from starlette.requests import Request
 
+from kvmux.errors import KvmuxError
 from kvmux.server.engine import TokenEvent
-from kvmux.server.errors import KvmuxError, to_error_body
+from kvmux.server.errors import to_error_body
 from kvmux.server.scheduler import Handle, Scheduler
 
 DISCONNECT_POLL_S = 0.25

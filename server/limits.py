@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 if TYPE_CHECKING:
-    from kvmux.models.runner import ModelInfo
+    from kvmux.models.info import ModelInfo
     from kvmux.policies.presets import Preset
 
 log = logging.getLogger("kvmux.limits")

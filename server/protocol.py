@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from kvmux.server.errors import RequestError
+from kvmux.errors import RequestError
 from kvmux.server.sampling import SamplingParams
 
 log = logging.getLogger("kvmux.server")

@@ -21,10 +21,10 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from kvmux.errors import DeadlineError, KvmuxError, OverloadedError, UnavailableError
 from kvmux.models.batching import BatchRowError
 from kvmux.policies.base import StepInterrupted
 from kvmux.server.engine import Engine, GenerationRequest, NeedDecode, RequestState, TokenEvent
-from kvmux.server.errors import DeadlineError, KvmuxError, OverloadedError, UnavailableError
 from kvmux.server.limits import prepared_request_bytes, resolve_budget
 
 log = logging.getLogger("kvmux.scheduler")

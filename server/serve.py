@@ -7,11 +7,16 @@ boundary) with a 503; open connections then close, the worker is joined and the 
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+from pathlib import Path
 
 import uvicorn
 from fastapi import FastAPI
 
+from kvmux.models.loader import load_model
+from kvmux.policies.presets import load_presets
+from kvmux.policies.registry import import_policy_modules
 from kvmux.server.app import build_app
 from kvmux.server.config import ServerConfig
 from kvmux.server.engine import Engine
@@ -22,10 +27,42 @@ from kvmux.server.state import ServerState
 log = logging.getLogger("kvmux.server")
 
 
+def build_engine(config: ServerConfig) -> Engine:
+    """Load the configured model and presets (plugin policies first) into an engine."""
+    import_policy_modules(config.policy_modules)
+    presets = load_presets(Path(config.presets_dir), config.exposed_presets)
+    return Engine(
+        load_model(config.model),
+        presets,
+        default_preset=config.default_preset,
+        prefill_chunk_tokens=config.model.prefill_chunk_tokens,
+        max_prompt_tokens=config.max_prompt_tokens,
+        max_new_tokens=config.max_new_tokens,
+        kv_memory_budget_bytes=config.kv_memory_budget_bytes,
+        max_query_tokens=config.max_query_tokens,
+    )
+
+
+def unauthenticated_exposure(config: ServerConfig) -> str | None:
+    """Why serving with this config is refused: a non-loopback host, no API key, and no opt-in."""
+    if config.api_keys or config.allow_unauthenticated:
+        return None
+    host = config.host.strip("[]")
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if loopback:
+        return None
+    return (
+        f"refusing to serve on '{config.host}' (reachable from other machines) without an API key. "
+        "Set one with --api-key or the KVMUX_API_KEY environment variable (or api_keys in the config), "
+        "or pass --allow-unauthenticated (allow_unauthenticated: true) to serve without authentication."
+    )
+
+
 def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
     if engine is None:
-        from kvmux.cli import build_engine
-
         engine = build_engine(config)
     metrics = Metrics(engine.info.served_name)
     scheduler = Scheduler(

@@ -18,9 +18,10 @@ from fastapi import FastAPI, HTTPException
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse
 
+from kvmux.errors import OverloadedError, UnavailableError
 from kvmux.server.config import ServerConfig
 from kvmux.server.engine import Engine
-from kvmux.server.errors import REQUEST_ID, OverloadedError, UnavailableError, error_body, to_error_body
+from kvmux.server.errors import REQUEST_ID, error_body, to_error_body
 from kvmux.server.metrics import Metrics, install_metrics_route
 from kvmux.server.scheduler import Scheduler
 

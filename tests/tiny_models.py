@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
 
-from kvmux.models.runner import ModelInfo, Runner
+from kvmux.models.info import ModelInfo
+from kvmux.models.runner import Runner
 from kvmux.policies.hook import install_attention
 
 COMMON = dict(

@@ -5,22 +5,13 @@ from __future__ import annotations
 import torch
 
 from kvmux.policies.base import SessionRequest
+from kvmux.policies.base import run_prefill as run_prefill  # the tests' one way to prefill
 from kvmux.policies.registry import get_policy
 
 
 def new_session(name: str, info, request: SessionRequest | None = None, **params):
     policy = get_policy(name)
     return policy.new_session(policy.Params(**params), info, request or SessionRequest())
-
-
-def run_prefill(session, runner, ids: torch.Tensor) -> torch.Tensor:
-    """Drive the session's prefill generator to completion; returns the last logits [V]."""
-    gen = session.prefill(runner, ids)
-    while True:
-        try:
-            next(gen)
-        except StopIteration as stop:
-            return stop.value
 
 
 def stepwise_logits(session, runner, ids: torch.Tensor, chunk: int = 1) -> torch.Tensor:

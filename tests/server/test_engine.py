@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from kvmux.errors import RequestError
 from kvmux.policies.presets import load_presets
 from kvmux.server.detok import IncrementalDetokenizer, StopStrings
 from kvmux.server.engine import Engine
-from kvmux.server.errors import RequestError
 from kvmux.server.sampling import SamplingParams
 
 PRESETS = Path(__file__).resolve().parents[2] / "configs" / "policies"

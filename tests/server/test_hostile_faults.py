@@ -23,11 +23,11 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from kvmux.errors import DeadlineError, UnavailableError
 from kvmux.policies.presets import Preset, load_presets
 from kvmux.policies.registry import _REGISTRY, register
 from kvmux.server.config import ServerConfig
 from kvmux.server.engine import Engine
-from kvmux.server.errors import DeadlineError, UnavailableError
 from kvmux.server.handlers import stream_events
 from kvmux.server.sampling import SamplingParams
 from kvmux.server.scheduler import MAX_LOOP_FAILURES, Handle, Scheduler

@@ -508,8 +508,8 @@ def test_policies_load_and_hip_runs_without_triton():
 def test_container_setup_needs_a_key():
     import yaml
 
-    from kvmux.cli import unauthenticated_exposure
     from kvmux.server.config import load_server_config
+    from kvmux.server.serve import unauthenticated_exposure
 
     compose = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())
     assert compose["services"]["kvmux"]["environment"]["KVMUX_API_KEY"].startswith("${KVMUX_API_KEY:?")

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from kvmux.server.errors import OverloadedError, UnavailableError
+from kvmux.errors import OverloadedError, UnavailableError
 from kvmux.server.sampling import SamplingParams
 from kvmux.server.scheduler import Scheduler
 from tests.tiny_models import tiny_engine
