@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tests.policies.helpers import full_logits, new_session, stepwise_logits
+from tests.policies.helpers import full_logits, new_session, run_prefill, stepwise_logits
 
 
 def test_chunked_prefill_equals_one_shot(tiny):
@@ -35,3 +35,22 @@ def test_sessions_do_not_share_state(tiny_llama):
     ids = torch.randint(0, 256, (1, 20))
     stepwise_logits(a, runner, ids, 5)
     assert b.stats().tokens_kept == 0 and a.stats().tokens_kept == 20
+
+
+def test_session_prefill_and_decode_match_transformers_generate(tiny_llama):
+    """The whole session path (runner, cache, hook, decode) generates what stock transformers does."""
+    model, info, runner = tiny_llama
+    ids = torch.randint(0, 256, (1, 40))
+    session = new_session("full", info)
+    logits, tokens = run_prefill(session, runner, ids), []
+    for _ in range(12):
+        tokens.append(int(logits.argmax()))
+        logits = session.decode(runner, tokens[-1])
+    model.set_attn_implementation("sdpa")
+    try:
+        with torch.inference_mode():
+            out = model.generate(ids, max_new_tokens=12, do_sample=False, min_new_tokens=12, pad_token_id=0)
+    finally:
+        model.set_attn_implementation("kvmux")
+    assert tokens == out[0, 40:].tolist()
+    assert session.stats().tokens_seen == 40 + 12  # each generated token was fed back

@@ -9,22 +9,30 @@ import pytest
 pytestmark = pytest.mark.model
 
 MODEL = "SmolLM2-135M-Instruct"
-PRESETS = ["full", "streaming_llm", "streaming_llm_original"]
+SMALL_WINDOW = {"sink_tokens": 2, "window": 4}
+# preset, overrides, tokens the policy must keep given the tokens it saw
+PRESETS = [
+    ("full", {}, lambda seen: seen),
+    ("streaming_llm", SMALL_WINDOW, lambda seen: 6),
+    ("streaming_llm_original", SMALL_WINDOW, lambda seen: 6),
+]
 
 
-@pytest.mark.parametrize("preset", PRESETS)
-def test_completion_with_each_preset(client, preset):
+@pytest.mark.parametrize(("preset", "overrides", "kept"), PRESETS, ids=[p[0] for p in PRESETS])
+def test_completion_with_each_preset(client, preset, overrides, kept):
     out = client.completions.create(
         model=MODEL,
         prompt="The capital of France is",
         max_tokens=6,
         temperature=0,
-        extra_body={"kv_policy": preset},
+        extra_body={"kv_policy": {"preset": preset, **overrides}},
     )
     assert out.choices[0].text.strip()
     assert out.usage.completion_tokens == 6 and out.usage.prompt_tokens > 0
     kv = out.model_extra["kv"]
-    assert kv["preset"] == preset and kv["tokens_kept"] > 0
+    # the last token is never fed back: the session saw the prompt and 5 generated tokens
+    assert kv["preset"] == preset and kv["tokens_seen"] == out.usage.prompt_tokens + 5
+    assert kv["tokens_kept"] == kept(kv["tokens_seen"]) < (kv["tokens_seen"] if overrides else 10**9)
 
 
 def test_completion_without_policy_uses_default(client):
@@ -70,7 +78,7 @@ def test_models_policies_health(live_server):
     assert models["data"][0]["root"]
     policies = httpx.get(live_server.url + "/v1/policies").json()
     names = {p["name"] for p in policies["data"]}
-    assert set(PRESETS) <= names
+    assert {p[0] for p in PRESETS} <= names
     sllm = next(p for p in policies["data"] if p["name"] == "streaming_llm")
     assert sllm["params"]["sink_tokens"] == 4 and "window" in sllm["schema"]["properties"]
     assert httpx.get(live_server.url + "/health").status_code == 200

@@ -119,8 +119,16 @@ def _wait_idle(state, timeout: float = 30.0) -> None:
     raise AssertionError(f"still running: {state.scheduler.num_running}, kv {state.scheduler.kv_reserved}")
 
 
+def _outcomes(server, reason: str) -> float:
+    text = httpx.get(server.url + "/metrics", headers=_auth(), timeout=10).text
+    model = server.state.engine.info.served_name
+    prefix = f'kvmux_request_outcomes_total{{model="{model}",policy="full",reason="{reason}"}}'
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(prefix))
+
+
 def test_streaming_client_disconnect_cancels_and_releases(server):
     body = {"prompt": "abc", "max_tokens": 3000, "temperature": 0, "ignore_eos": True, "stream": True}
+    cancelled, finished = _outcomes(server, "cancelled"), _outcomes(server, "finished_length")
     with httpx.Client(timeout=30.0) as client:
         with client.stream("POST", server.url + "/v1/completions", headers=_auth(), json=body) as response:
             lines = 0
@@ -128,8 +136,10 @@ def test_streaming_client_disconnect_cancels_and_releases(server):
                 lines += line.startswith("data:")
                 if lines == 3:
                     break  # leaving the block closes the connection mid-stream
-    assert server.state.scheduler.num_running <= 1
     _wait_idle(server.state)
+    # the request was stopped, not run on to its 3000 tokens
+    assert _outcomes(server, "cancelled") == cancelled + 1
+    assert _outcomes(server, "finished_length") == finished
 
 
 def test_waiting_client_disconnect_cancels_and_releases(server):
