@@ -11,7 +11,6 @@ from kvmux.policies import flexprefill as fp
 from kvmux.policies.base import AttentionCall
 from kvmux.policies.sparse import causal_blocks, diagonal_blocks
 from tests.policies.helpers import full_logits, new_session, run_prefill, stepwise_logits
-from tests.tiny_models import make_tiny
 
 SCALE = 16**-0.5
 
@@ -200,30 +199,3 @@ def test_decode_and_short_prompts_are_dense(tiny_llama):
     ref = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), k.repeat_interleave(2, 1))
     torch.testing.assert_close(out, ref.transpose(1, 2))
     assert session.stats().extra["dense_calls"] == info.num_layers  # decode is not a prefill call
-
-
-def test_concurrent_sessions_are_independent():
-    model, info, runner = make_tiny("llama", seed=1)
-    ids_a = torch.randint(0, 256, (1, 160))
-    ids_b = torch.randint(0, 256, (1, 120))
-    params_a = dict(block_size=16, gamma=0.7, min_budget=16, prefill_chunk=48, backend="eager")
-    params_b = dict(block_size=32, gamma=0.95, tau=0.5, min_budget=32, prefill_chunk=40, backend="eager")
-    alone = []
-    for ids, params in ((ids_a, params_a), (ids_b, params_b)):
-        session = new_session("flexprefill", info, **params)
-        alone.append((run_prefill(session, runner, ids), session.stats().as_dict()))
-    sa, sb = new_session("flexprefill", info, **params_a), new_session("flexprefill", info, **params_b)
-    ga, gb = sa.prefill(runner, ids_a), sb.prefill(runner, ids_b)
-    results = {}
-    while len(results) < 2:  # interleave the two prefills chunk by chunk
-        for name, gen in (("a", ga), ("b", gb)):
-            if name in results:
-                continue
-            try:
-                next(gen)
-            except StopIteration as stop:
-                results[name] = stop.value
-    torch.testing.assert_close(results["a"], alone[0][0])
-    torch.testing.assert_close(results["b"], alone[1][0])
-    assert sa.stats().as_dict() == alone[0][1] and sb.stats().as_dict() == alone[1][1]
-    assert alone[0][1]["density"] != alone[1][1]["density"]

@@ -203,22 +203,6 @@ def test_refresh_interval_longer_than_window_is_capped():
         assert int(geo.hi[0]) * 2 >= later_position - params.window + 1
 
 
-def test_concurrent_sessions_are_independent(tiny_llama):
-    model, info, runner = tiny_llama
-    ids = torch.randint(0, 256, (1, 150))
-    solo_a = stepwise_logits(new_session("hip", info, **SMALL), runner, ids, chunk=1)
-    solo_b = stepwise_logits(new_session("hip", info, **{**SMALL, "mask_k": 16, "refresh_interval": 3}), runner, ids, 1)
-    a = new_session("hip", info, **SMALL)
-    b = new_session("hip", info, **{**SMALL, "mask_k": 16, "refresh_interval": 3})
-    got_a, got_b = [], []
-    for t in range(150):
-        got_a.append(runner.forward(a, ids[:, t : t + 1], all_logits=True)[0])
-        got_b.append(runner.forward(b, ids[:, t : t + 1], all_logits=True)[0])
-    torch.testing.assert_close(torch.cat(got_a), solo_a, atol=1e-6, rtol=0)
-    torch.testing.assert_close(torch.cat(got_b), solo_b, atol=1e-6, rtol=0)
-    assert not torch.allclose(solo_a[-1], solo_b[-1], atol=1e-4)
-
-
 def test_decode_call_without_session_state_uses_single_query_geometry(tiny_llama):
     """A decode call on a sparse layer searches over one query block of one query."""
     model, info, runner = tiny_llama

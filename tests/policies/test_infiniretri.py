@@ -256,29 +256,6 @@ def test_selection_keeps_whole_sentences_and_rebuilds_the_prompt(tiny_llama):
     assert stats["tokens_seen"] == ids.shape[1] and stats["kv_bytes_kept"] < stats["kv_bytes_full"]
 
 
-def test_two_sessions_are_independent(tiny_llama):
-    model, info, runner = with_tokenizer(tiny_llama)
-    ids, request = chat("Read this.\n" + facts_document(25) + "\nWhich item weighs most?")
-    params = [dict(chunk_tokens=128, top_k=4, layer=0), dict(chunk_tokens=96, top_k=12, layer=-1, window=2)]
-    alone = []
-    for p in params:
-        session = new_session("infiniretri", info, request, **p)
-        alone.append((run_prefill(session, runner, ids), session.stats().as_dict()))
-    sessions = [new_session("infiniretri", info, request, **p) for p in params]
-    gens = [s.prefill(runner, ids) for s in sessions]
-    results: list = [None, None]
-    while any(r is None for r in results):  # interleave the two prefills chunk by chunk
-        for i, gen in enumerate(gens):
-            if results[i] is None:
-                try:
-                    next(gen)
-                except StopIteration as stop:
-                    results[i] = stop.value
-    for (logits, stats), got, session in zip(alone, results, sessions, strict=True):
-        assert torch.equal(logits, got) and session.stats().as_dict() == stats
-    assert alone[0][1]["tokens_retained"] != alone[1][1]["tokens_retained"]
-
-
 # -- the embedded model ----------------------------------------------------------------------
 
 
