@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from kvmux.models.loader import ModelSpec, load_model
-from kvmux.policies.base import SessionRequest
+from kvmux.policies.base import SessionRequest, run_prefill
 from kvmux.policies.registry import get_policy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,15 +40,6 @@ NAMES = ["Harriet", "Barnaby", "Rosalind", "Tobias", "Clementine", "Ignatius", "
 def new_session(info, name: str, **params):
     policy = get_policy(name)
     return policy.new_session(policy.Params(**params), info, SessionRequest())
-
-
-def prefill(session, runner, ids: torch.Tensor) -> torch.Tensor:
-    gen = session.prefill(runner, ids)
-    while True:
-        try:
-            next(gen)
-        except StopIteration as stop:
-            return stop.value
 
 
 def stream_nlls(session, runner, ids: torch.Tensor, chunk: int) -> list[float]:
@@ -166,7 +157,7 @@ def measure_recall(model, args, text: str) -> list[dict]:
         stream = torch.cat(pieces, dim=1)
         for label, policy, params in configs:
             session = new_session(info, policy, **params)
-            prefill(session, runner, prompt)
+            run_prefill(session, runner, prompt)
             logits = None
             for start in range(0, stream.shape[1], args.chunk):
                 logits = runner.forward(session, stream[:, start : start + args.chunk])[0, -1]

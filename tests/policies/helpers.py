@@ -24,3 +24,15 @@ def full_logits(model, ids: torch.Tensor) -> torch.Tensor:
     """Reference: one dense forward without any session [T, V]."""
     with torch.inference_mode():
         return model(ids).logits[0].float()
+
+
+class ByteTokenizer:
+    """One token per UTF-8 byte: matches the tiny models' 256-token vocabulary."""
+
+    all_special_ids: list[int] = []
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return list(text.encode())
+
+    def decode(self, ids, **kwargs) -> str:
+        return bytes(ids).decode("utf-8", errors="replace")

@@ -23,21 +23,8 @@ from kvmux.policies.infiniretri.sentences import (
     token_boundary,
     token_pieces,
 )
-from tests.policies.helpers import new_session, run_prefill
+from tests.policies.helpers import ByteTokenizer, new_session, run_prefill
 from tests.tiny_models import make_tiny
-
-
-class ByteTokenizer:
-    """One token per UTF-8 byte: matches the tiny models' 256-token vocabulary."""
-
-    all_special_ids: list[int] = []
-
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        return list(text.encode())
-
-    def decode(self, ids, **kwargs) -> str:
-        return bytes(ids).decode("utf-8", errors="replace")
-
 
 TOK = ByteTokenizer()
 HEAD, TAIL = "<sys>be brief</sys>\n<user>\n", "</user>\n<assistant>\n"

@@ -18,7 +18,7 @@ import torch
 
 from kvmux.policies.base import SessionRequest, run_prefill
 from kvmux.policies.registry import policy_names
-from tests.policies.helpers import full_logits, new_session
+from tests.policies.helpers import ByteTokenizer, full_logits, new_session
 
 DECODE_STEPS = 12
 
@@ -77,18 +77,6 @@ CASES = {
         reads_text=True,
     ),
 }
-
-
-class ByteTokenizer:
-    """One token per UTF-8 byte (the tiny models' 256-token vocabulary)."""
-
-    all_special_ids: list[int] = []
-
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        return list(text.encode())
-
-    def decode(self, ids, **kwargs) -> str:
-        return bytes(ids).decode("utf-8", errors="replace")
 
 
 def inputs(case: Case, info, seed: int) -> tuple[object, torch.Tensor, int, SessionRequest]:
