@@ -14,6 +14,8 @@ Hooks (defaults give dense full attention):
 | `session.after_forward(n)` | nothing |
 | `session.next_position_ids(n)` | absolute positions (tokens seen so far) |
 | `session.stats()` | tokens and bytes kept in the cache |
+| `policy.check_prompt(params, info, request, ids)` | accepts every prompt (checked before queueing, no session) |
+| `session.checkpoint()` / `restore(c)` | per-layer cache lengths (a failed batched decode step is undone) |
 | `policy.kv_bytes_needed(params, info, n)` | a full cache of n tokens (admission under the memory budget) |
 | `policy.step_bytes_needed(params, info, n, chunk, query_tokens)` | a dense chunk: mask + one head's scores |
 """
@@ -125,9 +127,6 @@ class PolicySession:
     # -- cache -----------------------------------------------------------------------------
     def make_cache(self) -> Cache:
         return DynamicCache(config=self.info.config)
-
-    def check_prompt(self, prompt_ids: list[int]) -> None:
-        """Raise PolicyInputError if this request cannot be served (checked before it is queued)."""
 
     # -- forward hooks -----------------------------------------------------------------------
     def next_position_ids(self, num_tokens: int) -> torch.Tensor:
@@ -246,6 +245,12 @@ class Policy:
         if not isinstance(params, self.Params):
             raise TypeError(f"{self.name} expects {self.Params.__name__}, got {type(params).__name__}")
         return self.session_class(self, params, info, request)
+
+    def check_prompt(
+        self, params: PolicyParams, info: ModelInfo, request: SessionRequest, prompt_ids: list[int]
+    ) -> None:
+        """Raise PolicyInputError if this request cannot be served (checked before it is queued,
+        without building a session)."""
 
     def kv_bytes_needed(self, params: PolicyParams, info: ModelInfo, num_tokens: int) -> int:
         """Upper bound of the KV bytes a request of `num_tokens` tokens will hold (admission)."""

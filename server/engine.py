@@ -245,11 +245,7 @@ class Engine:
         self._check_lengths(ids, sampling, preset)
         session_request = SessionRequest(query_text=query, prompt_text=text, messages=messages, query_ids=query_ids)
         # a policy that cannot serve this request (e.g. no question found) says so now, as a 400
-        trial = preset.policy.new_session(preset.params, self.info, session_request)
-        try:
-            trial.check_prompt(ids)
-        finally:
-            trial.close()
+        preset.policy.check_prompt(preset.params, self.info, session_request, ids)
         return GenerationRequest(ids, sampling, preset, session_request, request_id or uuid.uuid4().hex)
 
     def _check_lengths(self, ids: list[int], sampling: SamplingParams, preset: Preset) -> None:

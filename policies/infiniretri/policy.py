@@ -320,30 +320,11 @@ class InfiniRetriSession(PolicySession):
         assert probe.rows is not None, "scoring layer was not reached"
         return probe.rows
 
-    def check_prompt(self, prompt_ids: list[int]) -> None:
-        self._layout(prompt_ids)
-
-    def _layout(self, ids: list[int]):
-        """Split the prompt into instruction / context / question; raise a 400 if that fails."""
-        p = self.params
-        tokenizer = self.info.tokenizer
-        if tokenizer is None:
-            raise PolicyInputError("infiniretri needs the model's tokenizer to find sentences")
-        layout = split_prompt(tokenizer, ids, self.request, p.max_question_tokens)
-        c0, c1 = layout.context
-        fixed = len(layout.prefix) + len(layout.question)
-        if c1 > c0 and self.info.max_context - fixed - p.chunk_tokens < 0:
-            raise PolicyInputError(
-                f"infiniretri: instruction and question take {fixed} tokens; with a {p.chunk_tokens}-token "
-                f"chunk they exceed the model's context ({self.info.max_context})"
-            )
-        return layout
-
     def prefill(self, runner, input_ids: torch.Tensor) -> Generator[None, None, torch.Tensor]:
         p = self.params
         tokenizer = self.info.tokenizer
         ids = input_ids[0].tolist()
-        layout = self._layout(ids)
+        layout = prompt_layout(self.params, self.info, self.request, ids)
         prefix, question = layout.prefix, layout.question
         c0, c1 = layout.context
         fixed = len(prefix) + len(question)
@@ -401,6 +382,22 @@ class InfiniRetriSession(PolicySession):
         return stats
 
 
+def prompt_layout(params: InfiniRetriParams, info, request: SessionRequest, ids: list[int]):
+    """Split the prompt into instruction / context / question; raise a 400 if that fails."""
+    tokenizer = info.tokenizer
+    if tokenizer is None:
+        raise PolicyInputError("infiniretri needs the model's tokenizer to find sentences")
+    layout = split_prompt(tokenizer, ids, request, params.max_question_tokens)
+    c0, c1 = layout.context
+    fixed = len(layout.prefix) + len(layout.question)
+    if c1 > c0 and info.max_context - fixed - params.chunk_tokens < 0:
+        raise PolicyInputError(
+            f"infiniretri: instruction and question take {fixed} tokens; with a {params.chunk_tokens}-token "
+            f"chunk they exceed the model's context ({info.max_context})"
+        )
+    return layout
+
+
 @register
 class InfiniRetriPolicy(Policy):
     name = "infiniretri"
@@ -409,6 +406,9 @@ class InfiniRetriPolicy(Policy):
     session_class = InfiniRetriSession
     extends_context = True
     summary = "reads the context in sentence chunks, keeps sentences the question attends to"
+
+    def check_prompt(self, params, info, request, prompt_ids: list[int]) -> None:
+        prompt_layout(params, info, request, prompt_ids)
 
     def step_bytes_needed(self, params, info, num_tokens: int, chunk: int, query_tokens: int = 0) -> int:
         # a scoring forward reads instruction + retained sentences + chunk + question in one pass (at most
