@@ -159,10 +159,6 @@ class Scheduler:
     def num_waiting(self) -> int:
         return len(self._waiting)
 
-    def stop_accepting(self) -> None:
-        with self._lock:
-            self._accepting = False
-
     def drain(self, grace_s: float) -> None:
         """Stop admitting; work still running after `grace_s` is stopped with a 503 (SIGTERM)."""
         with self._lock:
