@@ -83,9 +83,8 @@ def batched_decode_forward(model: torch.nn.Module, sessions: list[PolicySession]
     logits = out.logits[:, -1].float()
     failures: dict[int, BaseException] = {}
     for row, session in enumerate(sessions):
-        session.tokens_seen += 1
         try:
-            session.after_forward(1)
+            session.forward_done(1)
         except Exception as exc:  # noqa: BLE001 - one request's fault must not fail the batch
             failures[row] = exc
     if failures:

@@ -35,7 +35,7 @@ class Runner:
         """Run `input_ids` [1, T] through the model with the session's cache.
 
         Returns logits [1, T, V] if `all_logits`, else [1, 1, V] for the last token. The session's
-        `after_forward` runs afterwards (evictions happen there, between forwards).
+        `forward_done` runs afterwards (it counts the tokens; evictions happen there, between forwards).
         """
         num_tokens = input_ids.shape[1]
         input_ids = input_ids.to(self.info.device)
@@ -49,8 +49,7 @@ class Runner:
             kvmux_session=session,
             **{self._cache_kw: session.cache},
         )
-        session.tokens_seen += num_tokens
-        session.after_forward(num_tokens)
+        session.forward_done(num_tokens)
         return out.logits.float()
 
     @torch.inference_mode()

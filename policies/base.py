@@ -11,9 +11,10 @@ Hooks (defaults give dense full attention):
 | `session.cache` | a transformers `DynamicCache` (every token, every layer) |
 | `session.prefill(runner, ids)` | chunked forward (generator; yields between chunks) |
 | `session.attention(call)` | dense SDPA over the whole cache |
+| `session.forward_done(n)` | counts the n tokens as seen (not while `counts_tokens` is off), then `after_forward` |
 | `session.after_forward(n)` | nothing |
 | `session.next_position_ids(n)` | absolute positions (tokens seen so far) |
-| `session.stats()` | tokens and bytes kept in the cache |
+| `session.stats()` | tokens and bytes kept in the cache (`KVStats`: typed `attention_density`, `tokens_retained`) |
 | `policy.check_prompt(params, info, request, ids)` | accepts every prompt (checked before queueing, no session) |
 | `session.checkpoint()` / `restore(c)` | per-layer cache lengths (a failed batched decode step is undone) |
 | `policy.kv_bytes_needed(params, info, n)` | a full cache of n tokens (admission under the memory budget) |
@@ -82,18 +83,26 @@ class KVStats:
     tokens_kept: int  # per layer and KV head (the maximum over layers)
     kv_bytes_kept: int
     kv_bytes_full: int  # what a full cache of every seen token would take
-    extra: dict[str, Any] = field(default_factory=dict)
+    # fraction of the causal attention map a sparse policy computed (metrics and bench read it)
+    attention_density: float | None = None
+    # prompt tokens a retrieval policy kept as its context (the rest of the prompt was read and dropped)
+    tokens_retained: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # policy-specific figures, reported as they are
 
     def as_dict(self) -> dict[str, Any]:
         ratio = self.kv_bytes_kept / self.kv_bytes_full if self.kv_bytes_full else 1.0
-        return {
+        out: dict[str, Any] = {
             "tokens_seen": self.tokens_seen,
             "tokens_kept": self.tokens_kept,
             "kv_bytes_kept": self.kv_bytes_kept,
             "kv_bytes_full": self.kv_bytes_full,
             "kv_ratio": round(ratio, 4),
-            **self.extra,
         }
+        if self.attention_density is not None:
+            out["attention_density"] = round(self.attention_density, 4)
+        if self.tokens_retained is not None:
+            out["tokens_retained"] = self.tokens_retained
+        return {**out, **self.extra}
 
 
 def cache_kept_tokens(cache: Cache) -> tuple[int, int]:
@@ -121,7 +130,8 @@ class PolicySession:
         self.params = params
         self.info = info
         self.request = request
-        self.tokens_seen = 0
+        self.tokens_seen = 0  # prompt and generated tokens the request has read (counted by `forward_done`)
+        self.counts_tokens = True  # off while a policy runs forwards that read no new request tokens
         self.cache: Cache = self.make_cache()
 
     # -- cache -----------------------------------------------------------------------------
@@ -137,6 +147,13 @@ class PolicySession:
     def attention(self, call: AttentionCall) -> torch.Tensor:
         """Attention output [B, Tq, Hq, D] for one layer."""
         return dense_attention(call)
+
+    def forward_done(self, num_tokens: int) -> None:
+        """The runner calls this after every forward of `num_tokens` new tokens: the session counts
+        them as seen (unless `counts_tokens` is off, e.g. for a probe forward) and runs `after_forward`."""
+        if self.counts_tokens:
+            self.tokens_seen += num_tokens
+        self.after_forward(num_tokens)
 
     def after_forward(self, num_tokens: int) -> None:
         """Called after every forward of `num_tokens` new tokens (evict here, never inside)."""

@@ -328,7 +328,7 @@ class FlexPrefillSession(PolicySession):
 
     def stats(self):
         stats = super().stats()
-        stats.extra["density"] = round(self.kept_cells / self.causal_cells, 4) if self.causal_cells else 1.0
+        stats.attention_density = self.kept_cells / self.causal_cells if self.causal_cells else 1.0
         stats.extra["sparse_calls"] = self.sparse_calls
         stats.extra["dense_calls"] = self.dense_calls
         if self.prefill_forwards:

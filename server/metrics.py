@@ -53,10 +53,8 @@ def policy_of(handle: Any) -> str:
 
 
 def density_of(stats: dict[str, Any]) -> float | None:
-    """The attention density a policy reported (`density` or `<name>_density`), if any."""
-    value = stats.get("density")
-    if value is None:
-        value = next((v for k, v in stats.items() if k.endswith("_density")), None)
+    """The attention density a sparse policy reported (`KVStats.attention_density`), if any."""
+    value = stats.get("attention_density")
     return float(value) if isinstance(value, (int, float)) else None
 
 

@@ -254,12 +254,11 @@ class ActQKVSession(PolicySession):
 
     def encode_question(self, runner, question_ids: torch.Tensor) -> None:
         """Run the question alone and store each layer's question vector; nothing enters the memory."""
-        self.capturing = True
+        self.capturing, self.counts_tokens = True, False  # the question is not part of the request's tokens
         try:
             runner.forward(self, question_ids)
         finally:
-            self.capturing = False
-            self.tokens_seen -= question_ids.shape[1]
+            self.capturing, self.counts_tokens = False, True
 
     def _question_attention(
         self, mem: ContextMemory, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling, piece_rows: int = 0

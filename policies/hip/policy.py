@@ -305,11 +305,11 @@ class HipSession(PolicySession):
         stats = super().stats()
         attended = self.attended_sum + (float(self.sparse_totals[0]) if self.sparse_totals is not None else 0.0)
         rows = self.causal_sum and attended / max(self.causal_sum, 1.0)
+        stats.attention_density = float(rows) if self.causal_sum else 1.0
         stats.extra.update(
             {
                 "hip_budget_per_query": self.params.budget,
                 "hip_max_keys_per_query": self.max_attended,
-                "hip_density": round(float(rows), 4) if self.causal_sum else 1.0,
                 "hip_searches": self.searches,
                 "hip_mask_reuses": self.mask_reuses,
                 "hip_rounds": self.rounds,

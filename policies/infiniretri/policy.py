@@ -39,6 +39,12 @@ Deviations from the reference, and why:
 - Only the question rows of the scoring layer are materialised (exact fp32 softmax); other
   layers use dense SDPA and the forward stops after the scoring layer, since the layers above
   cannot change its attention. The reference runs eager attention with all layers' maps.
+  Stopping is done by raising `_ProbeDone` from the scoring layer's attention and catching it
+  around the forward: transformers' model forwards have no early exit, and running only the
+  first layers would mean re-implementing each architecture's forward (embeddings, rotary
+  tables, masks, norms) or editing the shared model's layer list while other requests use it.
+  The exception is private to this module, raised only in a scoring forward (throwaway cache,
+  no tokens counted) and caught by the one function that started that forward.
 - Sentences are split in token space (line breaks also end a sentence; see `sentences.py`) and
   kept as token ids instead of being decoded and re-encoded, so no tokenisation drift.
 - When the candidates of a chunk number at most `top_k`, all are kept without a forward (the
@@ -311,12 +317,13 @@ class InfiniRetriSession(PolicySession):
         probe = _Probe(self.scoring_layer, question_start)
         self._probe, self.cache = probe, DynamicCache(config=self.info.config)
         positions = torch.arange(len(ids), device=self.info.device).unsqueeze(0)
+        self.counts_tokens = False  # a scoring forward reads no new request tokens
         try:
             runner.forward(self, torch.tensor([ids]), position_ids=positions)
         except _ProbeDone:
             pass
         finally:
-            self._probe = None
+            self._probe, self.counts_tokens = None, True
         assert probe.rows is not None, "scoring layer was not reached"
         return probe.rows
 
@@ -364,7 +371,6 @@ class InfiniRetriSession(PolicySession):
             "scoring_forwards": forwards,
             "scoring_tokens": scored_tokens,
             "context_tokens": c1 - c0,
-            "tokens_retained": span_length(retained),
             "retention_ratio": round(span_length(retained) / (c1 - c0), 4) if c1 > c0 else 1.0,
             "question_tokens": len(question),
             "question_source": layout.source,
@@ -372,12 +378,18 @@ class InfiniRetriSession(PolicySession):
             "scoring_layer": self.scoring_layer,
         }
         self.cache = self.make_cache()
-        logits = yield from super().prefill(runner, torch.tensor([final]))
-        self.tokens_seen = len(ids)  # the original prompt was read, whatever was kept
+        self.counts_tokens = False  # the rebuilt prompt is what is kept; what was read is the whole prompt
+        try:
+            logits = yield from super().prefill(runner, torch.tensor([final]))
+        finally:
+            self.counts_tokens = True
+        self.tokens_seen = len(ids)
         return logits
 
     def stats(self):
         stats = super().stats()
+        if self._report:
+            stats.tokens_retained = span_length(self.retained)
         stats.extra.update(self._report)
         return stats
 

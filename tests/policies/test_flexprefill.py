@@ -143,7 +143,7 @@ def test_full_budget_reproduces_full_logits(tiny):
     torch.testing.assert_close(got, full_logits(model, ids)[-1], atol=2e-5, rtol=1e-4)
     extra = session.stats().extra
     assert extra["sparse_calls"] == info.num_layers and extra["dense_calls"] == 0
-    assert extra["density"] == 1.0
+    assert session.stats().attention_density == 1.0
 
 
 def test_flex_backend_matches_eager_on_a_tiny_model(tiny_llama):
@@ -153,7 +153,7 @@ def test_flex_backend_matches_eager_on_a_tiny_model(tiny_llama):
     for backend in ("eager", "flex"):
         session = new_session("flexprefill", info, block_size=16, min_budget=16, max_budget=32, backend=backend)
         outs.append(run_prefill(session, runner, ids))
-        assert session.stats().extra["density"] < 1.0
+        assert session.stats().attention_density < 1.0
     torch.testing.assert_close(outs[0], outs[1], atol=1e-4, rtol=1e-4)
 
 
@@ -191,7 +191,8 @@ def test_decode_and_short_prompts_are_dense(tiny_llama):
     ids = torch.randint(0, 256, (1, 60))
     got = stepwise_logits(session, runner, ids, chunk=60)
     torch.testing.assert_close(got, full_logits(model, ids), atol=2e-5, rtol=1e-4)
-    assert session.stats().extra == {"density": 1.0, "sparse_calls": 0, "dense_calls": info.num_layers}
+    assert session.stats().attention_density == 1.0
+    assert session.stats().extra == {"sparse_calls": 0, "dense_calls": info.num_layers}
     gen = torch.Generator().manual_seed(5)
     q, k = torch.randn(1, 4, 1, 16, generator=gen), torch.randn(1, 2, 300, 16, generator=gen)
     call = AttentionCall(layer_idx=0, query=q, key=k, value=k.clone(), mask=None, scaling=SCALE)

@@ -127,7 +127,7 @@ def test_budget_covering_sequence_reproduces_full(tiny):
     session = new_session("hip", info, mask_k=64, sink_tokens=4, window=16, dense_layers=0)  # budget 84
     got = stepwise_logits(session, runner, ids, chunk=16)
     torch.testing.assert_close(got, full_logits(model, ids), atol=2e-5, rtol=1e-4)
-    assert session.stats().extra["hip_searches"] == 0 and session.stats().extra["hip_density"] == 1.0
+    assert session.stats().extra["hip_searches"] == 0 and session.stats().attention_density == 1.0
 
 
 def test_dense_layers_cover_every_layer_reproduces_full(tiny_llama):
@@ -149,7 +149,7 @@ def test_sparse_path_bounds_keys_per_query_and_keeps_full_cache(tiny_llama):
     budget = 32 + 4 + 16
     assert stats.extra["hip_budget_per_query"] == budget
     assert stats.extra["hip_max_keys_per_query"] == budget  # reached, never exceeded
-    assert 0.0 < stats.extra["hip_density"] < 0.5
+    assert 0.0 < stats.attention_density < 0.5
     assert stats.tokens_kept == stats.tokens_seen == 305 and stats.kv_bytes_kept == stats.kv_bytes_full
     dense = full_logits(model, ids)[-1]
     sparse_first = run_prefill(new_session("hip", info, **SMALL), runner, ids)

@@ -113,8 +113,8 @@ def test_session_with_triton_kernels_reproduces_the_pytorch_kernels(tiny_llama):
         for _ in range(3):
             steps.append(session.decode(runner, int(steps[-1].argmax())))
         logits[kernel] = torch.stack(steps)
-        stats = session.stats().extra
-        searches[kernel] = (stats["hip_searches"], stats["hip_density"], stats["hip_max_keys_per_query"])
+        stats = session.stats().as_dict()
+        searches[kernel] = (stats["hip_searches"], stats["attention_density"], stats["hip_max_keys_per_query"])
         assert stats["hip_mask_reuses"] == 2  # 2 layers x the second decode step
         assert stats["hip_max_keys_per_query"] <= 32 + 4 + 16
     assert searches["triton"] == searches["fast"]  # searches, density and max keys per row in the stats

@@ -74,7 +74,7 @@ def test_one_request_fills_latency_token_outcome_and_kv_series():
     clock = Clock()
     metrics = Metrics(MODEL, clock=clock)
     handle = fake_handle("streaming_llm", prompt_len=7, submitted_at=100.0)
-    stats = {"kv_bytes_kept": 1000, "kv_bytes_full": 4000, "density": 0.25, "policy": "streaming_llm"}
+    stats = {"kv_bytes_kept": 1000, "kv_bytes_full": 4000, "attention_density": 0.25, "policy": "streaming_llm"}
     run_request(metrics, clock, handle, [101.0, 101.25, 101.75], finish="stop", stats=stats)
     p = "streaming_llm"
     assert value(metrics, "kvmux_time_to_first_token_seconds_count", p) == 1
@@ -103,7 +103,7 @@ def test_policies_are_separate_series_and_kv_sums_accumulate():
     metrics = Metrics(MODEL, clock=clock)
     for policy, kept in (("full", 400), ("full", 600), ("hip", 50)):
         handle = fake_handle(policy, prompt_len=3, submitted_at=clock.now)
-        stats = {"kv_bytes_kept": kept, "kv_bytes_full": 1000, "hip_density": 0.1} if policy == "hip" else None
+        stats = {"kv_bytes_kept": kept, "kv_bytes_full": 1000, "attention_density": 0.1} if policy == "hip" else None
         run_request(
             metrics,
             clock,
