@@ -17,7 +17,7 @@ import json
 
 from passkey_case import add_case_arguments, generate, load_case
 
-from kvmux.policies.actqkv import policy as actqkv
+from kvmux.policies.actqkv.session import ActQKVSession
 
 
 def hits(records: list[dict]) -> str:
@@ -34,7 +34,7 @@ def main() -> None:
     loaded, sample, needle = load_case(args, prefill_chunk=args.prefill_chunk)
 
     records: list[dict] = []
-    original = actqkv.ActQKVSession._select
+    original = ActQKVSession._select
 
     def recording_select(self, mem, layer, window_idx, probe_q, decoding):
         chosen = original(self, mem, layer, window_idx, probe_q, decoding)
@@ -48,7 +48,7 @@ def main() -> None:
         )  # fmt: skip
         return chosen
 
-    actqkv.ActQKVSession._select = recording_select
+    ActQKVSession._select = recording_select
     policy = {"preset": "actqkv", "query": sample.query, **json.loads(args.overrides)}
     generate(loaded, sample, policy, prefill_chunk=args.prefill_chunk)
 

@@ -9,8 +9,10 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from kvmux.policies.actqkv.block_budget import BlockBudget
 from kvmux.policies.actqkv.context_memory import ActivationStats, ContextMemory
-from kvmux.policies.actqkv.policy import ActQKVParams, ActQKVSession, BlockBudget
+from kvmux.policies.actqkv.params import ActQKVParams
+from kvmux.policies.actqkv.session import ActQKVSession
 from kvmux.policies.base import AttentionCall, PolicyInputError, SessionRequest
 from kvmux.policies.dense import attention_probs
 from kvmux.policies.registry import get_policy

@@ -10,8 +10,9 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from kvmux.policies.actqkv import policy as aq
+from kvmux.policies.actqkv import question as actqkv_question
 from kvmux.policies.actqkv.context_memory import top_attended_mean
+from kvmux.policies.actqkv.params import MAX_ATTENDED_KEYS, ActQKVParams
 from kvmux.policies.base import AttentionCall, SessionRequest, dense_step_bytes
 from kvmux.policies.dense import attention_probs
 from kvmux.policies.infiniretri import policy as ir
@@ -61,21 +62,21 @@ def test_actqkv_question_in_pieces_equals_one_piece(tiny_llama, piece_rows):
 def test_actqkv_question_scores_stay_within_a_piece(tiny_llama, monkeypatch):
     """The largest score tensor is one piece of rows against the keys, not the whole n x n."""
     model, info, runner = tiny_llama
-    monkeypatch.setattr(aq, "QUESTION_PIECE_ELEMENTS", 4 * 200 * 20)  # 20 rows of a 200-token question
+    monkeypatch.setattr(actqkv_question, "QUESTION_PIECE_ELEMENTS", 4 * 200 * 20)  # 20 rows of a 200-token question
 
     class Chars:
         def encode(self, text, add_special_tokens=False):
             return [ord(c) % 256 for c in text]
 
     seen = []
-    original = aq.ActQKVSession._probs
+    original = actqkv_question.grouped_probs
 
-    def spy(self, q, k, scaling, mask):
-        probs = original(self, q, k, scaling, mask)
+    def spy(q, k, scaling, mask):
+        probs = original(q, k, scaling, mask)
         seen.append(probs.numel())
         return probs
 
-    monkeypatch.setattr(aq.ActQKVSession, "_probs", spy)
+    monkeypatch.setattr(actqkv_question, "grouped_probs", spy)
     request = SessionRequest(query_text="x" * 200)
     session = new_session("actqkv", dataclasses.replace(info, tokenizer=Chars()), request, **SMALL)
     session.encode_question(runner, torch.randint(0, 256, (1, 200)))
@@ -148,7 +149,7 @@ def test_params_beyond_their_caps_are_rejected(policy, params):
 
 
 def test_actqkv_defaults_stay_under_the_keys_cap():
-    assert aq.ActQKVParams().attended_keys == 64 + 92 * 32 + 512 + 256 <= aq.MAX_ATTENDED_KEYS
+    assert ActQKVParams().attended_keys == 64 + 92 * 32 + 512 + 256 <= MAX_ATTENDED_KEYS
 
 
 @pytest.mark.parametrize("spec", [{"preset": []}, {"preset": {}}, {"preset": 3}, {"preset": None}])
@@ -199,7 +200,7 @@ def test_actqkv_window_estimate_covers_the_window_scores(tiny_llama):
     _, info, _ = tiny_llama
     small, large = _step("actqkv", info, 8192, window=64), _step("actqkv", info, 8192, window=512, n_local=512)
     assert large > small
-    keys = aq.ActQKVParams(window=512).attended_keys
+    keys = ActQKVParams(window=512).attended_keys
     assert large >= 4 * info.num_heads * 512 * keys * 4  # four fp32 copies of one window's scores
 
 

@@ -1,0 +1,56 @@
+"""ActQKV's dynamic cut-off (arXiv 2502.13542, step 5 of the algorithm in `policy.py`).
+
+A pool of `topk * layers` blocks per window of queries is shared by the layers in order. Layer l
+takes K_l = clip(round(w_l * pool_left), min(N, min_blocks), min(N, 2*topk)), where w_l = 1/(L-l)
+(equal split) or, once every layer has a full history of entropy samples and the split is
+entropy-driven (decoding), w_l = H_l / sum_{m>=l} H_m with H the mean normalised entropy of
+softmax(block scores) of each layer's last samples. A layer with fewer than 2 blocks takes them
+all without recording a sample or drawing from the pool.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+
+import torch
+
+
+class BlockBudget:
+    """The per-window pool of `topk * layers` blocks shared by the layers in order (entropy-driven)."""
+
+    def __init__(self, num_layers: int, topk: int, min_blocks: int, history: int):
+        self.num_layers, self.topk, self.min_blocks = num_layers, topk, min_blocks
+        self.pool_size = float(topk * num_layers)
+        self.cap = 2 * topk
+        self.history: list[deque[float]] = [deque(maxlen=history) for _ in range(num_layers)]
+        self.pools: list[float] = []
+        self.last: list[int] = [0] * num_layers
+
+    def start_forward(self, num_windows: int) -> None:
+        self.pools = [self.pool_size] * num_windows
+
+    def weight(self, layer: int, entropy_split: bool) -> float:
+        full = all(len(h) == h.maxlen for h in self.history)
+        if entropy_split and full:
+            means = [sum(h) / len(h) for h in self.history]
+            rest = sum(means[layer:])
+            if rest > 0:
+                return means[layer] / rest
+        return 1.0 / (self.num_layers - layer)
+
+    def take(self, layer: int, window_idx: int, scores: torch.Tensor, entropy_split: bool) -> int:
+        """Blocks for `layer` in window `window_idx` given its block scores [N]."""
+        n = scores.shape[0]
+        if n < 2:
+            self.last[layer] = n
+            return n
+        p = torch.softmax(scores.float(), dim=0)
+        entropy = -(p * torch.log(p + 1e-10)).sum().item() / math.log(n)
+        self.history[layer].append(entropy)
+        left = self.pools[window_idx]
+        k = round(self.weight(layer, entropy_split) * left)
+        k = max(min(k, min(n, self.cap)), min(n, self.min_blocks))
+        self.pools[window_idx] = left - k
+        self.last[layer] = k
+        return k
