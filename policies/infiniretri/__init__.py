@@ -1,4 +1,6 @@
-"""InfiniRetri (arXiv 2502.12962): the policy (`policy.py`) and its sentence and chunk splitting (`sentences.py`).
+"""InfiniRetri (arXiv 2502.12962): the policy, its algorithm and deviations (`policy.py`), one
+request's session (`session.py`) and the pieces it uses: parameters, prompt layout, sentence and
+chunk splitting (`sentences.py`), and the scoring that selects sentences.
 
 Importing the package registers the policy.
 """

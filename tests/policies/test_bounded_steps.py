@@ -15,7 +15,7 @@ from kvmux.policies.actqkv.context_memory import top_attended_mean
 from kvmux.policies.actqkv.params import MAX_ATTENDED_KEYS, ActQKVParams
 from kvmux.policies.base import AttentionCall, SessionRequest, dense_step_bytes
 from kvmux.policies.dense import attention_probs
-from kvmux.policies.infiniretri import policy as ir
+from kvmux.policies.infiniretri.scoring import question_rows
 from kvmux.policies.presets import PresetError, resolve_request_policy
 from kvmux.policies.registry import get_policy
 from kvmux.policies.rope import rotate
@@ -98,10 +98,10 @@ def test_infiniretri_question_rows_in_pieces_equal_one_piece(piece_rows):
     query, key = torch.randn(1, 4, 30, 16, generator=gen), torch.randn(1, 2, 30, 16, generator=gen)
     call = AttentionCall(layer_idx=0, query=query, key=key, value=key.clone(), mask=None, scaling=0.25)
     ref = attention_probs(query[:, :, 19:], key, 0.25, None)[0].sum(0)
-    torch.testing.assert_close(ir.question_rows(call, 19, piece_rows), ref, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(question_rows(call, 19, piece_rows), ref, atol=1e-6, rtol=1e-5)
     mask = torch.ones(1, 1, 30, 30, dtype=torch.bool).tril()
     masked = dataclasses.replace(call, mask=mask)
-    torch.testing.assert_close(ir.question_rows(masked, 19, piece_rows), ref, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(question_rows(masked, 19, piece_rows), ref, atol=1e-6, rtol=1e-5)
 
 
 def test_flexprefill_long_prompt_is_prefilled_in_capped_forwards_ending_at_the_prompt_end():

@@ -9,13 +9,8 @@ import pytest
 import torch
 
 from kvmux.policies.base import PolicyInputError, SessionRequest
-from kvmux.policies.infiniretri.policy import (
-    cap_sentences,
-    score_candidates,
-    select_sentences,
-    split_prompt,
-    window_sum,
-)
+from kvmux.policies.infiniretri.prompt_layout import split_prompt
+from kvmux.policies.infiniretri.scoring import cap_sentences, score_candidates, select_sentences, window_sum
 from kvmux.policies.infiniretri.sentences import (
     ends_sentence,
     pack_chunks,
