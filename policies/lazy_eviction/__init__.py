@@ -1,4 +1,5 @@
-"""LazyEviction (arXiv 2506.15969): the policy (`policy.py`) and its score-based eviction math (`eviction.py`).
+"""LazyEviction (arXiv 2506.15969): the policy (`policy.py`), its per-token recurrence record and
+score (`recurrence.py`) and its score-based eviction math (`eviction.py`).
 
 Importing the package registers the policy.
 """

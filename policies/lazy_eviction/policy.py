@@ -51,6 +51,10 @@ Deviations from the paper / reference code:
   tokens until the first eviction, and B + W at most afterwards.
 - Batch size 1 per session (the reference's state is global and also batch 1); masks are taken to
   be causal (no padding), which is what a batch-1 request produces.
+
+Modules: this one (parameters, session, policy), `recurrence.py` (TS/MRI and the score),
+`eviction.py` (grouped attention rows and the keep-and-gather math). Measurements:
+docs/results/lazy_eviction.md.
 """
 
 from __future__ import annotations
@@ -72,6 +76,7 @@ from kvmux.policies.lazy_eviction.eviction import (
     reduce_groups,
     select_recent_and_top,
 )
+from kvmux.policies.lazy_eviction.recurrence import RecurrenceState, recurrence_score
 from kvmux.policies.registry import register
 
 # elements of one [Hq, L, rows] block of observed query rows (bounds the transient memory; larger
@@ -94,57 +99,6 @@ class LazyEvictionParams(PolicyParams):
     window_percentile: float = Field(80, gt=0, le=100, description="auto W: percentile of observed MRIs (paper: 80)")
     calibration_rows: int = Field(512, ge=1, le=8192, description="auto W: last prompt rows observed (at most 8192)")
     group_score: Literal["max", "mean"] = Field("max", description="how a KV head combines its query heads' scores")
-
-
-class RecurrenceState:
-    """TS and MRI (int32, [Hq, L]) for the tokens of one layer, in cache order."""
-
-    def __init__(self, num_heads: int, device: torch.device):
-        self.ts = torch.zeros(num_heads, 0, dtype=torch.int32, device=device)
-        self.mri = torch.zeros(num_heads, 0, dtype=torch.int32, device=device)
-
-    @property
-    def length(self) -> int:
-        return self.ts.shape[1]
-
-    def append(self, arrival_ts: torch.Tensor) -> None:
-        """Add tokens whose initial TS is `arrival_ts` [n] (MRI 0)."""
-        new = arrival_ts.to(torch.int32)[None, :].expand(self.ts.shape[0], -1)
-        self.ts = torch.cat([self.ts, new], dim=1)
-        self.mri = torch.cat([self.mri, torch.zeros_like(new)], dim=1)
-
-    def record(self, active: torch.Tensor, first_step: int) -> None:
-        """Apply steps first_step .. first_step+R-1 with `active` bool [Hq, L, R] (attended >= alpha)."""
-        self.ts, self.mri = record_steps(self.ts, self.mri, active, first_step)
-
-    def keep(self, index: torch.Tensor) -> None:
-        """Keep tokens `index` [Hkv, K] of each KV head (query heads follow their KV head)."""
-        self.ts, self.mri = gather_tokens(self.ts, index), gather_tokens(self.mri, index)
-
-
-def record_steps(
-    ts: torch.Tensor, mri: torch.Tensor, active: torch.Tensor, first_step: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reference's update for R consecutive steps at once: at step s, every token attended
-    >= alpha gets MRI = max(MRI, s - TS) and TS = s. ts/mri [H, L]; active bool [H, L, R]."""
-    if active.shape[2] == 1:
-        hit = active[..., 0]
-        gap = torch.where(hit, first_step - ts, 0)
-        return torch.where(hit, first_step, ts), torch.maximum(mri, gap)
-    steps = torch.arange(first_step, first_step + active.shape[2], dtype=ts.dtype, device=ts.device)
-    # last activation at or before each step (TS itself when none yet; TS < every later step)
-    latest = torch.cummax(torch.where(active, steps, ts[:, :, None]), dim=2).values
-    inner = torch.where(active[..., 1:], steps[1:] - latest[..., :-1], 0).amax(dim=2)
-    first = torch.where(active[..., 0], first_step - ts, 0)
-    return latest[..., -1].contiguous(), torch.maximum(mri, torch.maximum(inner, first))
-
-
-def recurrence_score(ts: torch.Tensor, mri: torch.Tensor, step: int) -> torch.Tensor:
-    """I = H1 + H2 per token and query head (fp32), the reference code's formulas."""
-    period = mri.float()
-    h1 = 2.0 * torch.sigmoid(-1.0 - (step - ts).float() / (period + 1e-5))
-    h2 = torch.where(mri > 0, 2.0 * torch.sigmoid(1.0 - period), torch.zeros_like(period))
-    return h1 + h2
 
 
 class LazyEvictionSession(PolicySession):

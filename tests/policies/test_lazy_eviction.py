@@ -13,7 +13,8 @@ from pydantic import ValidationError
 from kvmux.policies.base import AttentionCall
 from kvmux.policies.lazy_eviction import policy as lazy_eviction
 from kvmux.policies.lazy_eviction.eviction import percentile_from_counts, reduce_groups, select_recent_and_top
-from kvmux.policies.lazy_eviction.policy import LazyEvictionParams, record_steps, recurrence_score
+from kvmux.policies.lazy_eviction.policy import LazyEvictionParams
+from kvmux.policies.lazy_eviction.recurrence import record_steps, recurrence_score
 from tests.policies.helpers import full_logits, new_session, run_prefill, stepwise_logits
 from tests.tiny_models import make_tiny
 
