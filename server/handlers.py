@@ -14,7 +14,8 @@ from starlette.requests import Request
 from kvmux.errors import KvmuxError
 from kvmux.server.engine import TokenEvent
 from kvmux.server.errors import to_error_body
-from kvmux.server.scheduler import Handle, Scheduler
+from kvmux.server.request_handle import Handle
+from kvmux.server.scheduler import Scheduler
 
 DISCONNECT_POLL_S = 0.25
 

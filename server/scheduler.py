@@ -9,6 +9,9 @@ the next layer boundary of its forward and its session's KV cache is released.
 One request's fault stays its own: a failing step fails only that request; a failing batched
 decode fails the row that raised, undoes the step for the others and runs them alone. If the
 worker itself stops, new work is refused with 503 and `/health` says so.
+
+A request's two views (the HTTP side's `Handle`, the worker's `ActiveRequest`) are in
+`request_handle.py`; the decode forwards, batched where policies allow, in `decode_steps.py`.
 """
 
 from __future__ import annotations
@@ -18,64 +21,19 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Any
 
 from kvmux.errors import DeadlineError, KvmuxError, OverloadedError, UnavailableError
-from kvmux.models.batching import BatchRowError
 from kvmux.policies.base import StepInterrupted
-from kvmux.server.engine import Engine, GenerationRequest, NeedDecode, RequestState, TokenEvent
+from kvmux.server.decode_steps import run_decodes
+from kvmux.server.engine import Engine, GenerationRequest, NeedDecode, TokenEvent
 from kvmux.server.limits import prepared_request_bytes, resolve_budget
+from kvmux.server.request_handle import ActiveRequest, Handle
 
 log = logging.getLogger("kvmux.scheduler")
 
 MAX_LOOP_FAILURES = 5  # consecutive unexpected failures of the worker loop before it gives up
 SHUTDOWN_STOP = "The server is shutting down; the request was stopped."
-
-
-@dataclass
-class Handle:
-    """The HTTP side's view of a submitted request."""
-
-    request: GenerationRequest
-    loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    deadline: float | None = None
-    submitted_at: float = field(default_factory=time.monotonic)
-    state: RequestState | None = None
-    wake: asyncio.Event | None = None  # set on every event (one Event may serve several handles)
-    stop_reason: KvmuxError | None = None  # why the server (not the client) stopped it
-
-    def cancel(self, reason: KvmuxError | None = None) -> None:
-        if reason is not None and not self.cancelled.is_set():
-            self.stop_reason = reason
-        self.cancelled.set()
-
-    def should_stop(self) -> bool:
-        """True once the request is cancelled or past its deadline (checked between layers)."""
-        return self.cancelled.is_set() or (self.deadline is not None and time.monotonic() > self.deadline)
-
-    def push(self, kind: str, payload: Any) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self._deliver, (kind, payload))
-        except RuntimeError:  # the event loop is closed: nobody is listening any more
-            pass
-
-    def _deliver(self, item: tuple[str, Any]) -> None:
-        self.events.put_nowait(item)
-        if self.wake is not None:
-            self.wake.set()
-
-
-@dataclass
-class _Active:
-    handle: Handle
-    state: RequestState
-    steps: Any  # the state's step coroutine
-    kv_bytes: int = 0  # KV reserved for it under the memory budget
-    reply: Any = None  # logits to send into the coroutine at its next step
-    wants: NeedDecode | None = None  # a decode forward it is waiting for
 
 
 class Scheduler:
@@ -98,7 +56,7 @@ class Scheduler:
         self.kv_reserved = 0
         self.batch_decode = batch_decode
         self._waiting: deque[Handle] = deque()
-        self._active: list[_Active] = []
+        self._active: list[ActiveRequest] = []
         self._lock = threading.Condition()
         self._accepting = True
         self._stopped = False
@@ -227,7 +185,7 @@ class Scheduler:
                 state.interrupt = handle.should_stop
                 handle.state = state
                 self.kv_reserved += needed
-                self._active.append(_Active(handle, state, state.steps(), kv_bytes=needed))
+                self._active.append(ActiveRequest(handle, state, state.steps(), kv_bytes=needed))
                 self._emit("started", handle, None)
 
     def _loop(self) -> None:
@@ -238,7 +196,7 @@ class Scheduler:
                     self._admit()
                     for active in list(self._active):
                         self._step(active)
-                    self._run_decodes()
+                    run_decodes(self.engine.runner, self._active, self.batch_decode, self._finish)
                     failures = 0
                 except Exception:
                     failures += 1
@@ -268,69 +226,7 @@ class Scheduler:
             self._accepting = False
         self._end_all(reason)
 
-    def _run_decodes(self) -> None:
-        """Answer every pending NeedDecode: batchable sessions share one forward."""
-        waiting = [a for a in self._active if a.wants is not None]
-        batch = [a for a in waiting if self.batch_decode and a.state.request.preset.policy.batched_decode]
-        if len(batch) < 2:
-            batch = []
-        singles = [a for a in waiting if a not in batch]
-        if batch:
-            singles += self._decode_batch(batch)
-        for active in singles:
-            if active not in self._active:
-                continue
-            try:
-                active.reply, active.wants = active.wants.session.decode(self.engine.runner, active.wants.token), None
-            except StepInterrupted:
-                self._finish(active, *self._stopped_payload(active.handle))
-            except Exception as exc:  # noqa: BLE001
-                log.exception("decode failed for %s", active.handle.request.request_id)
-                self._finish(active, "error", exc)
-
-    def _decode_batch(self, batch: list[_Active]) -> list[_Active]:
-        """One forward for `batch`; returns the requests to re-run alone after a failed step."""
-        checkpoints = {}
-        for active in list(batch):
-            try:
-                checkpoints[id(active)] = active.wants.session.checkpoint()
-            except Exception as exc:  # noqa: BLE001
-                log.exception("checkpoint failed for %s", active.handle.request.request_id)
-                self._finish(active, "error", exc)
-                batch.remove(active)
-        if len(batch) < 2:
-            return batch
-        try:
-            logits = self.engine.runner.decode_batch([a.wants.session for a in batch], [a.wants.token for a in batch])
-        except BatchRowError as err:
-            for row, exc in err.failures.items():
-                log.error("request %s failed in a batched decode: %r", batch[row].handle.request.request_id, exc)
-                self._finish(batch[row], "error", exc)
-            others = [(row, a) for row, a in enumerate(batch) if row not in err.failures]
-            if err.logits is None:  # the forward stopped part-way: undo the others' step, re-run them
-                return self._undo([a for _, a in others], checkpoints)
-            for row, active in others:  # only a row's after_forward failed: the others' step is done
-                active.reply, active.wants = err.logits[row], None
-            return []
-        except Exception:  # noqa: BLE001 - no row owns it: undo the step and run every request alone
-            log.exception("batched decode failed; running its requests one by one")
-            return self._undo(batch, checkpoints)
-        for row, active in enumerate(batch):
-            active.reply, active.wants = logits[row], None
-        return []
-
-    def _undo(self, actives: list[_Active], checkpoints: dict[int, Any]) -> list[_Active]:
-        retry = []
-        for active in actives:
-            try:
-                active.wants.session.restore(checkpoints[id(active)])
-                retry.append(active)
-            except Exception as exc:  # noqa: BLE001
-                log.exception("could not undo a failed batched step for %s", active.handle.request.request_id)
-                self._finish(active, "error", exc)
-        return retry
-
-    def _finish(self, active: _Active, kind: str, payload: Any) -> None:
+    def _finish(self, active: ActiveRequest, kind: str, payload: Any) -> None:
         """End one request however it ends; nothing here may take the worker down."""
         if active not in self._active:
             return
@@ -343,7 +239,7 @@ class Scheduler:
         active.handle.push(kind, payload)
         self._emit(kind, active.handle, payload)
 
-    def _kv_stats(self, active: _Active) -> dict[str, Any]:
+    def _kv_stats(self, active: ActiveRequest) -> dict[str, Any]:
         try:
             return active.state.kv_stats()
         except Exception:  # noqa: BLE001 - the answer is complete; only its figures are missing
@@ -351,19 +247,12 @@ class Scheduler:
             preset = active.state.request.preset
             return {"policy": preset.policy.name, "preset": preset.name}
 
-    def _stopped_payload(self, handle: Handle) -> tuple[str, Any]:
-        if handle.stop_reason is not None:
-            return "error", handle.stop_reason
-        if handle.cancelled.is_set():
-            return "cancelled", None
-        return "error", DeadlineError("The request exceeded its deadline and was stopped.")
-
-    def _step(self, active: _Active) -> None:
+    def _step(self, active: ActiveRequest) -> None:
         handle = active.handle
         if active not in self._active:
             return
         if handle.should_stop():
-            self._finish(active, *self._stopped_payload(handle))
+            self._finish(active, *handle.stopped_outcome())
             return
         if active.wants is not None:
             return
@@ -384,7 +273,7 @@ class Scheduler:
         except StopIteration:
             self._finish(active, "done", self._kv_stats(active))
         except StepInterrupted:
-            self._finish(active, *self._stopped_payload(handle))
+            self._finish(active, *handle.stopped_outcome())
         except Exception as exc:  # a failing request must not take the server down
             log.exception("request %s failed", handle.request.request_id)
             self._finish(active, "error", exc)

@@ -29,8 +29,9 @@ from kvmux.policies.registry import _REGISTRY, register
 from kvmux.server.config import ServerConfig
 from kvmux.server.engine import Engine
 from kvmux.server.handlers import stream_events
+from kvmux.server.request_handle import Handle
 from kvmux.server.sampling import SamplingParams
-from kvmux.server.scheduler import MAX_LOOP_FAILURES, Handle, Scheduler
+from kvmux.server.scheduler import MAX_LOOP_FAILURES, Scheduler
 from kvmux.server.serve import create_app, draining_server
 from tests.faulty_policy import FaultyPolicy, InjectedFault
 from tests.server.conftest import PRESETS, free_port, start_server
