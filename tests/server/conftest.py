@@ -1,4 +1,5 @@
-"""A real kvmux server on 127.0.0.1 (uvicorn in a thread) around the embedded model, and openai clients."""
+"""A real kvmux server on 127.0.0.1 (uvicorn in a thread) around the embedded model, and openai clients;
+the servers of the hostile-client tests (limits in hostile.py)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from kvmux.policies.presets import load_presets
 from kvmux.server.config import ServerConfig
 from kvmux.server.engine import Engine
 from kvmux.server.serve import create_app
+from tests.server.hostile import BODY_TIMEOUT_S, KEY, LIMIT, ORIGIN
 
 PRESETS = Path(__file__).resolve().parents[2] / "configs" / "policies"
 
@@ -68,3 +70,20 @@ def client(live_server):
     import openai
 
     return openai.OpenAI(base_url=live_server.url + "/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="package")
+def hostile_server(smollm):
+    """A server with a small body limit, a short body deadline and at most 4 new tokens."""
+    config = {"max_request_body_bytes": LIMIT, "request_body_timeout_s": BODY_TIMEOUT_S, "request_timeout_s": 60.0}
+    with start_server(smollm, max_new=4, **config) as live:
+        live.state = live.server.config.app.state.kvmux
+        yield live
+
+
+@pytest.fixture(scope="package")
+def keyed_server(smollm):
+    """A server with an API key and CORS on."""
+    with start_server(smollm, max_new=4, api_keys=[KEY], cors_origins=[ORIGIN]) as live:
+        live.state = live.server.config.app.state.kvmux
+        yield live

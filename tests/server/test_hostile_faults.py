@@ -1,6 +1,6 @@
 """Hostile and faulty requests against the worker: one request's fault stays its own.
 
-Part of the hostile-client suite (with test_hostile_http.py and test_hostile_limits.py). A
+Part of the hostile-client suite (with the other test_hostile_*.py files). A
 deliberately faulty policy (tests/faulty_policy.py) is registered for these tests only and mixed
 into batches with healthy requests: only the faulty request fails, the healthy ones finish with
 consistent caches, and the worker keeps serving. Also: a cancelled or timed-out request stops at
