@@ -1,13 +1,50 @@
-"""The soak test's summary, pass/fail checks and Markdown report (see scripts/soak.py)."""
+"""The soak test's record (`Report`, one `Outcome` per request), its summary, pass/fail checks and
+Markdown report (see scripts/soak.py)."""
 
 from __future__ import annotations
 
 import os
 import platform
 from collections import Counter
+from dataclasses import dataclass, field
 
 
-def summarize(report) -> dict:
+@dataclass
+class Outcome:
+    """One client request as the client saw it."""
+
+    preset: str
+    route: str
+    stream: bool
+    plan: str  # "complete" or "disconnect"
+    fault: str | None = None  # where a faulty request fails on purpose (None: a healthy request)
+    status: int | None = None  # None: no response (connection error)
+    result: str = ""  # completed | disconnected | rejected | client_error | server_error | failed
+    finish_reason: str | None = None
+    tokens: int = 0
+    seconds: float = 0.0
+    error: str | None = None
+
+
+@dataclass
+class Report:
+    """The whole run: its arguments, every outcome, the server's RSS, metrics and exit."""
+
+    args: dict
+    presets: list[str]
+    outcomes: list[Outcome] = field(default_factory=list)
+    rss_startup_kib: int = 0
+    rss_idle_before_kib: int = 0
+    rss_peak_kib: int = 0
+    rss_idle_after_kib: int = 0
+    server_metrics: dict[str, float] = field(default_factory=dict)
+    metrics_available: bool = False
+    exit_code: int | None = None
+    shutdown_seconds: float | None = None
+    load_seconds: float = 0.0
+
+
+def summarize(report: Report) -> dict:
     outcomes = report.outcomes
     by_result = Counter(o.result for o in outcomes)
     healthy = [o for o in outcomes if o.fault is None]
@@ -40,7 +77,7 @@ def summarize(report) -> dict:
     }
 
 
-def verdict(summary: dict, report) -> list[tuple[str, bool]]:
+def verdict(summary: dict, report: Report) -> list[tuple[str, bool]]:
     checks = [
         (
             "zero 5xx on healthy requests (and no internal error inside their streams)",
@@ -69,7 +106,7 @@ def verdict(summary: dict, report) -> list[tuple[str, bool]]:
     return checks
 
 
-def markdown(report, summary: dict) -> str:
+def markdown(report: Report, summary: dict) -> str:
     a = report.args
     mib = lambda kib: f"{kib / 1024:.1f} MiB"  # noqa: E731
     lines = [
