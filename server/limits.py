@@ -19,13 +19,10 @@ materialises, passes longer than one prefill chunk). The scheduler reserves both
 (a conservative bound: only one step runs at a time) and answers 503 when one request alone needs
 more than the whole budget.
 
-Checked on CPU with the embedded model (7K-token prompts, growth of the process's peak RSS over one
-request after a warm-up request, glibc's mmap threshold at 64 KB so freed tensors leave the RSS):
-the estimate covers the measured growth for full (379 vs 354 MB), hip (522 vs 399), flexprefill
-(691 vs 505), lazy_eviction_auto (431 vs 404), actqkv (824 vs 517) and infiniretri (1351 vs 104),
-but not for streaming_llm (104 vs 120 MB): the difference is one prefill chunk's activations, left
-to the share outside the budget. The first request after start-up also grows the process once
-(~430 MB here: lazily initialised weights and kernels), which the auto share leaves room for.
+The estimate may fall short by one prefill chunk's activations, which are left to the share
+outside the budget, and does not count the one-off growth of the first request after start-up
+(lazily initialised weights and kernels), which the auto share leaves room for. How the estimates
+compare with the measured growth per preset: docs/results/server.md.
 """
 
 from __future__ import annotations
