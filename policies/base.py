@@ -8,7 +8,7 @@ Hooks (defaults give dense full attention):
 
 | hook | default |
 |---|---|
-| `session.cache` | a transformers `DynamicCache` (every token, every layer) |
+| `session.cache` | a `GrowableCache` (every token, every layer; appends without copying the cache) |
 | `session.prefill(runner, ids)` | chunked forward (generator; yields between chunks) |
 | `session.attention(call)` | dense SDPA over the whole cache |
 | `session.forward_done(n)` | counts the n tokens as seen (not while `counts_tokens` is off), then `after_forward` |
@@ -35,6 +35,7 @@ from transformers.cache_utils import Cache
 from kvmux.errors import PolicyInputError as PolicyInputError  # policies raise it from here
 from kvmux.policies.attention_call import AttentionCall
 from kvmux.policies.dense import dense_attention
+from kvmux.policies.kv_buffer import GrowableCache
 
 if TYPE_CHECKING:
     from kvmux.models.info import ModelInfo
@@ -136,7 +137,7 @@ class PolicySession:
 
     # -- cache -----------------------------------------------------------------------------
     def make_cache(self) -> Cache:
-        return DynamicCache(config=self.info.config)
+        return GrowableCache(config=self.info.config)
 
     # -- forward hooks -----------------------------------------------------------------------
     def next_position_ids(self, num_tokens: int) -> torch.Tensor:

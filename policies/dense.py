@@ -1,8 +1,11 @@
 """Dense attention helpers shared by every policy: SDPA with a bottom-right causal mask.
 
 The mask convention everywhere in kvmux: queries are the last Tq positions of the Tk keys, so
-query i may see keys 0 .. Tk - Tq + i. transformers builds exactly this mask when the attention
-function is registered together with `sdpa_mask`; when it hands us None we rebuild it.
+query i may see keys 0 .. Tk - Tq + i, and a mask of None means exactly that (the registered mask
+function hands None for it; see `hook.causal_or_none`). A chunk of queries after a cached prefix
+(1 < Tq < Tk) never materialises that mask: on CPU the chunk attends the prefix without a mask
+and itself causally, and the two partial results are merged by their log-sum-exp (exact up to
+rounding); elsewhere SDPA gets a lower-right `CausalBias`, which the fused CUDA kernels take as is.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 if TYPE_CHECKING:
     from kvmux.policies.attention_call import AttentionCall
@@ -48,13 +52,39 @@ def sdpa(
     if mask is None and tq > 1:
         if tq == tk:
             is_causal = True
+        elif query.device.type == "cpu":
+            return _after_prefix_cpu(query, key, value, scaling).transpose(1, 2).contiguous()
         else:
-            mask = causal_mask(tq, tk, query.device)
+            mask = causal_lower_right(tq, tk)
     gqa = query.shape[1] != key.shape[1]
     out = F.scaled_dot_product_attention(
         query, key, value, attn_mask=mask, is_causal=is_causal, scale=scaling, enable_gqa=gqa
     )
     return out.transpose(1, 2).contiguous()
+
+
+def _after_prefix_cpu(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Causal attention of Tq queries that follow a cached prefix of Tk - Tq keys: [B, Hq, Tq, D].
+
+    The prefix is attended without a mask (with GQA, a KV head's query heads are folded into one
+    longer query block, so keys are never repeated), the chunk's own keys causally; the two partial
+    softmaxes are merged with their log-sum-exps.
+    """
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    b, hq, tq, d = query.shape
+    hkv, prefix = key.shape[1], key.shape[2] - query.shape[2]
+    groups = hq // hkv
+    out_prefix, lse_prefix = flash(
+        query.reshape(b, hkv, groups * tq, d), key[:, :, :prefix], value[:, :, :prefix], scale=scaling
+    )
+    chunk_k, chunk_v = repeat_kv(key[:, :, prefix:], groups), repeat_kv(value[:, :, prefix:], groups)
+    out_chunk, lse_chunk = flash(query, chunk_k, chunk_v, is_causal=True, scale=scaling)
+    lse_prefix = lse_prefix.reshape(b, hq, tq, 1)
+    lse_chunk = lse_chunk.reshape(b, hq, tq, 1)
+    top = torch.maximum(lse_prefix, lse_chunk)
+    w_prefix, w_chunk = torch.exp(lse_prefix - top), torch.exp(lse_chunk - top)
+    merged = out_prefix.reshape(b, hq, tq, d).float() * w_prefix + out_chunk.float() * w_chunk
+    return (merged / (w_prefix + w_chunk)).to(query.dtype)
 
 
 def dense_attention(call: AttentionCall) -> torch.Tensor:

@@ -1,8 +1,10 @@
 """The one attention function kvmux registers with transformers, and its mask function.
 
 `install_attention(model)` registers the name "kvmux" in `AttentionInterface` and (so that
-transformers still builds the causal/padding mask for chunked prefill) in
-`AttentionMaskInterface`, then switches the model to it. The function finds the request's
+transformers still builds padding and sliding-window masks) in `AttentionMaskInterface`, then
+switches the model to it. A plain bottom-right causal mask is not built at all (`causal_or_none`):
+every attention path reads None as exactly that mask, and the dense path then avoids
+materialising it (see `dense.sdpa`). The function finds the request's
 session through the `kvmux_session` keyword passed to the model's forward and delegates to
 `session.attention(...)`; without a session it is plain SDPA. Before each layer it asks the
 session's `interrupt` callback, so a cancelled request stops at the next layer boundary; in a
@@ -14,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers import AttentionInterface, AttentionMaskInterface
-from transformers.masking_utils import sdpa_mask
+from transformers.masking_utils import causal_mask_function, sdpa_mask
 
 from kvmux.policies.base import AttentionCall, StepInterrupted
 from kvmux.policies.dense import sdpa
@@ -60,9 +62,36 @@ def kvmux_attention(
     return session.attention(call), None
 
 
+def causal_or_none(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    mask_function=causal_mask_function,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs,
+) -> torch.Tensor | None:
+    """transformers' SDPA mask, or None when it would be the plain causal mask of queries that are the
+    last `q_length` of `kv_length` keys (no padding, no sliding window): kvmux's attention reads None so."""
+    plain = attention_mask is None and mask_function is causal_mask_function and kv_offset == 0
+    if plain and q_offset + q_length == kv_length:
+        return None
+    return sdpa_mask(
+        batch_size,
+        q_length,
+        kv_length,
+        q_offset=q_offset,
+        kv_offset=kv_offset,
+        mask_function=mask_function,
+        attention_mask=attention_mask,
+        **kwargs,
+    )
+
+
 def install_attention(model: nn.Module) -> None:
     """Register the kvmux attention (idempotent) and switch `model` to it."""
     if ATTENTION_NAME not in AttentionInterface._global_mapping:
         AttentionInterface.register(ATTENTION_NAME, kvmux_attention)
-        AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+        AttentionMaskInterface.register(ATTENTION_NAME, causal_or_none)
     model.set_attn_implementation(ATTENTION_NAME)

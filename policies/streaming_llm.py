@@ -18,6 +18,9 @@ Positions (`positions`):
   KVCache-Factory, LazyEviction's baseline). Cheaper (no re-rotation) but diverges once the
   absolute position passes the trained context.
 
+Storage: sinks and window live in one buffer whose window part is a ring while decoding
+(`sink_window_cache.py`), so a decode step copies nothing; it holds exactly the keys above.
+
 Deviations from the reference:
 - The reference stores un-rotated keys by patching the attention forward; we receive rotated
   keys from the stock model and un-rotate them once with the model's own inverse frequencies
@@ -33,12 +36,13 @@ from typing import Literal
 
 import torch
 from pydantic import Field
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache
 
 from kvmux.policies.base import FP32_BYTES, AttentionCall, Policy, PolicyParams, PolicySession, dense_step_bytes
 from kvmux.policies.dense import sdpa
 from kvmux.policies.registry import register
-from kvmux.policies.rope import cos_sin, rotate, rotate_with
+from kvmux.policies.rope import cos_sin, rotate_with
+from kvmux.policies.sink_window_cache import SinkWindowLayer
 
 
 class StreamingLLMParams(PolicyParams):
@@ -49,40 +53,18 @@ class StreamingLLMParams(PolicyParams):
     )
 
 
-class UnrotatedKeyLayer(DynamicLayer):
-    """A cache layer that stores keys without RoPE; new keys arrive rotated at their slot index."""
-
-    def __init__(self, inv_freq: torch.Tensor):
-        super().__init__()
-        self.inv_freq = inv_freq
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        start = self.get_seq_length()
-        slots = torch.arange(start, start + key_states.shape[-2], device=key_states.device)
-        return super().update(rotate(key_states, -slots, self.inv_freq), value_states)
-
-
-def keep_sinks_and_window(tensor: torch.Tensor, sinks: int, window: int) -> torch.Tensor:
-    """[B, H, T, D] -> first `sinks` and last `window` positions along T."""
-    length = tensor.shape[-2]
-    if length <= sinks + window:
-        return tensor
-    return torch.cat([tensor[..., :sinks, :], tensor[..., length - window :, :]], dim=-2)
-
-
 class StreamingLLMSession(PolicySession):
     params: StreamingLLMParams
-    _tables: tuple[int, torch.Tensor, torch.Tensor] | None = None  # slot cos/sin of the current length
+    _tables: tuple[tuple[int, int], torch.Tensor, torch.Tensor] | None = None  # slot cos/sin of the current slots
 
     @property
     def cache_mode(self) -> bool:
         return self.params.positions == "cache"
 
     def make_cache(self) -> Cache:
-        if not self.cache_mode:
-            return super().make_cache()
-        inv_freq = self.info.inv_freq.to(self.info.device)
-        return Cache(layers=[UnrotatedKeyLayer(inv_freq) for _ in range(self.info.num_layers)])
+        inv_freq = self.info.inv_freq.to(self.info.device) if self.cache_mode else None
+        sinks, window = self.params.sink_tokens, self.params.window
+        return Cache(layers=[SinkWindowLayer(sinks, window, inv_freq) for _ in range(self.info.num_layers)])
 
     def next_position_ids(self, num_tokens: int) -> torch.Tensor:
         if not self.cache_mode:
@@ -93,22 +75,28 @@ class StreamingLLMSession(PolicySession):
     def attention(self, call: AttentionCall) -> torch.Tensor:
         if not self.cache_mode:
             return super().attention(call)
-        keys = rotate_with(call.key, *self._slot_tables(call.key.shape[-2], call.key.device))
+        keys = rotate_with(call.key, *self._slot_tables(self.cache.layers[call.layer_idx], call.key.device))
         return sdpa(call.query, keys, call.value, call.mask, call.scaling)
 
-    def _slot_tables(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin for slots 0..length-1, computed once per forward and shared by every layer."""
-        if self._tables is None or self._tables[0] != length:
-            slots = torch.arange(length, device=device)
-            self._tables = (length, *cos_sin(slots, self.info.inv_freq.to(device)))
+    def _slot_tables(self, layer: SinkWindowLayer, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin of every physical slot's logical slot, computed once per forward and shared by every
+        layer (all layers hold the same slots)."""
+        key = (layer.state.length, layer.state.oldest)
+        if self._tables is None or self._tables[0] != key:
+            slots = layer.slot_positions(device)
+            self._tables = (key, *cos_sin(slots, self.info.inv_freq.to(device)))
         return self._tables[1], self._tables[2]
 
     def after_forward(self, num_tokens: int) -> None:
-        sinks, window = self.params.sink_tokens, self.params.window
         for layer in self.cache.layers:
-            if layer.keys is not None and layer.keys.shape[-2] > sinks + window:
-                layer.keys = keep_sinks_and_window(layer.keys, sinks, window)
-                layer.values = keep_sinks_and_window(layer.values, sinks, window)
+            layer.evict()
+
+    def checkpoint(self) -> list:
+        return [layer.snapshot() for layer in self.cache.layers]
+
+    def restore(self, checkpoint: list) -> None:
+        for layer, snapshot in zip(self.cache.layers, checkpoint, strict=True):
+            layer.restore(snapshot)
 
     def prefill_chunk_tokens(self, runner) -> int:
         return max(1, min(runner.prefill_chunk_tokens, self.params.window))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvmux.policies.streaming_llm import keep_sinks_and_window
+from kvmux.policies.sink_window_cache import SinkWindowLayer
 from tests.policies.helpers import full_logits, new_session, run_prefill
 from tests.tiny_models import make_tiny
 
@@ -56,7 +56,38 @@ def test_cache_mode_equals_recompute_with_contiguous_positions():
     assert kept.shape[1] == session.cache.get_seq_length()
 
 
-def test_keep_sinks_and_window_slices():
-    x = torch.arange(10).view(1, 1, 10, 1)
-    assert keep_sinks_and_window(x, 2, 3).flatten().tolist() == [0, 1, 7, 8, 9]
-    assert keep_sinks_and_window(x, 2, 30).flatten().tolist() == list(range(10))
+def test_ring_layer_holds_what_concatenation_holds():
+    """Prompt chunks, then one token at a time: after every eviction the live keys (in logical order)
+    are the sinks + the last window; every decode step attends exactly those plus the new token;
+    slot positions give each physical slot its logical place; a snapshot undoes a step."""
+    sinks, window = 2, 5
+    layer = SinkWindowLayer(sinks, window)
+    tokens = torch.arange(200, dtype=torch.float32)
+    seen: list[float] = []
+
+    def feed(values):
+        kv = values.view(1, 1, -1, 1)
+        keys, _ = layer.update(kv, kv)
+        seen.extend(values.tolist())
+        return keys.flatten()
+
+    feed(tokens[:7])
+    layer.evict()
+    feed(tokens[7:16])  # a chunk longer than the window
+    layer.evict()
+    for t in range(16, 40):
+        attended = feed(tokens[t : t + 1])
+        assert sorted(attended.tolist()) == seen[:sinks] + seen[-(window + 1) :]
+        ordered = torch.empty_like(attended)
+        ordered[layer.slot_positions(attended.device)] = attended
+        assert ordered.tolist() == seen[:sinks] + seen[-(window + 1) :]
+        layer.evict()
+        assert layer.keys.flatten().tolist() == seen[:sinks] + seen[-window:]
+        assert layer.get_seq_length() == sinks + window
+    snapshot = layer.snapshot()
+    feed(tokens[40:41])
+    layer.restore(snapshot)
+    seen.pop()
+    assert layer.keys.flatten().tolist() == seen[:sinks] + seen[-window:]
+    feed(tokens[41:44])  # a multi-token forward after ring steps puts the slots back in order first
+    assert layer.keys.flatten().tolist() == seen[:sinks] + seen[-(window + 3) :]

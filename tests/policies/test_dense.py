@@ -1,0 +1,52 @@
+"""Dense attention: every path (one pass, chunk after a prefix, decode) equals an explicit masked softmax."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvmux.policies.dense import attention_probs, causal_mask, sdpa
+from kvmux.policies.hook import causal_or_none
+
+
+def reference(query, key, value, scaling):
+    probs = attention_probs(query, key, scaling)  # fp32, bottom-right causal
+    groups = query.shape[1] // key.shape[1]
+    out = torch.matmul(probs, value.float().repeat_interleave(groups, dim=1))
+    return out.transpose(1, 2).to(query.dtype)
+
+
+@pytest.mark.parametrize("heads", [(4, 4), (6, 2), (9, 3)])
+@pytest.mark.parametrize("tq,tk", [(1, 40), (17, 17), (17, 40), (64, 300)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sdpa_without_mask_is_bottom_right_causal(heads, tq, tk, dtype):
+    gen = torch.Generator().manual_seed(tq * tk)
+    hq, hkv = heads
+    q = torch.randn(2, hq, tq, 16, generator=gen).to(dtype)
+    k, v = (torch.randn(2, hkv, tk, 16, generator=gen).to(dtype) for _ in range(2))
+    got = sdpa(q, k, v, None, 0.25)
+    tol = {"atol": 2e-2, "rtol": 2e-2} if dtype == torch.bfloat16 else {"atol": 1e-5, "rtol": 1e-4}
+    torch.testing.assert_close(got, reference(q, k, v, 0.25), **tol)
+    explicit = sdpa(q, k, v, causal_mask(tq, tk, q.device), 0.25)
+    torch.testing.assert_close(got, explicit, **tol)
+
+
+def test_sdpa_reads_strided_cache_views():
+    gen = torch.Generator().manual_seed(0)
+    buffer_k, buffer_v = torch.randn(1, 2, 100, 8, generator=gen), torch.randn(1, 2, 100, 8, generator=gen)
+    q = torch.randn(1, 4, 10, 8, generator=gen)
+    k, v = buffer_k[:, :, :60], buffer_v[:, :, :60]  # what a growable cache layer hands the attention
+    torch.testing.assert_close(sdpa(q, k, v, None, 0.3), sdpa(q, k.contiguous(), v.contiguous(), None, 0.3))
+
+
+def test_mask_function_skips_only_the_plain_causal_mask():
+    assert causal_or_none(1, 16, 48, q_offset=32) is None
+    assert causal_or_none(1, 1, 48, q_offset=47) is None
+    padded = causal_or_none(1, 16, 48, q_offset=32, attention_mask=torch.ones(1, 48, dtype=torch.bool))
+    assert padded is not None and padded.shape == (1, 1, 16, 48)
+
+    def window(batch_idx, head_idx, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (q_idx - kv_idx < 8)
+
+    sliding = causal_or_none(1, 16, 48, q_offset=32, mask_function=window)
+    assert sliding is not None and not bool(sliding[0, 0, -1, 0])
