@@ -10,17 +10,7 @@ import signal
 import sys
 from pathlib import Path
 
-
-def _add_model_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, default=None, help="server YAML (default: configs/server.yaml)")
-    parser.add_argument("--model", default=None, help="hub id, local folder or .gguf file (default: embedded)")
-    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=None)
-    parser.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N")
-    parser.add_argument("--device-map", default=None, help="'auto' to shard over GPUs (accelerate)")
-    parser.add_argument("--trust-remote-code", action="store_true", default=None)
-    parser.add_argument("--allow-download", action="store_true", default=None, help="allow fetching hub models")
-    parser.add_argument("--max-model-len", type=int, default=None)
-    parser.add_argument("--presets-dir", type=Path, default=None, help="folder of policy preset YAML files")
+from kvmux.cli_args import add_model_flags
 
 
 def _int_or_auto(text: str) -> int | str:
@@ -141,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
-    _add_model_flags(serve)
+    add_model_flags(serve, server=True)
     serve.add_argument("--host", default=None)
     serve.add_argument("--port", type=int, default=None)
     serve.add_argument("--default-preset", default=None)
@@ -166,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve)
 
     gen = sub.add_parser("generate", help="one-shot generation streamed to stdout")
-    _add_model_flags(gen)
+    add_model_flags(gen, server=True)
     gen.add_argument("prompt")
     gen.add_argument("--policy", default="full", help="preset name")
     gen.add_argument("--params", default=None, help="JSON overrides, e.g. '{\"window\": 512}'")
@@ -177,13 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=cmd_generate)
 
     pol = sub.add_parser("policies", help="list the policy presets")
-    pol.add_argument("--config", type=Path, default=None)
-    pol.add_argument("--presets-dir", type=Path, default=None)
+    pol.add_argument("--config", type=Path, default=None, help="server YAML (default: configs/server.yaml)")
+    pol.add_argument("--presets-dir", type=Path, default=None, help="folder of policy preset YAML files")
     pol.add_argument("--json", action="store_true")
     pol.set_defaults(func=cmd_policies)
 
-    from kvmux.evals.bench_cli import add_bench_parser
-    from kvmux.evals.eval_cli import add_eval_parser
+    from kvmux.evals.bench.cli import add_bench_parser
+    from kvmux.evals.quality.cli import add_eval_parser
 
     add_eval_parser(sub)
     add_bench_parser(sub)

@@ -3,7 +3,7 @@
 # output agreement with transformers at 16K tokens, then prefill/decode timing at 32K/64K/128K
 # against transformers generate. Time-boxed to stay under 8 minutes on one H100/H200.
 #
-#   scripts/gpu_check.sh [--budget-s 420] [--lengths 32K,64K,128K] [...]   (see evals/gpu_check.py)
+#   scripts/gpu_check.sh [--budget-s 420] [--lengths 32K,64K,128K] [...]   (see evals/bench/gpu_check.py)
 #
 # Results go to $OUT if set, else docs/results/gpu/. Works from a plain checkout: if the kvmux
 # package is not installed, it is imported from the source tree. Wheels placed in .whl/ (e.g. a
@@ -25,4 +25,4 @@ source scripts/kvmux_path.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 set -o pipefail
-timeout --signal=INT 470 "$PY" -P -m kvmux.evals.gpu_check --out "$OUT_DIR" "$@" 2>&1 | tee "$OUT_DIR/gpu_check.log"
+timeout --signal=INT 470 "$PY" -P -m kvmux.evals.bench.gpu_check --out "$OUT_DIR" "$@" 2>&1 | tee "$OUT_DIR/gpu_check.log"

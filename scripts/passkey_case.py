@@ -6,11 +6,9 @@ session, and one greedy generation through the engine.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
-import torch
-
+from kvmux.cli_args import apply_threads, default_presets_dir
 from kvmux.evals.tasks import get_task
 from kvmux.evals.tasks.common import Renderer, Sample
 from kvmux.models.loader import LoadedModel, ModelSpec, load_model
@@ -18,7 +16,6 @@ from kvmux.policies.presets import load_presets
 from kvmux.server.engine import Engine
 from kvmux.server.sampling import SamplingParams
 
-PRESETS = Path(__file__).resolve().parents[1] / "configs" / "policies"
 ONE_PASS = 1 << 20  # a prefill chunk longer than any prompt: the prompt in one forward
 
 
@@ -34,8 +31,7 @@ def add_case_arguments(parser: argparse.ArgumentParser, policy: str, length: int
 
 def load_case(args: argparse.Namespace, prefill_chunk: int = ONE_PASS) -> tuple[LoadedModel, Sample, list[int]]:
     """The model, the passkey sample of `args` and the prompt indices of its needle's tokens."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
     loaded = load_model(ModelSpec(prefill_chunk_tokens=prefill_chunk))
     sample = get_task("passkey").make(Renderer(loaded.tokenizer), args.length, args.depth, args.index, args.seed, 0)
     needle = sample.needle_token_indices(loaded.tokenizer)
@@ -66,7 +62,9 @@ def override_per_layer(session_class: type, field: str, values: dict[int, Any]) 
 
 def generate(loaded: LoadedModel, sample: Sample, policy: dict, prefill_chunk: int = ONE_PASS):
     """Eight greedy tokens for the sample's prompt under `policy` (a kv_policy object); prints the verdict."""
-    engine = Engine(loaded, load_presets(PRESETS), default_preset="full", prefill_chunk_tokens=prefill_chunk)
+    engine = Engine(
+        loaded, load_presets(default_presets_dir()), default_preset="full", prefill_chunk_tokens=prefill_chunk
+    )
     result = engine.generate(
         prompt=list(sample.prompt_ids), sampling=SamplingParams(max_tokens=8, temperature=0.0), kv_policy=policy
     )

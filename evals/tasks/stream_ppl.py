@@ -2,7 +2,7 @@
 
 StreamingLLM (Xiao et al., 2024, https://arxiv.org/abs/2309.17453, Fig. 3 and §4.1) streams
 PG-19 books token by token and reports perplexity along the stream. We stream the shipped
-public-domain novel (see `corpus.py`); the measurement itself is `kvmux.evals.stream_ppl`.
+public-domain novel (see `corpus.py`); the measurement itself is `kvmux.evals.quality.stream`.
 Sample i starts at a seeded random paragraph (sample 0 too), and a stream longer than the
 book wraps around to its beginning.
 """

@@ -7,7 +7,7 @@ import json
 import httpx
 import pytest
 
-from kvmux.evals.backends import HTTPBackend, Rejected
+from kvmux.evals.quality.backends import HTTPBackend, Rejected
 from kvmux.evals.tasks import get_task
 from kvmux.evals.tasks.common import Renderer
 

@@ -11,13 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from kvmux.evals.bench import BenchSettings, run_bench, summarize
-from kvmux.evals.bench_cli import main as bench_main
-from kvmux.evals.bench_cli import parse_tokens, select_presets
-from kvmux.evals.bench_measure import BASELINE_NAME, attention_sparsity, end_of_sequence_ids, greedy_token, prompt_ids
-from kvmux.evals.bench_report import write_report
-from kvmux.evals.gpu_check import GROWTH, Clock, agreement_stage, compare
-from kvmux.evals.serve_load import (
+from kvmux.cli_args import parse_tokens
+from kvmux.evals.bench.cli import main as bench_main
+from kvmux.evals.bench.cli import select_presets
+from kvmux.evals.bench.gpu_check import GROWTH, Clock, agreement_stage, compare
+from kvmux.evals.bench.measure import BASELINE_NAME, attention_sparsity, end_of_sequence_ids, greedy_token
+from kvmux.evals.bench.prompts import prompt_ids
+from kvmux.evals.bench.report import write_report
+from kvmux.evals.bench.run import BenchSettings, run_bench, summarize
+from kvmux.evals.bench.serve_load import (
     LoadSettings,
     RequestRecord,
     inter_token_latencies,
@@ -25,7 +27,7 @@ from kvmux.evals.serve_load import (
     run_load,
     summarize_level,
 )
-from kvmux.evals.shapes import build_random_model, get_shape, meta_model, parameter_count
+from kvmux.evals.bench.shapes import build_random_model, get_shape, meta_model, parameter_count
 from kvmux.policies.presets import load_presets, resolve_request_policy
 
 PRESETS_DIR = Path(__file__).resolve().parents[2] / "configs" / "policies"

@@ -7,7 +7,9 @@ import json
 
 import pytest
 
-from kvmux.evals.eval_cli import add_eval_parser, parse_overrides, token_count
+from kvmux.cli_args import parse_tokens
+from kvmux.evals.helpers import sweep_overrides
+from kvmux.evals.quality.cli import add_eval_parser
 
 
 def _parse(*argv):
@@ -24,15 +26,15 @@ def test_defaults_and_lists():
     assert _parse("--chat").chat is True
     with pytest.raises(SystemExit):
         _parse("--chat", "--raw")
-    assert token_count("1.5K") == 1536
+    assert parse_tokens("1.5K") == 1536
 
 
 def test_overrides_must_be_a_json_object():
-    assert parse_overrides('{"streaming_llm": [{"window": 64}]}') == {"streaming_llm": [{"window": 64}]}
+    assert sweep_overrides('{"streaming_llm": [{"window": 64}]}') == {"streaming_llm": [{"window": 64}]}
     with pytest.raises(SystemExit):
-        parse_overrides("[1]")
+        sweep_overrides("[1]")
     with pytest.raises(SystemExit):
-        parse_overrides("{oops")
+        sweep_overrides("{oops")
 
 
 def test_report_only_rewrites_the_report(tmp_path, capsys):

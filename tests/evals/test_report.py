@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from kvmux.evals.report import markdown, write_report
-from kvmux.evals.results import cell_key, summarize
+from kvmux.evals.quality.report import markdown, write_report
+from kvmux.evals.quality.results import cell_key, summarize
 
 
 def _cell(label, policy, task, metric, length, depth, samples, status="done", message=None):

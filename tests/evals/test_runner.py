@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from kvmux.evals.backends import EngineBackend, Generation, Rejected
-from kvmux.evals.results import cell_key
-from kvmux.evals.runner import EvalConfig, EvalRunner, Variant, make_variants
+from kvmux.evals.quality.backends import EngineBackend, Generation, Rejected
+from kvmux.evals.quality.results import cell_key
+from kvmux.evals.quality.runner import EvalConfig, EvalRunner, Variant, make_variants
 
 
 class FakeBackend:

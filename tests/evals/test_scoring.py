@@ -6,7 +6,14 @@ import math
 
 import pytest
 
-from kvmux.evals.scoring import passkey_match, perplexity, postprocess, score, string_match_all, string_match_part
+from kvmux.evals.quality.scoring import (
+    passkey_match,
+    perplexity,
+    postprocess,
+    score,
+    string_match_all,
+    string_match_part,
+)
 
 
 def test_string_match_all_is_the_share_of_references_found_case_insensitively():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kvmux.evals.stream_ppl import measure_stream, stream_nlls, window_perplexities
+from kvmux.evals.quality.stream import measure_stream, stream_nlls, window_perplexities
 from tests.policies.helpers import full_logits, new_session
 from tests.tiny_models import make_tiny
 

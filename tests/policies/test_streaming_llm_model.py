@@ -13,7 +13,7 @@ import random
 import pytest
 import torch
 
-from kvmux.evals.stream_ppl import stream_nlls
+from kvmux.evals.quality.stream import stream_nlls
 from kvmux.evals.tasks.corpus import corpus_text
 from kvmux.policies.base import SessionRequest
 from kvmux.policies.registry import get_policy

@@ -1,4 +1,5 @@
-"""Reports of `kvmux bench`: the results JSON, a Markdown table and PNG plots.
+"""Reports of `kvmux bench`: the results JSON, a Markdown table and PNG plots (and the GPU check's
+agreement table).
 
 In-process results (kind "kvmux-bench") become `bench.json`, `bench.md` and `bench.png`
 (TTFT, decode rate, KV kept and peak-memory growth against prompt length, one line per preset,
@@ -13,11 +14,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from kvmux.evals.helpers import fmt as _fmt
+from kvmux.evals.helpers import pyplot, save_figure
+
 MIB = 1024 * 1024
-
-
-def _fmt(value: float | None, spec: str = ".1f", scale: float = 1.0, missing: str = "–") -> str:
-    return missing if value is None else format(value * scale, spec)
 
 
 def _ratio(value: float | None) -> str:
@@ -105,12 +105,9 @@ def _series(doc: dict[str, Any], metric: str, scale: float = 1.0) -> dict[str, t
 
 
 def bench_plot(doc: dict[str, Any], path: Path) -> None:
-    import matplotlib
+    plt = pyplot()
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from kvmux.evals.bench_measure import BASELINE_NAME
+    from kvmux.evals.bench.measure import BASELINE_NAME
 
     panels = [
         ("ttft_s", 1e3, "TTFT (ms)"),
@@ -129,9 +126,7 @@ def bench_plot(doc: dict[str, Any], path: Path) -> None:
     if axes.flat[0].get_legend_handles_labels()[0]:
         axes.flat[0].legend(fontsize=8)
     fig.suptitle(f"kvmux bench — {doc['model']['name']} on {doc['environment'].get('gpu') or doc['model']['device']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def load_markdown(doc: dict[str, Any]) -> str:
@@ -164,10 +159,7 @@ def load_markdown(doc: dict[str, Any]) -> str:
 
 
 def load_plot(doc: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
     groups: dict[str, list[dict[str, Any]]] = {}
@@ -194,9 +186,37 @@ def load_plot(doc: dict[str, Any], path: Path) -> None:
     if groups:
         axes[0].legend(fontsize=8)
     fig.suptitle(f"kvmux serving load — {doc['model']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
+
+
+def agreement_markdown(doc: dict[str, Any]) -> str:
+    lines = [
+        f"# kvmux GPU check: {doc['model']['name']} ({doc['environment'].get('gpu', 'cpu')})",
+        "",
+        f"- random weights, shape `{doc['shape']}`, bf16; prefill chunk {doc['prefill_chunk_tokens']}; "
+        f"budget {doc['budget_s']:.0f} s, used {doc['elapsed_s']:.0f} s",
+        f"- agreement at {doc['check_length']} tokens over {doc['check_steps']} teacher-forced steps with "
+        "transformers `generate` (SDPA). `full` must match it (pass = top-1 ≥ 87.5% and cosine ≥ 0.99; bf16 "
+        "noise flips near-ties of a random model's logits). The other policies must run at this length with "
+        "finite logits (ran); their distance from the reference is shown but says little about quality: "
+        "a random model spreads its attention over the whole context, so dropping or skipping keys moves "
+        "its outputs far more than a trained model's (quality is `kvmux eval`'s job).",
+        f"- prompt: {doc['prompt']}; speed: see bench.md (lengths {doc['lengths']})",
+        f"- command: `{doc['command']}`",
+        "",
+        "| preset | policy | status | top-1 agree | first token | cos min | cos mean | KL mean | KL max | s | note |",
+        "|---|---|---|---:|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for row in doc["agreement"]:
+        if "top1_agreement" not in row:
+            lines.append(f"| {row['preset']} | {row['policy']} | {row['status']} |" + " – |" * 7 + f" {row['note']} |")
+            continue
+        lines.append(
+            f"| {row['preset']} | {row['policy']} | {row['status']} | {row['top1_agreement']:.0%} "
+            f"| {'yes' if row['first_token_match'] else 'no'} | {row['cosine_min']:.4f} | {row['cosine_mean']:.4f} "
+            f"| {row['kl_mean']:.4f} | {row['kl_max']:.4f} | {row['seconds']:.1f} | |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def write_report(doc: dict[str, Any], out_dir: Path) -> dict[str, Path]:

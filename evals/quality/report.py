@@ -14,20 +14,17 @@
 from __future__ import annotations
 
 import re
-import statistics
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from kvmux.evals.results import load_results
+from kvmux.evals.helpers import fmt, pyplot, save_figure
+from kvmux.evals.helpers import mean as _mean
+from kvmux.evals.quality.results import load_results
 
 
 def _fmt(value: float | None, digits: int = 1) -> str:
-    return "—" if value is None else f"{value:.{digits}f}"
-
-
-def _mean(values: list[float]) -> float | None:
-    return statistics.fmean(values) if values else None
+    return fmt(value, f".{digits}f", missing="—")
 
 
 def _safe(label: str) -> str:
@@ -114,17 +111,8 @@ def markdown(data: dict[str, Any]) -> str:
 
 
 # -- plots -----------------------------------------------------------------------------------------
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_heatmaps(cells: list[dict[str, Any]], out: Path) -> list[Path]:
-    plt = _pyplot()
+    plt = pyplot()
     written = []
     depth_cells = [c for c in cells if c["depth"] is not None and c["metric"] != "perplexity"]
     for label in _labels(depth_cells):
@@ -151,11 +139,7 @@ def plot_heatmaps(cells: list[dict[str, Any]], out: Path) -> list[Path]:
             ax.set_title(task)
             fig.colorbar(image, ax=ax, fraction=0.046)
         fig.suptitle(f"{label}: score (× = rejected / not run)")
-        fig.tight_layout()
-        path = out / f"heatmap_{_safe(label)}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(save_figure(fig, out / f"heatmap_{_safe(label)}.png"))
     return written
 
 
@@ -163,7 +147,7 @@ def plot_accuracy_vs_kv(cells: list[dict[str, Any]], out: Path) -> Path | None:
     scored = [c for c in cells if c["metric"] != "perplexity" and c["summary"].get("score") is not None]
     if not scored:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     tasks = list(dict.fromkeys(c["task"] for c in scored))
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.8), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
@@ -183,18 +167,14 @@ def plot_accuracy_vs_kv(cells: list[dict[str, Any]], out: Path) -> Path | None:
         ax.set_title(task)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = out / "accuracy_vs_kv.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out / "accuracy_vs_kv.png")
 
 
 def plot_ppl(cells: list[dict[str, Any]], out: Path) -> Path | None:
     streams = [c for c in cells if c["metric"] == "perplexity" and c["samples"]]
     if not streams:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for label in _labels(streams):
         longest = max((c for c in streams if c["label"] == label), key=lambda c: c["length"])
@@ -209,11 +189,7 @@ def plot_ppl(cells: list[dict[str, Any]], out: Path) -> Path | None:
     ax.set_yscale("log")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out / "ppl_vs_position.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out / "ppl_vs_position.png")
 
 
 def write_report(results: dict[str, Any] | Path, out: Path) -> list[Path]:

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from kvmux.evals.scoring import perplexity
+from kvmux.evals.quality.scoring import perplexity
 
 
 def token_nlls(logits: torch.Tensor, targets: torch.Tensor) -> list[float]:

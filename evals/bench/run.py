@@ -32,15 +32,9 @@ from typing import Any
 import torch
 import transformers
 
-from kvmux.evals.bench_measure import (
-    BASELINE_NAME,
-    MemoryProbe,
-    RunSample,
-    end_of_sequence_ids,
-    prompt_ids,
-    run_generate,
-    run_session,
-)
+from kvmux.evals.bench.measure import BASELINE_NAME, RunSample, end_of_sequence_ids, run_generate, run_session
+from kvmux.evals.bench.probes import MemoryProbe
+from kvmux.evals.bench.prompts import prompt_ids
 from kvmux.models.runner import Runner
 from kvmux.policies.base import PolicyInputError, SessionRequest
 from kvmux.policies.presets import Preset

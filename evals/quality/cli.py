@@ -16,31 +16,13 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import json
-import shlex
 import sys
 from pathlib import Path
-from typing import Any
+
+from kvmux import cli_args
+from kvmux.evals.helpers import command_line, embedded_tokenizer_dir, load_tokenizer, sweep_overrides
 
 DEFAULT_TASKS = "passkey,niah_single,niah_multikey,niah_multivalue,niah_multiquery,vt,cwe,qa"
-
-
-def token_count(text: str) -> int:
-    """'2K' -> 2048, '1.5k' -> 1536, '3000' -> 3000."""
-    text = text.strip()
-    if text[-1:].lower() == "k":
-        return int(float(text[:-1]) * 1024)
-    return int(text)
-
-
-def _list(convert):
-    def parse(text: str) -> list:
-        try:
-            return [convert(part) for part in text.split(",") if part.strip()]
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-
-    return parse
 
 
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
@@ -51,10 +33,22 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--presets", type=_list(str), default=None, help="comma list (default: all; --url: 'default')")
-    p.add_argument("--tasks", type=_list(str), default=_list(str)(DEFAULT_TASKS), help=f"comma list ({DEFAULT_TASKS})")
-    p.add_argument("--lengths", type=_list(token_count), default=[2048, 4096, 8192], help="tokens, e.g. 2K,4K,8K")
-    p.add_argument("--depths", type=_list(float), default=[0, 25, 50, 75, 100], help="needle depths in percent")
+    cli_args.add_presets_flag(p, "'default'")
+    p.add_argument(
+        "--tasks",
+        type=cli_args.names,
+        default=cli_args.names(DEFAULT_TASKS),
+        help=f"comma list ({DEFAULT_TASKS})",
+    )
+    p.add_argument(
+        "--lengths",
+        type=cli_args.token_counts,
+        default=[2048, 4096, 8192],
+        help="tokens, e.g. 2K,4K,8K",
+    )
+    p.add_argument(
+        "--depths", type=cli_args.comma_list(float), default=[0, 25, 50, 75, 100], help="needle depths in percent"
+    )
     p.add_argument("--samples", type=int, default=3, help="samples per cell")
     p.add_argument("--seed", type=int, default=42)
     fmt = p.add_mutually_exclusive_group()
@@ -71,90 +65,47 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-query", dest="send_query", action="store_false", help="do not pass the question")
     p.add_argument("--ppl-chunk", type=int, default=1, help="stream_ppl tokens per forward (1 = token by token)")
     p.add_argument("--ppl-window", type=int, default=256, help="stream_ppl tokens per reported window")
-    p.add_argument("--url", default=None, help="OpenAI-compatible server to score instead of the in-process model")
-    p.add_argument("--served-model", default=None, help="--url: model name (default: the first of /v1/models)")
+    cli_args.add_url_flags(p, "OpenAI-compatible server to score instead of the in-process model")
     p.add_argument("--tokenizer", default=None, help="--url: tokenizer folder (default: the embedded model's)")
-    p.add_argument("--model", default=None, help="hub id, local folder or .gguf (default: embedded)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--presets-dir", type=Path, default=None, help="policy preset YAML folder")
-    p.add_argument("--prefill-chunk", type=int, default=2048, help="tokens per prefill forward")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    cli_args.add_model_flags(p)
+    cli_args.add_run_flags(p)
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--report-only", action="store_true", help="only rewrite the report from <out>/results.json")
     p.set_defaults(func=eval_command)
     return p
 
 
-def _presets_dir(args: argparse.Namespace) -> Path:
-    if args.presets_dir:
-        return args.presets_dir
-    from kvmux.server.config import REPO_CONFIGS
-
-    return REPO_CONFIGS / "policies"
-
-
 def build_engine_backend(args: argparse.Namespace):
-    import torch
-
-    from kvmux.evals.backends import EngineBackend
-    from kvmux.models.loader import ModelSpec, load_model
+    from kvmux.evals.quality.backends import EngineBackend
+    from kvmux.models.loader import load_model
     from kvmux.policies.presets import load_presets
     from kvmux.server.engine import Engine
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    presets = load_presets(_presets_dir(args))
-    spec = ModelSpec(
-        model=args.model,
-        device=args.device,
-        dtype=args.dtype,
-        max_model_len=args.max_model_len,
-        prefill_chunk_tokens=args.prefill_chunk,
-    )
-    loaded = load_model(spec)
+    cli_args.apply_threads(args.threads)
+    presets = load_presets(cli_args.presets_dir(args))
+    loaded = load_model(cli_args.model_spec(args))
     default = "full" if "full" in presets else next(iter(presets))
     engine = Engine(loaded, presets, default_preset=default, prefill_chunk_tokens=args.prefill_chunk)
     return EngineBackend(engine), list(presets)
 
 
 def build_http_backend(args: argparse.Namespace):
-    from transformers import AutoTokenizer
+    from kvmux.evals.quality.backends import HTTPBackend
 
-    from kvmux.evals.backends import HTTPBackend
-
-    source = args.tokenizer
-    if source is None:
-        from kvmux.models.embedded import embedded_gguf_path, materialize_gguf
-
-        source = str(materialize_gguf(embedded_gguf_path()))
-    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+    tokenizer = load_tokenizer(args.tokenizer or embedded_tokenizer_dir(materialize=True))
     return HTTPBackend(args.url, tokenizer, model=args.served_model), ["default"]
 
 
-def parse_overrides(text: str | None) -> dict[str, Any]:
-    if not text:
-        return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise SystemExit(f"--policy-overrides is not valid JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise SystemExit('--policy-overrides must be a JSON object: {"preset": {"param": value}}')
-    return value
-
-
 def eval_command(args: argparse.Namespace) -> int:
-    from kvmux.evals.report import write_report
-    from kvmux.evals.results import load_results
-    from kvmux.evals.runner import EvalConfig, EvalRunner, make_variants
+    from kvmux.evals.quality.report import write_report
+    from kvmux.evals.quality.results import load_results
+    from kvmux.evals.quality.runner import EvalConfig, EvalRunner, make_variants
 
     if args.report_only:
         for path in write_report(load_results(args.out), args.out):
             print(f"wrote {path}", file=sys.stderr)
         return 0
-    overrides = parse_overrides(args.policy_overrides)
+    overrides = sweep_overrides(args.policy_overrides)
     backend, available = build_http_backend(args) if args.url else build_engine_backend(args)
     try:
         names = args.presets or available
@@ -181,7 +132,7 @@ def eval_command(args: argparse.Namespace) -> int:
         except (KeyError, ValueError) as exc:
             raise SystemExit(str(exc.args[0] if exc.args else exc)) from None
         data = runner.run()
-        data["meta"]["command"] = _command_line()
+        data["meta"]["command"] = command_line("eval")
         runner.store.save()
     finally:
         backend.close()
@@ -191,18 +142,8 @@ def eval_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _command_line() -> str:
-    words = sys.argv[1:]
-    if words[:1] == ["eval"]:
-        words = words[1:]
-    return shlex.join(["kvmux", "eval", *words])
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="kvmux")
-    add_eval_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["eval", *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)
+    return cli_args.run_subcommand("eval", add_eval_parser, argv)
 
 
 if __name__ == "__main__":

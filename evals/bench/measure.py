@@ -7,12 +7,9 @@ Two measured paths over the same prompt ids and the same number of greedy tokens
 - plain transformers `model.generate` (greedy, SDPA attention), timed through a streamer whose
   `put` receives each token on the host (so every timestamp follows a device sync).
 
-Prompts are sentences of common words, tokenized, when the model has a tokenizer, else random
-token ids (random-weight shapes). Both report TTFT = start -> first generated token on the
-host, and decode rate = the tokens after the first / the time after the first. Peak memory is
-`torch.cuda.max_memory_allocated` on CUDA and the process's resident high-water mark on CPU
-(Linux `VmHWM`, reset per run through `/proc/self/clear_refs`), each also as the growth over
-what was resident at the start.
+Both report TTFT = start -> first generated token on the host, and decode rate = the tokens
+after the first / the time after the first; peak memory comes from `probes.py`, the prompts from
+`prompts.py`.
 """
 
 from __future__ import annotations
@@ -27,68 +24,13 @@ from typing import Any
 import torch
 from transformers.generation.streamers import BaseStreamer
 
+from kvmux.evals.bench.probes import MemoryProbe, sync
 from kvmux.models.loader import eos_token_ids
 from kvmux.policies.base import SessionRequest, cache_kept_tokens
 from kvmux.policies.hook import ATTENTION_NAME
 from kvmux.policies.presets import Preset
 
 BASELINE_NAME = "generate"  # the row of plain transformers model.generate
-
-
-def _proc_status_bytes(field_name: str) -> int | None:
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith(field_name + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def _reset_rss_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as refs:
-            refs.write("5")
-        return True
-    except OSError:
-        return False
-
-
-class MemoryProbe:
-    """Peak memory of one run: CUDA allocator peak, or resident set high-water mark on CPU."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.start_bytes = 0
-        self.peak_resettable = True
-
-    @property
-    def kind(self) -> str:
-        return "cuda_max_allocated" if self.device.type == "cuda" else "rss_peak"
-
-    def start(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.start_bytes = torch.cuda.memory_allocated(self.device)
-        else:
-            self.peak_resettable = _reset_rss_peak()
-            self.start_bytes = _proc_status_bytes("VmRSS") or 0
-
-    def peak(self) -> tuple[int, int]:
-        """(peak bytes, peak minus the bytes held at `start`)."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            peak = torch.cuda.max_memory_allocated(self.device)
-        else:
-            peak = _proc_status_bytes("VmHWM") or 0
-        return peak, max(0, peak - self.start_bytes)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @dataclass
@@ -106,6 +48,22 @@ class RunSample:
     tokens: list[int] = field(default_factory=list)
     sparsity: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def timed(
+        cls, start: float, first: float, end: float, new_tokens: int, memory: tuple[int, int], **figures: Any
+    ) -> RunSample:
+        """The run that started at `start`, had its first token at `first` and its last at `end`;
+        `memory` is the probe's (peak, growth)."""
+        peak, delta = memory
+        return cls(
+            ttft_s=first - start,
+            decode_s=end - first,
+            decode_tokens=new_tokens - 1,
+            peak_mem_bytes=peak,
+            peak_mem_delta_bytes=delta,
+            **figures,
+        )
 
     @property
     def decode_tokens_per_s(self) -> float | None:
@@ -211,13 +169,12 @@ def run_session(
         stats = session.stats()
     finally:
         session.close()
-    peak, delta = probe.peak()
-    return RunSample(
-        ttft_s=first - start,
-        decode_s=end - first,
-        decode_tokens=new_tokens - 1,
-        peak_mem_bytes=peak,
-        peak_mem_delta_bytes=delta,
+    return RunSample.timed(
+        start,
+        first,
+        end,
+        new_tokens,
+        probe.peak(),
         kv_bytes_kept_peak=max(kv_peak, stats.kv_bytes_kept),
         kv_bytes_full=stats.kv_bytes_full,
         tokens_kept_peak=max(tokens_peak, stats.tokens_kept),
@@ -251,6 +208,20 @@ def attention_implementation(model: torch.nn.Module, name: str) -> Iterator[None
         model.set_attn_implementation(previous)
 
 
+def greedy_generate(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, **options: Any):
+    """transformers `generate`, greedy, exactly `new_tokens` tokens (EOS banned until then), as a dict output."""
+    return model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+        return_dict_in_generate=True,
+        **options,
+    )
+
+
 def run_generate(model: torch.nn.Module, info, ids: torch.Tensor, new_tokens: int, probe: MemoryProbe) -> RunSample:
     """Plain transformers greedy `model.generate` with SDPA attention, exactly `new_tokens` tokens."""
     device = info.device
@@ -259,16 +230,7 @@ def run_generate(model: torch.nn.Module, info, ids: torch.Tensor, new_tokens: in
     with attention_implementation(model, "sdpa"), torch.inference_mode():
         probe.start()
         start = time.perf_counter()
-        out = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-            do_sample=False,
-            pad_token_id=0,
-            streamer=clock,
-            return_dict_in_generate=True,
-        )
+        out = greedy_generate(model, ids, new_tokens, streamer=clock)
         sync(device)
         end = time.perf_counter()
         peak, delta = probe.peak()
@@ -279,41 +241,14 @@ def run_generate(model: torch.nn.Module, info, ids: torch.Tensor, new_tokens: in
     kept_tokens, kept_bytes = cache_kept_tokens(cache)
     first = clock.times[1] if len(clock.times) > 1 else end
     seen = ids.shape[1] + new_tokens - 1  # the last token is never fed back
-    return RunSample(
-        ttft_s=first - start,
-        decode_s=end - first,
-        decode_tokens=new_tokens - 1,
-        peak_mem_bytes=peak,
-        peak_mem_delta_bytes=delta,
+    return RunSample.timed(
+        start,
+        first,
+        end,
+        new_tokens,
+        (peak, delta),
         kv_bytes_kept_peak=kept_bytes,
         kv_bytes_full=info.kv_bytes_per_token * seen,
         tokens_kept_peak=kept_tokens,
         tokens=generated,
     )
-
-
-QUESTION = "Question: which word appears most often in the text above?"
-
-
-def prompt_ids(length: int, vocab_size: int, seed: int, tokenizer=None) -> torch.Tensor:
-    """A seeded prompt [1, length].
-
-    With a tokenizer: sentences of common words, then the question on its own last line (as a
-    long-context request ends), so content-, sentence- and query-aware policies see text. Without
-    one (random-weight shapes): random token ids.
-    """
-    if tokenizer is not None:
-        from kvmux.evals.serve_load import make_prompt
-
-        tail = tokenizer("\n" + QUESTION, add_special_tokens=False)["input_ids"]
-        body_length = max(0, length - len(tail))
-        words, body = body_length, []
-        while len(body) < body_length:
-            body = tokenizer(make_prompt(words, seed), add_special_tokens=False)["input_ids"]
-            words = 2 * words + 1
-        ids = torch.tensor([(body[:body_length] + tail)[-length:]])
-        if int(ids.max()) >= vocab_size:
-            raise ValueError(f"the tokenizer's ids exceed the model's vocabulary ({vocab_size})")
-        return ids
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + length)
-    return torch.randint(0, vocab_size, (1, length), generator=generator)

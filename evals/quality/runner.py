@@ -1,13 +1,13 @@
 """The eval grid: policy variants x tasks x lengths x depths x samples, resumable.
 
-Each sample is generated once (seeded, see `tasks/common.py`) and sent to every policy variant,
+Each sample is generated once (seeded, see `evals/tasks/common.py`) and sent to every policy variant,
 so all variants read the very same prompts. Results go to `<out>/results.json` after every
 sample; on a re-run, finished cells and finished samples are read back and skipped. A cell
 whose prompts do not fit the policy's context (the model's context unless the policy extends
 it, `Policy.context_limit`) is recorded as `rejected` with the reason, and the grid goes on.
 
 Scoring follows RULER (Hsieh et al., 2024, https://arxiv.org/abs/2404.06654); the stream
-perplexity cell follows StreamingLLM (https://arxiv.org/abs/2309.17453), see `stream_ppl.py`.
+perplexity cell follows StreamingLLM (https://arxiv.org/abs/2309.17453), see `stream.py`.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from typing import Any
 
 from tqdm import tqdm
 
-from kvmux.evals.backends import DEFAULT_PRESET, Rejected
-from kvmux.evals.results import ResultStore, cell_key, summarize
-from kvmux.evals.scoring import score
-from kvmux.evals.stream_ppl import measure_stream
+from kvmux.evals.quality.backends import DEFAULT_PRESET, Rejected
+from kvmux.evals.quality.results import ResultStore, cell_key, summarize
+from kvmux.evals.quality.scoring import score
+from kvmux.evals.quality.stream import measure_stream
 from kvmux.evals.tasks import get_task
 from kvmux.evals.tasks.common import Renderer, Sample, TaskLengthError
 

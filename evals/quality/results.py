@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import time
 from pathlib import Path
 from typing import Any
+
+from kvmux.evals.helpers import mean
 
 VERSION = 1
 FINISHED = ("done", "rejected")
@@ -72,7 +73,8 @@ class ResultStore:
 
 
 def _mean(values: list[float]) -> float | None:
-    return round(statistics.fmean(values), 4) if values else None
+    value = mean(values)
+    return None if value is None else round(value, 4)
 
 
 def summarize(cell: dict[str, Any]) -> dict[str, Any]:

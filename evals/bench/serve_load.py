@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,25 +26,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-WORDS = (
-    "time year people way day man thing woman life child world school state family student group country "
-    "problem hand part place case week company system program question work government number night point "
-    "home water room mother area money story fact month lot right study book eye job word business issue "
-    "side kind head house service friend father power hour game line end member law car city community name "
-    "president team minute idea kid body information back parent face others level office door health person "
-    "art war history party result change morning reason research girl guy moment air teacher force education"
-).split()
-
-
-def make_prompt(num_words: int, seed: int, sentence_words: int = 12) -> str:
-    """A deterministic prompt of `num_words` common words, in sentences of `sentence_words` words."""
-    rng = random.Random(seed)
-    words = [rng.choice(WORDS) for _ in range(num_words)]
-    for start in range(0, num_words, sentence_words):
-        words[start] = words[start].capitalize()
-        end = min(start + sentence_words, num_words) - 1
-        words[end] += "."
-    return " ".join(words)
+from kvmux.evals.bench.prompts import make_prompt
 
 
 def percentile(values: list[float], q: float) -> float | None:

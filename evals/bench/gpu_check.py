@@ -2,14 +2,14 @@
 
 Run by `scripts/gpu_check.sh` (under 8 minutes on one H100/H200, nothing downloaded):
 
-1. build the `llama3-8b` shape (evals/shapes.py) in bf16 on CUDA with random weights;
+1. build the `llama3-8b` shape (`shapes.py`) in bf16 on CUDA with random weights;
 2. agreement at 16K tokens: transformers `generate` (SDPA, greedy) gives reference tokens and
    per-step logits; every preset (and every registered policy without a preset, at its default
    parameters) prefills the same prompt and is teacher-forced through the reference tokens.
    Reported per step: top-1 agreement, cosine similarity and KL(reference || policy) of the
    logits, and whether they are finite. `full` must agree (it is the same computation); the
    others show how far their approximation moves a model's outputs at this length;
-3. speed at 32K/64K/128K: the in-process benchmark (evals/bench.py, one measured round, the
+3. speed at 32K/64K/128K: the in-process benchmark (`run.py`, one measured round, the
    check stage serving as warm-up): TTFT, decode tokens/s, peak CUDA memory and KV kept, each
    as a ratio to transformers `generate` at the same length.
 
@@ -31,6 +31,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from kvmux.cli_args import default_presets_dir, parse_tokens, token_counts
+from kvmux.evals.helpers import embedded_tokenizer_dir, load_tokenizer
 
 GROWTH = 1.6  # run time ~ length**GROWTH between lengths (prefill is linear + quadratic)
 
@@ -106,19 +109,10 @@ def compare(reference: torch.Tensor, logits: torch.Tensor) -> dict[str, Any]:
 
 
 def reference_run(model, ids: torch.Tensor, steps: int) -> tuple[list[int], torch.Tensor]:
-    from kvmux.evals.bench_measure import attention_implementation
+    from kvmux.evals.bench.measure import attention_implementation, greedy_generate
 
     with attention_implementation(model, "sdpa"), torch.inference_mode():
-        out = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=steps,
-            min_new_tokens=steps,
-            do_sample=False,
-            pad_token_id=0,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
+        out = greedy_generate(model, ids, steps, output_logits=True)
     tokens = out.sequences[0, ids.shape[1] :].tolist()
     return tokens, torch.stack([step[0].float() for step in out.logits])
 
@@ -138,7 +132,7 @@ def forced_logits(runner, preset, ids: torch.Tensor, tokens: list[int], request)
 
 
 def agreement_stage(loaded, presets, clock: Clock, length: int, steps: int, chunk: int) -> list[dict[str, Any]]:
-    from kvmux.evals.bench_measure import prompt_ids
+    from kvmux.evals.bench.prompts import prompt_ids
     from kvmux.models.runner import Runner
     from kvmux.policies.base import SessionRequest
 
@@ -184,46 +178,14 @@ def agreement_stage(loaded, presets, clock: Clock, length: int, steps: int, chun
     return rows
 
 
-def agreement_markdown(doc: dict[str, Any]) -> str:
-    lines = [
-        f"# kvmux GPU check: {doc['model']['name']} ({doc['environment'].get('gpu', 'cpu')})",
-        "",
-        f"- random weights, shape `{doc['shape']}`, bf16; prefill chunk {doc['prefill_chunk_tokens']}; "
-        f"budget {doc['budget_s']:.0f} s, used {doc['elapsed_s']:.0f} s",
-        f"- agreement at {doc['check_length']} tokens over {doc['check_steps']} teacher-forced steps with "
-        "transformers `generate` (SDPA). `full` must match it (pass = top-1 ≥ 87.5% and cosine ≥ 0.99; bf16 "
-        "noise flips near-ties of a random model's logits). The other policies must run at this length with "
-        "finite logits (ran); their distance from the reference is shown but says little about quality: "
-        "a random model spreads its attention over the whole context, so dropping or skipping keys moves "
-        "its outputs far more than a trained model's (quality is `kvmux eval`'s job).",
-        f"- prompt: {doc['prompt']}; speed: see bench.md (lengths {doc['lengths']})",
-        f"- command: `{doc['command']}`",
-        "",
-        "| preset | policy | status | top-1 agree | first token | cos min | cos mean | KL mean | KL max | s | note |",
-        "|---|---|---|---:|---|---:|---:|---:|---:|---:|---|",
-    ]
-    for row in doc["agreement"]:
-        if "top1_agreement" not in row:
-            lines.append(f"| {row['preset']} | {row['policy']} | {row['status']} |" + " – |" * 7 + f" {row['note']} |")
-            continue
-        lines.append(
-            f"| {row['preset']} | {row['policy']} | {row['status']} | {row['top1_agreement']:.0%} "
-            f"| {'yes' if row['first_token_match'] else 'no'} | {row['cosine_min']:.4f} | {row['cosine_mean']:.4f} "
-            f"| {row['kl_mean']:.4f} | {row['kl_max']:.4f} | {row['seconds']:.1f} | |"
-        )
-    return "\n".join(lines) + "\n"
-
-
 def main(argv: list[str] | None = None) -> int:
-    from kvmux.evals.bench_cli import default_presets_dir, embedded_tokenizer_dir, load_tokenizer, token_list
-
     parser = argparse.ArgumentParser(prog="gpu_check", description=__doc__)
     parser.add_argument("--shape", default="llama3-8b")
-    parser.add_argument("--check-length", type=token_list, default=[16384])
+    parser.add_argument("--check-length", type=token_counts, default=[16384])
     parser.add_argument("--check-steps", type=int, default=8)
-    parser.add_argument("--lengths", type=token_list, default=[32768, 65536, 131072])
+    parser.add_argument("--lengths", type=token_counts, default=[32768, 65536, 131072])
     parser.add_argument("--new-tokens", type=int, default=16)
-    parser.add_argument("--prefill-chunk", type=int, default=2048)
+    parser.add_argument("--prefill-chunk", type=parse_tokens, default=2048)
     parser.add_argument("--budget-s", type=float, default=420.0)
     parser.add_argument("--presets-dir", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=Path("docs/results/gpu"))
@@ -237,9 +199,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
 
-    from kvmux.evals.bench import BenchSettings, environment, model_summary, run_bench
-    from kvmux.evals.bench_report import write_report
-    from kvmux.evals.shapes import build_random_model
+    from kvmux.evals.bench.report import agreement_markdown, write_report
+    from kvmux.evals.bench.run import BenchSettings, environment, model_summary, run_bench
+    from kvmux.evals.bench.shapes import build_random_model
 
     presets = targets(args.presets_dir or default_presets_dir())
     say(clock, f"targets: {list(presets)}")

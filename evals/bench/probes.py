@@ -1,0 +1,66 @@
+"""Memory and time probes of the bench: the peak memory of one run, and device-synchronised clocks.
+
+Peak memory is `torch.cuda.max_memory_allocated` on CUDA and the process's resident high-water
+mark on CPU (Linux `VmHWM`, reset per run through `/proc/self/clear_refs`), each also as the
+growth over what was resident at the start.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _proc_status_bytes(field_name: str) -> int | None:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _reset_rss_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class MemoryProbe:
+    """Peak memory of one run: CUDA allocator peak, or resident set high-water mark on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.start_bytes = 0
+        self.peak_resettable = True
+
+    @property
+    def kind(self) -> str:
+        return "cuda_max_allocated" if self.device.type == "cuda" else "rss_peak"
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start_bytes = torch.cuda.memory_allocated(self.device)
+        else:
+            self.peak_resettable = _reset_rss_peak()
+            self.start_bytes = _proc_status_bytes("VmRSS") or 0
+
+    def peak(self) -> tuple[int, int]:
+        """(peak bytes, peak minus the bytes held at `start`)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            peak = _proc_status_bytes("VmHWM") or 0
+        return peak, max(0, peak - self.start_bytes)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
