@@ -88,11 +88,16 @@ class EngineBackend:
         )
 
     def open_session(self, kv_policy: dict[str, Any] | None) -> tuple[PolicySession, Runner]:
-        """A fresh policy session and the runner, for teacher-forced measurements."""
+        """A fresh policy session (given `kv_policy.query` if any) and the runner, for teacher-forced
+        measurements."""
         from kvmux.policies.base import SessionRequest
 
         preset = self._preset(kv_policy)
-        session = preset.policy.new_session(preset.params, self.engine.info, SessionRequest())
+        query = (kv_policy or {}).get("query")
+        request = SessionRequest()
+        if query is not None:
+            request = SessionRequest(query_text=query, query_ids=self.engine.tokenize(query, add_special_tokens=False))
+        session = preset.policy.new_session(preset.params, self.engine.info, request)
         return session, self.engine.runner
 
     def close(self) -> None:
@@ -175,7 +180,10 @@ class HTTPBackend:
         )
 
     def open_session(self, kv_policy: dict[str, Any] | None):
-        raise Rejected("stream_ppl feeds tokens through a policy session and needs the in-process backend (no --url)")
+        raise Rejected(
+            "stream_ppl and decode_recall feed tokens through a policy session: they need the in-process "
+            "backend (no --url)"
+        )
 
     def close(self) -> None:
         self.client.close()

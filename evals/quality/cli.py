@@ -1,7 +1,8 @@
 """`kvmux eval`: long-context quality of every policy preset on the same seeded tasks.
 
-Tasks: passkey (landmark attention), RULER's niah family, vt and cwe, a synthetic document QA
-and stream perplexity (StreamingLLM). Runs in-process on a loaded model, or against any
+Tasks: passkey (landmark attention), RULER's niah family, vt and cwe, a synthetic document QA,
+recall of a fact through text fed as decoding (decode_recall; in-process only) and stream
+perplexity (StreamingLLM). Runs in-process on a loaded model, or against any
 OpenAI-compatible server with --url (the question is sent as kv_policy.query; `default` as a
 preset name sends no kv_policy). Results are resumable: re-running the same command skips the
 cells already in <out>/results.json. Writes results.json, summary.md and PNG plots.
@@ -9,6 +10,7 @@ cells already in <out>/results.json. Writes results.json, summary.md and PNG plo
 Examples:
   kvmux eval --presets full,streaming_llm --tasks passkey --lengths 2K --depths 0,100 --samples 1
   kvmux eval --tasks stream_ppl --lengths 16K --presets streaming_llm --ppl-chunk 1
+  kvmux eval --tasks decode_recall --lengths 1280 --depths 60 --presets full,lazy_eviction --ppl-chunk 16
   kvmux eval --url http://127.0.0.1:8000 --presets full,streaming_llm --tasks niah_single
   kvmux eval --presets streaming_llm --policy-overrides '{"streaming_llm": [{"window": 256}, {"window": 1020}]}'
 """
@@ -63,7 +65,13 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
         help='JSON: {"preset": {param: value}} or {"preset": [{...}, {...}]} for a budget sweep',
     )
     p.add_argument("--no-query", dest="send_query", action="store_false", help="do not pass the question")
-    p.add_argument("--ppl-chunk", type=int, default=1, help="stream_ppl tokens per forward (1 = token by token)")
+    p.add_argument(
+        "--ppl-chunk",
+        type=int,
+        default=1,
+        help="tokens per forward where a task streams text through the policy (stream_ppl, decode_recall; "
+        "1 = token by token)",
+    )
     p.add_argument("--ppl-window", type=int, default=256, help="stream_ppl tokens per reported window")
     cli_args.add_url_flags(p, "OpenAI-compatible server to score instead of the in-process model")
     p.add_argument("--tokenizer", default=None, help="--url: tokenizer folder (default: the embedded model's)")

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from kvmux.evals.quality.backends import DEFAULT_PRESET, Rejected
 from kvmux.evals.quality.results import ResultStore, cell_key, summarize
 from kvmux.evals.quality.scoring import score
-from kvmux.evals.quality.stream import measure_stream
+from kvmux.evals.quality.stream import generate_after_stream, measure_stream
 from kvmux.evals.tasks import get_task
 from kvmux.evals.tasks.common import Renderer, Sample, TaskLengthError
 
@@ -207,8 +207,12 @@ class EvalRunner:
         needed = sample.prompt_tokens + sample.max_new_tokens
         message = self._limit_message(variant, needed)
         if message is None:
+            kv_policy = variant.kv_policy(sample.query if self.config.send_query else None)
             try:
-                out = self.backend.generate(sample, variant.kv_policy(sample.query if self.config.send_query else None))
+                if sample.decode_from is None:
+                    out = self.backend.generate(sample, kv_policy)
+                else:
+                    out = generate_after_stream(self.backend, sample, kv_policy, self.config.ppl_chunk)
             except Rejected as exc:
                 message = exc.message
         if message is not None:

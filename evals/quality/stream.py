@@ -14,16 +14,25 @@ and the policy's `after_forward` (its evictions) runs after every chunk.
   have evicted token by token. For a budget B this is a window of B..B+c-1 tokens instead of B;
   keep c small next to the budget (e.g. 32-128 for a 1K window) when comparing policies.
 Perplexity is reported overall and for consecutive windows of `window` predicted tokens.
+
+`generate_after_stream` is the same feeding with a question at its end: a sample's prompt is
+prefilled up to `Sample.decode_from`, the rest fed through forwards of `chunk` tokens as decoding
+feeds them (the policy evicts between them), then the answer is decoded greedily (the
+decode_recall task: does a fact stated in the prompt survive what was decoded after it).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from kvmux.evals.quality.backends import Generation
 from kvmux.evals.quality.scoring import perplexity
+from kvmux.evals.tasks.common import Sample
+from kvmux.policies.base import run_prefill
 
 
 def token_nlls(logits: torch.Tensor, targets: torch.Tensor) -> list[float]:
@@ -89,3 +98,39 @@ def measure_stream(
         "windows": window_perplexities(nlls, window),
         "kv": stats,
     }
+
+
+def generate_after_stream(backend: Any, sample: Sample, kv_policy: dict[str, Any] | None, chunk: int) -> Generation:
+    """Prefill `sample.prompt_ids[:decode_from]`, feed the rest `chunk` tokens per forward, then decode
+    greedily up to `sample.max_new_tokens` tokens (stopping at the end-of-sequence token)."""
+    if chunk < 1:
+        raise ValueError(f"chunk must be at least 1, got {chunk}")
+    session, runner = backend.open_session(kv_policy)
+    device, ids, start = runner.info.device, sample.prompt_ids, sample.decode_from or len(sample.prompt_ids)
+    stop = backend.tokenizer.eos_token_id
+    started = time.perf_counter()
+    try:
+        logits = run_prefill(session, runner, torch.tensor([ids[:start]], device=device))
+        for begin in range(start, len(ids), chunk):
+            logits = runner.forward(session, torch.tensor([ids[begin : begin + chunk]], device=device))[0, -1]
+        tokens: list[int] = []
+        finish = "length"
+        while len(tokens) < sample.max_new_tokens:
+            token = int(logits.argmax())
+            if token == stop:
+                finish = "stop"
+                break
+            tokens.append(token)
+            if len(tokens) < sample.max_new_tokens:
+                logits = session.decode(runner, token)
+        kv = session.stats().as_dict()
+    finally:
+        session.close()
+    return Generation(
+        text=backend.tokenizer.decode(tokens, skip_special_tokens=True),
+        prompt_tokens=len(ids),
+        completion_tokens=len(tokens),
+        finish_reason=finish,
+        seconds=time.perf_counter() - started,
+        kv=kv,
+    )

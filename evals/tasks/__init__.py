@@ -1,4 +1,5 @@
-"""Long-context task generators, by name (RULER-style tasks, passkey, document QA, stream perplexity).
+"""Long-context task generators, by name (RULER-style tasks, passkey, document QA, recall during
+decoding, stream perplexity).
 
 Every generation task has `name`, `metric`, `max_new_tokens`, `uses_depth` and
 `make(renderer, length, depth, index, seed, max_new_tokens=0) -> Sample`; `stream_ppl` instead
@@ -8,13 +9,16 @@ yields a token stream for the perplexity measurement.
 from __future__ import annotations
 
 from kvmux.evals.tasks.cwe import CommonWordsTask
+from kvmux.evals.tasks.decode_recall import DecodeRecallTask
 from kvmux.evals.tasks.niah import NIAH_TASKS, NiahTask
 from kvmux.evals.tasks.passkey import PasskeyTask
 from kvmux.evals.tasks.qa import DocumentQATask
 from kvmux.evals.tasks.stream_ppl import StreamPPLTask
 from kvmux.evals.tasks.vt import VariableTrackingTask
 
-Task = PasskeyTask | NiahTask | VariableTrackingTask | CommonWordsTask | DocumentQATask | StreamPPLTask
+Task = (
+    PasskeyTask | NiahTask | VariableTrackingTask | CommonWordsTask | DocumentQATask | DecodeRecallTask | StreamPPLTask
+)
 
 TASKS: dict[str, Task] = {
     task.name: task
@@ -24,6 +28,7 @@ TASKS: dict[str, Task] = {
         VariableTrackingTask(),
         CommonWordsTask(),
         DocumentQATask(),
+        DecodeRecallTask(),
         StreamPPLTask(),
     )
 }

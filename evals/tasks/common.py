@@ -42,6 +42,8 @@ class Sample:
     query: str  # the question alone, for query-aware policies
     haystack_span: tuple[int, int] = (0, 0)  # char span of the haystack inside `prompt`
     needle_spans: list[tuple[int, int]] = field(default_factory=list)  # answer-bearing needles in `prompt`
+    # prompt_ids[:decode_from] are prefilled, the rest fed through decode-phase forwards (None: all prefilled)
+    decode_from: int | None = None
 
     @property
     def prompt_tokens(self) -> int:

@@ -9,6 +9,9 @@ import pytest
 from kvmux.evals.quality.backends import EngineBackend, Generation, Rejected
 from kvmux.evals.quality.results import cell_key
 from kvmux.evals.quality.runner import EvalConfig, EvalRunner, Variant, make_variants
+from kvmux.evals.quality.stream import generate_after_stream
+from kvmux.evals.tasks import get_task
+from kvmux.evals.tasks.common import Renderer
 
 
 class FakeBackend:
@@ -168,3 +171,23 @@ def test_more_samples_extend_finished_cells_without_recomputing_them(tmp_path, s
     fewer = FakeBackend(smol_tokenizer)
     EvalRunner(_config(tmp_path, ["good"], samples=2), fewer, progress=False).run()
     assert fewer.calls == []  # asking for fewer samples than are there changes nothing
+
+
+def test_decode_recall_feeds_the_prose_as_decoding_in_process(tmp_path, tiny_engine, smol_tokenizer):
+    backend = EngineBackend(tiny_engine)
+    sample = get_task("decode_recall").make(Renderer(smol_tokenizer), 400, 50.0, 0, seed=1)
+    assert 0 < sample.decode_from < sample.prompt_tokens
+    fed = generate_after_stream(backend, sample, {"preset": "full"}, chunk=16)
+    prefilled = backend.generate(sample, {"preset": "full"})  # the whole prompt prefilled at once
+    assert fed.text == prefilled.text and fed.completion_tokens == prefilled.completion_tokens
+    assert fed.kv["tokens_seen"] == sample.prompt_tokens + fed.completion_tokens - 1
+    windowed = generate_after_stream(backend, sample, {"preset": "streaming_llm"}, chunk=16)
+    assert windowed.kv["tokens_kept"] <= 4 + 60 + 16  # evicted while the prose was fed, chunk by chunk
+    config = _config(tmp_path, ["full", "streaming_llm"], tasks=["decode_recall"], lengths=[400], depths=[50.0])
+    cells = EvalRunner(config, backend, progress=False).run()["cells"]
+    cell = cells[cell_key("full", "decode_recall", 400, 50.0)]
+    assert cell["status"] == "done" and len(cell["samples"]) == 2
+    http = FakeBackend(smol_tokenizer)
+    http.open_session = lambda kv_policy: (_ for _ in ()).throw(Rejected("needs the in-process backend"))
+    cells = EvalRunner(_config(tmp_path / "http", ["good"], tasks=["decode_recall"]), http, progress=False).run()
+    assert all(c["status"] == "rejected" and "in-process" in c["message"] for c in cells["cells"].values())

@@ -13,6 +13,8 @@ from kvmux.evals.tasks.corpus import CORPUS_FILE, corpus_sentences, corpus_text
 
 GENERATION_TASKS = [name for name, task in TASKS.items() if task.metric != "perplexity"]
 DEPTH_TASKS = [name for name in GENERATION_TASKS if TASKS[name].uses_depth]
+# decode_recall's depth is how far into the fed prose the fact is restated (its own test below)
+NEEDLE_DEPTH_TASKS = [name for name in DEPTH_TASKS if name != "decode_recall"]
 
 
 @pytest.fixture(scope="module", params=["raw", "chat"])
@@ -63,7 +65,7 @@ def _depth_percent(renderer, sample) -> float:
 
 
 @pytest.mark.parametrize("depth", [0.0, 30.0, 50.0, 100.0])
-@pytest.mark.parametrize("name", DEPTH_TASKS)
+@pytest.mark.parametrize("name", NEEDLE_DEPTH_TASKS)
 def test_needle_sits_at_the_requested_depth(name, depth, renderer):
     sample = get_task(name).make(renderer, 2048, depth, 3, seed=5)
     tolerance = 6.0 if name == "qa" else 2.5  # qa moves whole documents (~90 tokens each)
@@ -90,6 +92,25 @@ def test_needles_carry_every_answer_for_the_queried_keys(name, renderer):
     for key in set(keys):
         values = re.findall(rf"for {re.escape(key)} is: (\S+)\.", hay)
         assert sorted(values) == sorted(v for v in sample.answers if f"{key} is: {v}" in "\n".join(needles))
+
+
+@pytest.mark.parametrize("depth", [0.0, 50.0, 100.0])
+def test_decode_recall_states_the_fact_in_the_prompt_and_restates_it_up_to_the_depth(depth, renderer):
+    task = get_task("decode_recall")
+    sample = task.make(renderer, 2048, depth, 1, seed=4)
+    value = sample.answers[0]
+    prefilled = renderer.tokenizer.decode(sample.prompt_ids[: sample.decode_from])
+    assert f"is {value}." in prefilled and "Remember" not in prefilled
+    assert sample.prompt[slice(*sample.needle_spans[0])].endswith(f"is {value}.")
+    fed = sample.prompt[slice(*sample.haystack_span)]
+    prose = renderer.count(re.sub(r" \(Remember: [^)]*\)", "", fed))
+    reminders = [m.start() for m in re.finditer(r"\(Remember: the secret number of \w+ is (\d+)\.\)", fed)]
+    assert len(reminders) == int(depth / 100 * prose // task.restate_every)
+    assert all(f"is {value}.)" in fed[at : at + 80] for at in reminders)
+    if reminders:  # nothing restates it past the depth; the last one is at most one interval before it
+        before = renderer.count(re.sub(r" \(Remember: [^)]*\)", "", fed[: reminders[-1]]))
+        assert depth / 100 * prose - task.restate_every - 60 <= before <= depth / 100 * prose + 5  # recounted
+    assert sample.prompt.endswith(f"Question: {sample.query}\n{sample.answer_prefix}")
 
 
 def test_single_answer_wording_is_singular(renderer):
