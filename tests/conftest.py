@@ -6,7 +6,7 @@ import os
 
 # Triton kernels (HiP's CUDA path) run through Triton's CPU interpreter in tests, on CPU tensors, on
 # every machine; the flag must be set before any kernel is defined. The compiled kernels are checked
-# against the PyTorch ones on a GPU by `scripts/measure_hip.py cuda` (its agreement stage).
+# against the PyTorch ones on a GPU by `scripts/hip_kernels.py` (its agreement stage).
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402

@@ -2,10 +2,15 @@
 
 Peak memory is `torch.cuda.max_memory_allocated` on CUDA and the process's resident high-water
 mark on CPU (Linux `VmHWM`, reset per run through `/proc/self/clear_refs`), each also as the
-growth over what was resident at the start.
+growth over what was resident at the start. `device_time` times a callable with CUDA events (the
+median of a few calls after a warm-up one), or with the wall clock where there is no GPU.
 """
 
 from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
 
 import torch
 
@@ -64,3 +69,25 @@ class MemoryProbe:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def device_time(fn: Callable[[], object], reps: int) -> float:
+    """Median seconds of `fn()` over `reps` calls after one warm-up call: CUDA events when CUDA is
+    available, else the wall clock."""
+    fn()
+    times = []
+    if not torch.cuda.is_available():
+        for _ in range(reps):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+    torch.cuda.synchronize()
+    for _ in range(reps):
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(begin.elapsed_time(end) / 1000)
+    return statistics.median(times)

@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import dataclasses
-import random
 
 import pytest
 import torch
 from pydantic import ValidationError
 
+from kvmux.cli_args import default_presets_dir
+from kvmux.evals.quality.backends import EngineBackend
+from kvmux.evals.tasks import get_task
+from kvmux.evals.tasks.common import Renderer
 from kvmux.policies.actqkv.block_budget import BlockBudget
 from kvmux.policies.actqkv.context_memory import ActivationStats, ContextMemory
 from kvmux.policies.actqkv.params import ActQKVParams
 from kvmux.policies.actqkv.session import ActQKVSession
 from kvmux.policies.base import AttentionCall, PolicyInputError, SessionRequest
 from kvmux.policies.dense import attention_probs
+from kvmux.policies.presets import load_presets
 from kvmux.policies.registry import get_policy
 from kvmux.policies.rope import rotate
-from scripts.measure_actqkv import QUESTION, generate, passkey_prompt
+from kvmux.server.engine import Engine
 from tests.policies.helpers import full_logits, new_session, run_prefill, stepwise_logits
 from tests.tiny_models import make_tiny
 
@@ -300,12 +304,10 @@ def test_attended_keys_per_query_stay_bounded_as_the_prompt_grows(tiny_llama):
 
 @pytest.mark.model
 def test_embedded_model_retrieves_a_passkey_beyond_the_local_window(smollm):
-    runner, tokenizer = smollm.runner(1024), smollm.tokenizer
-    ids, key = passkey_prompt(tokenizer, 1500, 0.3, random.Random(3))
+    sample = get_task("passkey").make(Renderer(smollm.tokenizer), 1500, 30.0, 0, seed=3, max_new_tokens=6)
     params = dict(n_init=32, n_local=256, block_size=32, window=128, topk=4, min_blocks=2)
-    request = SessionRequest(query_text=QUESTION)  # the last prompt window needs the question term
-    session = new_session("actqkv", smollm.info, request, **params)
-    out, _ = generate(session, runner, ids, 6)
-    assert key in tokenizer.decode(out)
-    extra = session.stats().extra
-    assert extra["attended_keys_max"] <= 32 + 256 + 8 * 32 + 32 + 128 < len(ids)
+    engine = Engine(smollm, load_presets(default_presets_dir()), prefill_chunk_tokens=1024)
+    # the question goes to the policy: the last prompt window needs the question term
+    out = EngineBackend(engine).generate(sample, {"preset": "actqkv", "query": sample.query, **params})
+    assert sample.answers[0] in out.text
+    assert out.kv["attended_keys_max"] <= 32 + 256 + 8 * 32 + 32 + 128 < sample.prompt_tokens

@@ -224,12 +224,17 @@ def test_params_validation():
 
 @pytest.mark.model
 def test_embedded_model_passkey_at_2k(smollm):
-    from scripts.measure_hip import passkey_prompt, run_sample
+    from kvmux.cli_args import default_presets_dir
+    from kvmux.evals.quality.backends import EngineBackend
+    from kvmux.evals.tasks import get_task
+    from kvmux.evals.tasks.common import Renderer
+    from kvmux.policies.presets import load_presets
+    from kvmux.server.engine import Engine
 
-    ids = passkey_prompt(smollm.tokenizer, 2048, 0.4, 73915)
-    out = run_sample(smollm, "hip", {}, ids, max_new=7)
-    assert "73915" in out["text"]
-    assert out["stats"]["hip_max_keys_per_query"] <= 784 and out["stats"]["hip_searches"] > 0
+    sample = get_task("passkey").make(Renderer(smollm.tokenizer), 2048, 10.0, 0, seed=42)  # an eval_hip/ cell
+    out = EngineBackend(Engine(smollm, load_presets(default_presets_dir()))).generate(sample, {"preset": "hip"})
+    assert sample.answers[0] in out.text
+    assert out.kv["hip_max_keys_per_query"] <= 784 and out.kv["hip_searches"] > 0
 
 
 GEOMETRIES = [(70, 300, 8, 2, 5, 20, 0), (1, 500, 1, 2, 16, 30, 7), (64, 64, 16, 2, 4, 8, 0), (5, 40, 4, 4, 0, 60, 3)]

@@ -1,12 +1,16 @@
-"""Measure HiP (arXiv 2406.09827) against full attention.
+"""HiP's attention kernels (arXiv 2406.09827) on CUDA: one attention layer against dense SDPA.
 
-CPU, embedded model (`python scripts/measure_hip.py cpu`): passkey retrieval at 4K and 8K tokens,
-prefill time and decode step time (medians over the passkey samples), full vs hip.
+One layer shaped like Llama-3-8B (32 query heads, 8 KV heads, head dim 128, bf16, random inputs):
+a decode step at 128K context (the mean of `refresh_interval` steps, one of which re-searches) and
+a 64K-token prefill, for the PyTorch kernels (gather and table scoring) and the Triton kernels,
+after an 8K check that the two kernel families agree; then each Triton kernel alone under a few
+launch settings. Prints the figures as JSON.
 
-CUDA (`python scripts/measure_hip.py cuda`): one attention layer shaped like Llama-3-8B (32 query
-heads, 8 KV heads, head dim 128, bf16, random inputs): a decode step at 128K context (the mean of
-`refresh_interval` steps, one of which re-searches) and a 64K-token prefill, against dense SDPA,
-for the PyTorch kernels (gather and table scoring) and the Triton kernels.
+    python scripts/hip_kernels.py              (on a GPU; also run by scripts/gpu_targets.sh)
+    python scripts/hip_kernels.py --dry-run    (the same code on CPU at toy sizes, Triton interpreted)
+
+Attention-level timing of random inputs is below what `kvmux bench` measures (whole models,
+prompts, generation); the model-level speed of `hip` is `kvmux bench --presets full,hip ...`.
 """
 
 from __future__ import annotations
@@ -14,109 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
-import statistics
 import sys
-import time
 
 import torch
 
-FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-
-
-def passkey_prompt(tokenizer, num_tokens: int, depth: float, passkey: int) -> torch.Tensor:
-    """A passkey prompt of about `num_tokens` tokens with the key at relative `depth`: ids [1, T]."""
-    head = "There is important info hidden inside a lot of irrelevant text. Find it and memorize it.\n"
-    needle = f" The pass key is {passkey}. Remember it. {passkey} is the pass key. "
-    tail = "\nWhat is the pass key? The pass key is"
-    unit = len(tokenizer.encode(FILLER))
-    fixed = len(tokenizer.encode(head + needle + tail))
-    repeats = max(1, (num_tokens - fixed) // unit)
-    before = int(repeats * depth)
-    text = head + FILLER * before + needle + FILLER * (repeats - before) + tail
-    return torch.tensor([tokenizer.encode(text)])
-
-
-def run_sample(loaded, policy: str, params: dict, ids: torch.Tensor, max_new: int) -> dict:
-    """Prefill, then greedy decode; returns the text, prefill seconds and per-step decode seconds."""
-    from kvmux.policies.base import SessionRequest
-    from kvmux.policies.registry import get_policy
-
-    pol = get_policy(policy)
-    session = pol.new_session(pol.Params(**params), loaded.info, SessionRequest())
-    runner = loaded.runner(2048)
-    start = time.perf_counter()
-    gen = session.prefill(runner, ids)
-    while True:
-        try:
-            next(gen)
-        except StopIteration as stop:
-            logits = stop.value
-            break
-    prefill_s = time.perf_counter() - start
-    tokens, steps = [], []
-    for _ in range(max_new):
-        token = int(logits.argmax())
-        tokens.append(token)
-        start = time.perf_counter()
-        logits = session.decode(runner, token)
-        steps.append(time.perf_counter() - start)
-    stats = session.stats().as_dict()
-    session.close()
-    return {"text": loaded.tokenizer.decode(tokens), "prefill_s": prefill_s, "decode_s": steps, "stats": stats}
-
-
-def measure_cpu(lengths: list[int], samples: int, max_new: int, threads: int) -> dict:
-    from kvmux.models.loader import ModelSpec, load_model
-
-    torch.set_num_threads(threads)
-    loaded = load_model(ModelSpec())
-    rng = random.Random(0)
-    results: dict = {}
-    for length in lengths:
-        cases = [(rng.randint(10000, 99999), (i + 0.5) / samples) for i in range(samples)]
-        for policy in ("full", "hip"):
-            rows = []
-            for passkey, depth in cases:
-                ids = passkey_prompt(loaded.tokenizer, length, depth, passkey)
-                out = run_sample(loaded, policy, {}, ids, max_new)
-                out["correct"] = str(passkey) in out["text"]
-                out["tokens"] = ids.shape[1]
-                rows.append(out)
-                print(policy, length, depth, out["correct"], repr(out["text"]), round(out["prefill_s"], 2), flush=True)
-            results[f"{policy}@{length}"] = {
-                "passkey_accuracy": sum(r["correct"] for r in rows) / len(rows),
-                "prefill_s_median": statistics.median(r["prefill_s"] for r in rows),
-                "decode_step_s_median": statistics.median(s for r in rows for s in r["decode_s"][1:]),
-                "tokens": [r["tokens"] for r in rows],
-                "stats": rows[-1]["stats"],
-            }
-            print(json.dumps({f"{policy}@{length}": results[f"{policy}@{length}"]}), flush=True)
-    return results
-
-
-def _cuda_time(fn, reps: int) -> float:
-    if not torch.cuda.is_available():  # the CPU dry run (--dry-run): wall time
-        fn()
-        times = []
-        for _ in range(reps):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1000)
-    return statistics.median(times)
-
+from kvmux.evals.bench.probes import device_time
 
 VARIANTS = {  # name -> HiP parameters besides the defaults: PyTorch kernels (two scorings) and Triton
     "gather": {"score_mode": "gather", "kernel": "fast"},
@@ -223,7 +129,7 @@ def measure_cuda(
         for chunk, warps in SEARCH_LAUNCHES:
             record(
                 f"{phase}_triton_search_chunk{chunk}_warps{warps}_s",
-                lambda chunk=chunk, warps=warps: _cuda_time(
+                lambda chunk=chunk, warps=warps: device_time(
                     lambda: hip_triton.search(q, k, geo, groups, stride, score_chunk=chunk, num_warps=warps), reps
                 ),
             )
@@ -231,7 +137,7 @@ def measure_cuda(
         for block_n, warps in ATTENTION_LAUNCHES:
             record(
                 f"{phase}_triton_attention_block{block_n}_warps{warps}_s",
-                lambda block_n=block_n, warps=warps: _cuda_time(
+                lambda block_n=block_n, warps=warps: device_time(
                     lambda: hip_triton.attention(
                         q,
                         k,
@@ -256,7 +162,9 @@ def measure_cuda(
     k = torch.randn(1, hkv, decode_context, d, device=dev, dtype=dt)
     v = torch.randn_like(k)
     q = torch.randn(1, hq, 1, d, device=dev, dtype=dt)
-    record("decode_dense_s", lambda: _cuda_time(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), reps))
+    record(
+        "decode_dense_s", lambda: device_time(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), reps)
+    )
     for name in VARIANTS:
         params, sess = session(name)
         call = AttentionCall(5, q, k, v, None, scale)
@@ -265,7 +173,7 @@ def measure_cuda(
             for _ in range(n):
                 sess.attention(call)
 
-        record(f"decode_hip_{name}_s", lambda steps=steps, n=params.effective_refresh: _cuda_time(steps, reps) / n)
+        record(f"decode_hip_{name}_s", lambda steps=steps, n=params.effective_refresh: device_time(steps, reps) / n)
     kernel_figures("decode", q, k, v)
     del k, v
     k = torch.randn(1, hkv, prefill_tokens, d, device=dev, dtype=dt)
@@ -273,12 +181,12 @@ def measure_cuda(
     q = torch.randn(1, hq, prefill_tokens, d, device=dev, dtype=dt)
     record(
         "prefill_dense_s",
-        lambda: _cuda_time(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), reps),
+        lambda: device_time(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), reps),
     )
     for name in VARIANTS:
         call = AttentionCall(5, q, k, v, None, scale)
         sess = session(name)[1]
-        record(f"prefill_hip_{name}_s", lambda call=call, sess=sess: _cuda_time(lambda: sess.attention(call), 2))
+        record(f"prefill_hip_{name}_s", lambda call=call, sess=sess: device_time(lambda: sess.attention(call), 2))
     kernel_figures("prefill", q, k, v)
     for phase in ("decode", "prefill"):
         for name in VARIANTS:
@@ -289,17 +197,10 @@ def measure_cuda(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("target", choices=["cpu", "cuda"])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192])
-    parser.add_argument("--samples", type=int, default=3)
-    parser.add_argument("--max-new", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--dry-run", action="store_true", help="cuda target: run its code on CPU at toy sizes")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dry-run", action="store_true", help="run the code on CPU at toy sizes")
     args = parser.parse_args()
-    if args.target == "cpu":
-        out = measure_cpu(args.lengths, args.samples, args.max_new, args.threads)
-    elif args.dry_run:
+    if args.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"
         out = measure_cuda(decode_context=2048, prefill_tokens=512, reps=1, dry_run=True)
     else:
