@@ -54,6 +54,26 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
         default=None,
         help="do not time transformers generate above this prompt length (default: always)",
     )
+    bench.add_argument(
+        "--peers",
+        type=cli_args.names,
+        default=[],
+        help="transformers rows besides `generate` (off by default), comma list: generate_static (static "
+        "cache), generate_static_compiled (static cache + torch.compile'd forward; compiled in the warm-up "
+        "round, which --warmup must then keep >= 1; a compile failure is the row's note); with --url: "
+        "generate_batch (transformers continuous batching in this process on the same prompts)",
+    )
+    bench.add_argument(
+        "--bandwidth-mib", type=int, default=None, help="tensor size of the start-up bandwidth test (default 256 CPU)"
+    )
+    bench.add_argument(
+        "--profile-decode",
+        type=int,
+        default=0,
+        metavar="K",
+        help="instead of timing: profile K decode steps per preset and generate (torch.profiler) at each "
+        "length (default 1K) and write decode_profile.{json,md}: ms per token by op category",
+    )
     bench.add_argument("--policy-overrides", default=None, help="JSON: {param: value} for all, or {preset: {...}}")
     bench.add_argument("--out", type=Path, default=Path("runs/bench"), help="output folder")
     load = bench.add_argument_group("serving load (against a running OpenAI-compatible server)")
@@ -113,10 +133,15 @@ def _load_model(args: argparse.Namespace):
 
 def run_in_process(args: argparse.Namespace) -> dict[str, Any]:
     """The in-process benchmark; the report is rewritten after each length (a cut run keeps its data)."""
+    from kvmux.evals.bench.peers import STATIC_PEERS
     from kvmux.evals.bench.report import write_report
     from kvmux.evals.bench.run import BenchSettings, run_bench
 
     presets = select_presets(cli_args.presets_dir(args), args.presets, args.policy_overrides)
+    if unknown := sorted(set(args.peers) - set(STATIC_PEERS)):
+        raise SystemExit(f"--peers {unknown}: in-process peers are {', '.join(STATIC_PEERS)} (generate_batch: --url)")
+    if "generate_static_compiled" in args.peers and args.warmup < 1:
+        raise SystemExit("--peers generate_static_compiled needs --warmup >= 1 (compiling belongs to warm-up)")
     settings = BenchSettings(
         lengths=tuple(args.lengths or [1024, 2048, 4096]),
         new_tokens=args.new_tokens,
@@ -125,6 +150,8 @@ def run_in_process(args: argparse.Namespace) -> dict[str, Any]:
         prefill_chunk_tokens=args.prefill_chunk,
         seed=args.seed,
         baseline_max_tokens=args.baseline_max_tokens,
+        peers=tuple(args.peers),
+        bandwidth_mib=args.bandwidth_mib,
     )
     loaded, source = _load_model(args)
     _say(
@@ -169,12 +196,29 @@ def run_serving_load(args: argparse.Namespace) -> dict[str, Any]:
     return doc
 
 
+def run_decode_profile(args: argparse.Namespace) -> dict[str, Path]:
+    """`--profile-decode K`: the per-token breakdown of every preset and generate, written under --out."""
+    from kvmux.evals.bench.profile import run_profile, write_profile
+
+    presets = select_presets(cli_args.presets_dir(args), args.presets, args.policy_overrides)
+    loaded, source = _load_model(args)
+    lengths = args.lengths or [1024]
+    doc = run_profile(
+        loaded.model, loaded.info, presets, lengths, args.profile_decode, loaded.tokenizer, args.prefill_chunk, _say
+    )
+    doc["model"]["source"], doc["command"] = source, command_line("bench")
+    return write_profile(doc, args.out)
+
+
 def bench_command(args: argparse.Namespace) -> int:
     from kvmux.evals.bench.report import write_report
 
-    doc = run_serving_load(args) if args.url else run_in_process(args)
-    doc["command"] = command_line("bench")
-    paths = write_report(doc, args.out)
+    if args.profile_decode:
+        paths = run_decode_profile(args)
+    else:
+        doc = run_serving_load(args) if args.url else run_in_process(args)
+        doc["command"] = command_line("bench")
+        paths = write_report(doc, args.out)
     for path in paths.values():
         _say(f"wrote {path}")
     print(paths["md"].read_text())

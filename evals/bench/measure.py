@@ -222,15 +222,18 @@ def greedy_generate(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, 
     )
 
 
-def run_generate(model: torch.nn.Module, info, ids: torch.Tensor, new_tokens: int, probe: MemoryProbe) -> RunSample:
-    """Plain transformers greedy `model.generate` with SDPA attention, exactly `new_tokens` tokens."""
+def run_generate(
+    model: torch.nn.Module, info, ids: torch.Tensor, new_tokens: int, probe: MemoryProbe, **options: Any
+) -> RunSample:
+    """Plain transformers greedy `model.generate` with SDPA attention, exactly `new_tokens` tokens;
+    `options` go to generate (e.g. `cache_implementation="static"`)."""
     device = info.device
     ids = ids.to(device)
     clock = _TokenClock()
     with attention_implementation(model, "sdpa"), torch.inference_mode():
         probe.start()
         start = time.perf_counter()
-        out = greedy_generate(model, ids, new_tokens, streamer=clock)
+        out = greedy_generate(model, ids, new_tokens, streamer=clock, **options)
         sync(device)
         end = time.perf_counter()
         peak, delta = probe.peak()

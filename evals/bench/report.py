@@ -53,21 +53,30 @@ def bench_markdown(doc: dict[str, Any]) -> str:
         f"- baseline: {settings['baseline']}; ratios (×) are to its median in the same run",
         f"- memory: {settings['memory_measure']} (Δ = growth over the start of the run); prompt: {settings['prompt']}",
     ]
+    if roof := doc.get("roofline"):
+        lines.append(
+            f"- roofline: memory bandwidth {roof['bytes_per_s'] / 1e9:.1f} GB/s measured at start (best of "
+            f"{roof['tries']}: {roof['tensor_mib']} MiB copy {roof['copy_bytes_per_s'] / 1e9:.1f} GB/s, "
+            f"sum {roof['read_bytes_per_s'] / 1e9:.1f} GB/s); bytes per decode token = weights "
+            f"({roof['weight_bytes'] / MIB:.1f} MiB) + KV kept; roofline tok/s = bandwidth / bytes per token"
+        )
     if doc.get("command"):
         lines.append(f"- command: `{doc['command']}`")
     lines += [
         "",
         "| length | preset | policy | TTFT ms | TTFT × | prompt tok/s | decode tok/s | decode × | KV kept MiB "
-        "| KV % full | peak mem MiB | Δ mem MiB | Δ mem × | sparsity | tokens = baseline | note |",
-        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| KV % full | peak mem MiB | Δ mem MiB | Δ mem × | sparsity | tokens = baseline "
+        "| MiB / token | roofline tok/s | % roofline | note |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in doc["results"]:
         s, r = row["summary"], row.get("ratios") or {}
         if row["status"] != "ok" or not s:
-            lines.append(f"| {row['length']} | {row['preset']} | {row['policy']} |" + " – |" * 12 + f" {row['note']} |")
+            lines.append(f"| {row['length']} | {row['preset']} | {row['policy']} |" + " – |" * 15 + f" {row['note']} |")
             continue
         kv_ratio = s["kv_ratio"]["median"]
         match = row.get("tokens_match_baseline")
+        roof = row.get("roofline") or {}
         lines.append(
             f"| {row['length']} | {row['preset']} | {row['policy']} | {_spread(s['ttft_s'], '.1f', 1e3)} "
             f"| {_ratio(r.get('ttft_s'))} | {_prompt_rate(row['length'], s['ttft_s'])} "
@@ -75,7 +84,9 @@ def bench_markdown(doc: dict[str, Any]) -> str:
             f"| {_ratio(r.get('decode_tokens_per_s'))} | {_fmt(s['kv_bytes_kept_peak']['median'], '.1f', 1 / MIB)} "
             f"| {_fmt(kv_ratio, '.1f', 100)} | {_fmt(s['peak_mem_bytes']['median'], '.0f', 1 / MIB)} "
             f"| {_fmt(s['peak_mem_delta_bytes']['median'], '.1f', 1 / MIB)} | {_ratio(r.get('peak_mem_delta_bytes'))} "
-            f"| {_fmt(s['attention_sparsity']['median'], '.2f')} | {_fmt(match, '.0%', missing='–')} | {row['note']} |"
+            f"| {_fmt(s['attention_sparsity']['median'], '.2f')} | {_fmt(match, '.0%', missing='–')} "
+            f"| {_fmt(roof.get('bytes_per_token'), '.1f', 1 / MIB)} | {_fmt(roof.get('tokens_per_s'), '.0f')} "
+            f"| {_fmt(roof.get('fraction'), '.1%')} | {row['note']} |"
         )
     return "\n".join(lines) + "\n"
 

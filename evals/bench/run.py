@@ -33,8 +33,10 @@ import torch
 import transformers
 
 from kvmux.evals.bench.measure import BASELINE_NAME, RunSample, end_of_sequence_ids, run_generate, run_session
+from kvmux.evals.bench.peers import STATIC_PEERS, PeerError, peer_params, peer_runner
 from kvmux.evals.bench.probes import MemoryProbe
 from kvmux.evals.bench.prompts import prompt_ids
+from kvmux.evals.bench.roofline import add_roofline, decode_weight_bytes, measure_bandwidth
 from kvmux.models.runner import Runner
 from kvmux.policies.base import PolicyInputError, SessionRequest
 from kvmux.policies.presets import Preset
@@ -55,6 +57,9 @@ class BenchSettings:
     # the baseline is not run above this many prompt tokens (None: always run); for long
     # prompts where dense attention is too slow or beyond the model, ratios are then absent
     baseline_max_tokens: int | None = None
+    # transformers peer rows run beside the baseline (peers.STATIC_PEERS), same length limit
+    peers: tuple[str, ...] = ()
+    bandwidth_mib: int | None = None  # tensor measured for the roofline (None: roofline.py's default)
 
     def __post_init__(self):
         if not self.lengths or min(self.lengths) < 1:
@@ -63,6 +68,8 @@ class BenchSettings:
             raise ValueError("new_tokens must be at least 2 (one for TTFT, the rest for the decode rate)")
         if self.repeats < 1 or self.warmup < 0:
             raise ValueError("repeats must be >= 1 and warmup >= 0")
+        if unknown := set(self.peers) - set(STATIC_PEERS):
+            raise ValueError(f"unknown peer(s) {sorted(unknown)}; known: {', '.join(STATIC_PEERS)}")
 
 
 def summarize(values: list[float | None]) -> dict[str, float | int | None]:
@@ -124,12 +131,13 @@ def model_summary(info, source: str) -> dict[str, Any]:
 
 
 class _Target:
-    """One row of the table: the baseline or a preset at one length, with its samples."""
+    """One row of the table: the baseline, a transformers peer or a preset at one length, with its samples."""
 
-    def __init__(self, name: str, preset: Preset | None, length: int):
+    def __init__(self, name: str, preset: Preset | None, length: int, params: dict[str, Any] | None = None):
         self.name = name
         self.preset = preset
         self.length = length
+        self.params = params or {"attn_implementation": "sdpa"}
         self.samples: list[RunSample] = []
         self.status = "ok"
         self.note = ""
@@ -141,7 +149,7 @@ class _Target:
         row: dict[str, Any] = {
             "preset": self.name,
             "policy": self.preset.policy.name if self.preset else "transformers",
-            "params": self.preset.params.model_dump(mode="json") if self.preset else {"attn_implementation": "sdpa"},
+            "params": self.preset.params.model_dump(mode="json") if self.preset else self.params,
             "length": self.length,
             "status": self.status,
             "note": self.note,
@@ -167,9 +175,10 @@ def _skip_reason(preset: Preset, info, length: int, new_tokens: int) -> str | No
 
 
 def _document(
-    info, source: str, settings: BenchSettings, memory_measure: str, text_prompts: bool, presets, started, rows
+    info, source: str, settings: BenchSettings, memory_measure: str, text_prompts: bool, presets, started, rows, machine
 ) -> dict[str, Any]:
     return {
+        "roofline": machine,
         "kind": "kvmux-bench",
         "version": 1,
         "created": started.isoformat(timespec="seconds"),
@@ -183,6 +192,7 @@ def _document(
             "prefill_chunk_tokens": settings.prefill_chunk_tokens,
             "seed": settings.seed,
             "baseline_max_tokens": settings.baseline_max_tokens,
+            "peers": list(settings.peers),
             "memory_measure": memory_measure,
             "baseline": f"{BASELINE_NAME}: transformers model.generate, greedy, attn_implementation=sdpa",
             "prompt": TEXT_PROMPT if text_prompts else "seeded random token ids",
@@ -219,7 +229,10 @@ def run_bench(
     started = datetime.datetime.now(datetime.UTC)
 
     def document(rows: list[dict[str, Any]]) -> dict[str, Any]:
-        return _document(info, source, settings, probe.kind, tokenizer is not None, presets, started, rows)
+        return _document(info, source, settings, probe.kind, tokenizer is not None, presets, started, rows, machine)
+
+    machine = measure_bandwidth(info.device, settings.bandwidth_mib) | {"weight_bytes": decode_weight_bytes(model)}
+    say(f"memory bandwidth {machine['bytes_per_s'] / 1e9:.1f} GB/s, weights per token {machine['weight_bytes']:,} B")
 
     for length in settings.lengths:
         ids = prompt_ids(length, vocab, settings.seed, tokenizer)
@@ -231,8 +244,11 @@ def run_bench(
             baseline.note = f"baseline not run above {settings.baseline_max_tokens} prompt tokens"
         elif length + settings.new_tokens > info.max_context:
             baseline.note = f"beyond the model's context ({info.max_context}); timed all the same"
-        targets = [baseline] + [_Target(name, preset, length) for name, preset in presets.items()]
-        for target in targets[1:]:
+        peers = [_Target(name, None, length, peer_params(name, info.device)) for name in settings.peers]
+        for peer in peers:
+            peer.status, peer.note = baseline.status, baseline.note
+        targets = [baseline, *peers] + [_Target(name, preset, length) for name, preset in presets.items()]
+        for target in targets[1 + len(peers) :]:
             if reason := _skip_reason(target.preset, info, length, settings.new_tokens):
                 target.status, target.note = "skipped", reason
         rounds = settings.warmup + settings.repeats
@@ -251,14 +267,17 @@ def run_bench(
                     continue
                 began = time.perf_counter()
                 try:
-                    if target.preset is None:
+                    if target.name in STATIC_PEERS:
+                        sample = peer_runner(target.name)(model, info, ids, settings.new_tokens, probe)
+                    elif target.preset is None:
                         sample = run_generate(model, info, ids, settings.new_tokens, probe)
                     else:
                         sample = run_session(
                             runner, target.preset, ids, settings.new_tokens, probe, request, suppressed
                         )
                 except (PolicyInputError, torch.OutOfMemoryError, RuntimeError, ValueError) as exc:
-                    target.status, target.note = "error", f"{type(exc).__name__}: {exc}"
+                    target.status = "error"
+                    target.note = str(exc) if isinstance(exc, PeerError) else f"{type(exc).__name__}: {exc}"
                     target.samples.clear()
                     say(f"{label}: {target.note}")
                     gc.collect()
@@ -272,7 +291,9 @@ def run_bench(
                 tps = sample.decode_tokens_per_s
                 say(f"{label}: ttft {sample.ttft_s * 1e3:.1f} ms, decode {tps or 0:.1f} tok/s")
         base_ref = baseline if baseline.status == "ok" and baseline.samples else None
-        rows.extend(target.row(base_ref) for target in targets)
+        rows.extend(
+            add_roofline(target.row(base_ref), machine["weight_bytes"], machine["bytes_per_s"]) for target in targets
+        )
         if checkpoint is not None:
             checkpoint(document(list(rows)))
     return document(rows)
