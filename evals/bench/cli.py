@@ -138,7 +138,7 @@ def run_in_process(args: argparse.Namespace) -> dict[str, Any]:
     from kvmux.evals.bench.run import BenchSettings, run_bench
 
     presets = select_presets(cli_args.presets_dir(args), args.presets, args.policy_overrides)
-    if unknown := sorted(set(args.peers) - set(STATIC_PEERS)):
+    if unknown := sorted(set(args.peers) - set(STATIC_PEERS)):  # generate_batch is the --url mode's
         raise SystemExit(f"--peers {unknown}: in-process peers are {', '.join(STATIC_PEERS)} (generate_batch: --url)")
     if "generate_static_compiled" in args.peers and args.warmup < 1:
         raise SystemExit("--peers generate_static_compiled needs --warmup >= 1 (compiling belongs to warm-up)")
@@ -174,6 +174,8 @@ def run_serving_load(args: argparse.Namespace) -> dict[str, Any]:
     from kvmux.evals.bench.serve_load import LoadSettings, run_load
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
+    if unknown := sorted(set(args.peers) - {"generate_batch"}):
+        raise SystemExit(f"--peers {unknown}: with --url the peer is generate_batch (the others: without --url)")
 
     names = args.presets or []
     overrides = shared_overrides(args.policy_overrides, names)
@@ -190,9 +192,16 @@ def run_serving_load(args: argparse.Namespace) -> dict[str, Any]:
             seed=args.seed,
         )
         docs.append(asyncio.run(run_load(args.url, settings, kv_policies, args.served_model, progress=_say)))
+    if "generate_batch" in args.peers:
+        from kvmux.evals.bench.batch_peer import run_batch_peer
+
+        loaded, _ = _load_model(args)
+        for d in docs:
+            d["peers"] = run_batch_peer(loaded.model, loaded.tokenizer, d, args.prefill_chunk, _say)
     doc = docs[0]
     doc["settings"]["prompt_tokens"] = [d["settings"]["prompt_tokens"] for d in docs]
     doc["results"] = [row for d in docs for row in d["results"]]
+    doc["peers"] = [row for d in docs for row in d.get("peers", [])]
     return doc
 
 

@@ -166,6 +166,24 @@ def load_markdown(doc: dict[str, Any]) -> str:
             f"| {_fmt(row['itl_ms']['median'], '.1f')} | {_fmt(row['itl_ms']['p99'], '.1f')} "
             f"| {_fmt(row['tpot_ms']['median'], '.1f')} | {_fmt(row['e2el_ms']['median'], '.0f')} | {errors} |"
         )
+    if doc.get("peers"):
+        lines += [
+            "",
+            "transformers continuous batching (`model.generate_batch`, SDPA-paged, greedy, EOS off) in the bench's "
+            "process on the same prompts and output lengths, at most `concurrency` requests per batch; "
+            "kvmux ÷ peer = output tok/s of the kvmux row above (first preset) over the peer's",
+            "",
+            "| peer | prompt tok | conc | requests | out tok/s | kvmux preset | kvmux out tok/s | kvmux ÷ peer "
+            "| errors |",
+            "|---|---:|---:|---:|---:|---|---:|---:|---|",
+        ]
+        for row in doc["peers"]:
+            lines.append(
+                f"| {row['peer']} | {_fmt(row['mean_prompt_tokens'], '.0f')} | {row['concurrency']} "
+                f"| {row['num_requests']} | {_fmt(row['output_throughput'], '.1f')} | {row['kvmux_preset']} "
+                f"| {_fmt(row['kvmux_output_throughput'], '.1f')} | {_ratio(row['ratio'])} "
+                f"| {'; '.join(e[:80] for e in row['errors'][:3])} |"
+            )
     return "\n".join(lines) + "\n"
 
 

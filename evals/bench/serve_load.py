@@ -216,6 +216,11 @@ async def calibrate_words(
     return words, seen
 
 
+def level_prompt(words: int, seed: int, concurrency: int, index: int) -> str:
+    """The prompt of request `index` at a concurrency level (also what the generate_batch peer sends)."""
+    return make_prompt(words, seed * 100_003 + concurrency * 1_009 + index)
+
+
 async def run_level(
     client: httpx.AsyncClient, settings: LoadSettings, model: str, words: int, kv_policy: Any, concurrency: int
 ) -> dict[str, Any]:
@@ -223,7 +228,7 @@ async def run_level(
     count = settings.requests_for(concurrency)
 
     async def one(index: int) -> RequestRecord:
-        prompt = make_prompt(words, settings.seed * 100_003 + concurrency * 1_009 + index)
+        prompt = level_prompt(words, settings.seed, concurrency, index)
         async with gate:
             return await stream_request(
                 client, _path(settings), _body(settings, model, prompt, kv_policy, settings.max_tokens, True)
@@ -257,8 +262,10 @@ async def run_load(
             say(f"{name}: {words} words -> {seen} prompt tokens (target {settings.prompt_tokens})")
             for concurrency in settings.concurrency:
                 level = await run_level(client, settings, model, words, kv_policy, concurrency)
+                target = settings.prompt_tokens
                 rows.append(
-                    {"preset": name, "kv_policy": kv_policy, "prompt_tokens_target": settings.prompt_tokens, **level}
+                    {"preset": name, "kv_policy": kv_policy, "prompt_tokens_target": target, "prompt_words": words}
+                    | level
                 )
                 ttft = level["ttft_ms"]["median"] or 0.0
                 say(
@@ -279,6 +286,7 @@ async def run_load(
             "ignore_eos": True,
             "temperature": 0.0,
             "request_rate": "inf",
+            "seed": settings.seed,
         },
         "results": rows,
     }

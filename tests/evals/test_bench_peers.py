@@ -163,3 +163,25 @@ def test_cli_profile_decode_and_peer_flags(tmp_path, capsys):
     bench = json.loads((tmp_path / "bench.json").read_text())
     assert [r["preset"] for r in bench["results"]] == [BASELINE_NAME, peers.STATIC, "full"]
     assert "roofline tok/s" in capsys.readouterr().out
+
+
+# -- continuous batching peer -----------------------------------------------------------------------
+def test_generate_batch_peer_runs_the_load_prompts_and_reports_the_ratio(llama):
+    from kvmux.evals.bench.batch_peer import run_batch_peer
+    from kvmux.evals.bench.report import load_markdown
+    from tests.tiny_models import byte_tokenizer
+
+    model, _, _ = llama
+    level = {"preset": "full", "num_requests": 3, "prompt_words": 6, "prompt_tokens_target": 40}
+    doc = {
+        "settings": {"endpoint": "completions", "max_tokens": 3, "seed": 0},
+        "results": [level | {"concurrency": c, "output_throughput": 5.0} for c in (1, 2)],
+    }
+    rows = run_batch_peer(model, byte_tokenizer(), doc, 64)
+    assert [(r["concurrency"], r["num_requests"], r["errors"]) for r in rows] == [(1, 3, []), (2, 3, [])]
+    for row in rows:
+        assert row["total_output_tokens"] == 9 and row["output_throughput"] > 0
+        assert row["ratio"] == pytest.approx(5.0 / row["output_throughput"])
+    assert model.config._attn_implementation == "kvmux"
+    markdown = load_markdown(doc | {"model": "tiny", "url": "u", "results": [], "peers": rows})
+    assert "| generate_batch |" in markdown and "kvmux ÷ peer" in markdown
