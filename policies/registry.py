@@ -2,10 +2,10 @@
 
 The loader imports every module and subpackage directly inside `kvmux.policies`; a policy that needs
 more than one file is a package whose `__init__` imports its policy module. Modules inside a package
-are imported only by that package, so kernel modules with optional dependencies (`hip/triton_kernels.py`,
-which needs triton) are never imported here: the policy that uses one imports it when the kernel actually
-runs. A policy module whose own optional dependency is missing is skipped with a warning, so the other
-policies still load.
+are imported only by that package, so kernel modules with optional dependencies (`hip/triton_search.py`,
+`sparse/triton_attention.py`, which need triton) are never imported here: the policy that uses one imports it
+when the kernel actually runs. A policy module whose own optional dependency is missing is skipped with a
+warning, so the other policies still load.
 """
 
 from __future__ import annotations

@@ -1,12 +1,14 @@
-"""Compile HiP's Triton kernels (arXiv 2406.09827; `policies/hip/triton_kernels.py`) for NVIDIA GPUs, no GPU needed.
+"""Compile HiP's Triton kernels (arXiv 2406.09827) for NVIDIA GPUs, no GPU needed.
 
-Triton's CPU interpreter, which the tests use, runs the kernels op by op and accepts code that the
-real compiler rejects (a layout or type that does not lower, a tile that does not fit). This script
-runs the real compiler, from Python source to a cubin, for the launches the policy makes: the
-search (prefill and decode) and the attention (prefill and decode), for bf16, fp16 and fp32
-inputs, for sm_80 (A100), sm_89 (L4, L40S, RTX 4090) and sm_90 (H100, H200), at the Llama-3-8B
-head size (128) and the embedded model's (64). Where Triton's ptxas is found it also reports registers and spills per
-thread, which decide how many programs an SM holds.
+The kernels: HiP's search (`policies/hip/triton_search.py`) and the sparse layer's attention over
+its selection (`policies/sparse/triton_attention.py`). Triton's CPU interpreter, which the tests
+use, runs the kernels op by op and accepts code that the real compiler rejects (a layout or type
+that does not lower, a tile that does not fit). This script runs the real compiler, from Python
+source to a cubin, for the launches the policy makes: the search (prefill and decode) and the
+attention (prefill and decode), for bf16, fp16 and fp32 inputs, for sm_80 (A100), sm_89 (L4, L40S,
+RTX 4090) and sm_90 (H100, H200), at the Llama-3-8B head size (128) and the embedded model's (64).
+Where Triton's ptxas is found it also reports registers and spills per thread, which decide how
+many programs an SM holds.
 
     python scripts/compile_hip_kernels.py [--arch 80 89 90] [--head-dims 128 64] [--dtypes bfloat16 ...]
                                           [--json FILE]
@@ -34,7 +36,8 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from kvmux.policies.hip import triton_kernels as hip_triton  # noqa: E402
+from kvmux.policies.hip import triton_search  # noqa: E402
+from kvmux.policies.sparse import triton_attention  # noqa: E402
 
 POINTER_TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -73,23 +76,23 @@ def variants(head_dims: list[int], dtypes: list[str]):
         for dtype in (DTYPES[name] for name in dtypes):
             name = str(dtype).removeprefix("torch.")
             for phase, block_q, stride in (("prefill", 32, 2), ("decode", 1, 1)):
-                constants = hip_triton.search_constants(d, block_q, stride, 256, 2, dtype)
+                constants = triton_search.search_constants(d, block_q, stride, 256, 2, dtype)
                 yield (
                     f"search {phase} D{d} {name}",
-                    hip_triton._search_kernel,
+                    triton_search._search_kernel,
                     SEARCH_ARGS,
                     dtype,
                     constants,
-                    hip_triton.SEARCH_NUM_WARPS,
+                    triton_search.SEARCH_NUM_WARPS,
                 )
-                constants = hip_triton.attention_constants(d, block_q, 2, dtype, None, False, has_totals=True)
+                constants = triton_attention.attention_constants(d, block_q, 2, dtype, None, False, has_totals=True)
                 yield (
                     f"attention {phase} D{d} {name}",
-                    hip_triton._attention_kernel,
+                    triton_attention._attention_kernel,
                     ATTENTION_ARGS,
                     dtype,
                     constants,
-                    hip_triton.ATTENTION_NUM_WARPS,
+                    triton_attention.ATTENTION_NUM_WARPS,
                 )
 
 

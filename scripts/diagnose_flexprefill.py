@@ -20,7 +20,7 @@ import json
 import torch
 from passkey_case import add_case_arguments, generate, layer_values, load_case, override_per_layer
 
-from kvmux.policies import flexprefill
+from kvmux.policies.flexprefill import patterns, policy
 
 
 def vertical_ranks(query: torch.Tensor, key: torch.Tensor, scaling: float, block_size: int) -> torch.Tensor:
@@ -28,8 +28,8 @@ def vertical_ranks(query: torch.Tensor, key: torch.Tensor, scaling: float, block
     hq, hkv = query.shape[0], key.shape[0]
     rows = min(block_size, query.shape[1])
     g = hq // hkv
-    parts = [flexprefill.probe(query[i * g : (i + 1) * g], key[i : i + 1], scaling, rows) for i in range(hkv)]
-    pooled = flexprefill.block_pool(torch.cat(parts).mean(1)[..., None], block_size)[..., 0]
+    parts = [patterns.probe(query[i * g : (i + 1) * g], key[i : i + 1], scaling, rows) for i in range(hkv)]
+    pooled = patterns.block_pool(torch.cat(parts).mean(1)[..., None], block_size)[..., 0]
     return torch.argsort(torch.argsort(pooled, dim=-1, descending=True), dim=-1)
 
 
@@ -56,7 +56,7 @@ def main() -> None:
     loaded, sample, needle = load_case(args)
 
     lines: list[str] = []
-    original = flexprefill.select_blocks
+    original = policy.select_blocks  # the name the session calls
 
     def recording_select(query, key, scaling, params):
         sel = original(query, key, scaling, params)
@@ -65,8 +65,8 @@ def main() -> None:
         lines.append(f"  layer {len(lines):2d}: " + ("; ".join(missing) if missing else "all heads keep it"))
         return sel
 
-    flexprefill.select_blocks = recording_select
-    override_per_layer(flexprefill.FlexPrefillSession, "gamma", layer_values(args.layer_gamma, float))
+    policy.select_blocks = recording_select
+    override_per_layer(policy.FlexPrefillSession, "gamma", layer_values(args.layer_gamma, float))
     result = generate(loaded, sample, {"preset": "flexprefill", **json.loads(args.overrides)})
     print(f"kv {result.kv}")
     print("needle's key blocks left out of the last query block's row:")

@@ -91,9 +91,9 @@ def measure_cuda(
     call = AttentionCall(5, q, k, v, None, scale)
 
     def same_blocks() -> float:
-        from kvmux.policies.hip import triton_kernels as hip_triton
+        from kvmux.policies.hip import triton_search as hip_triton
         from kvmux.policies.hip.search import hip_search
-        from kvmux.policies.hip.types import SparseGeometry
+        from kvmux.policies.sparse.selection import SparseGeometry
 
         p = session("table")[0]
         geo = SparseGeometry.build(agree, agree, p.block_size_q, p.block_size_k, p.sink_tokens, p.window, 0, dev)
@@ -117,8 +117,9 @@ def measure_cuda(
 
     def kernel_figures(phase: str, q, k, v) -> None:
         """The two Triton kernels alone, under the launch settings that trade registers for occupancy."""
-        from kvmux.policies.hip import triton_kernels as hip_triton
-        from kvmux.policies.hip.types import SparseGeometry
+        from kvmux.policies.hip import triton_search as hip_triton
+        from kvmux.policies.sparse import triton_attention as sparse_triton
+        from kvmux.policies.sparse.selection import SparseGeometry
 
         p = session("triton")[0]
         block_q, stride = (p.block_size_q, p.block_stride_q) if q.shape[2] > 1 else (1, 1)
@@ -133,12 +134,12 @@ def measure_cuda(
                     lambda: hip_triton.search(q, k, geo, groups, stride, score_chunk=chunk, num_warps=warps), reps
                 ),
             )
-        packed = hip_triton.pack(hip_triton.search(q, k, geo, groups, stride))
+        packed = sparse_triton.pack(hip_triton.search(q, k, geo, groups, stride))
         for block_n, warps in ATTENTION_LAUNCHES:
             record(
                 f"{phase}_triton_attention_block{block_n}_warps{warps}_s",
                 lambda block_n=block_n, warps=warps: device_time(
-                    lambda: hip_triton.attention(
+                    lambda: sparse_triton.attention(
                         q,
                         k,
                         v,

@@ -1,5 +1,6 @@
-"""HiP (arXiv 2406.09827): the policy (`policy.py`), its branch-and-prune search (`search.py`), its PyTorch
-sparse attention (`attention.py`), the shared types (`types.py`) and the Triton kernels (`triton_kernels.py`).
+"""HiP (arXiv 2406.09827): the policy (`policy.py`), its branch-and-prune search (`search.py`) and the search
+as a Triton kernel (`triton_search.py`). The sparse attention over the search's selection is the shared
+block-sparse layer's (`kvmux.policies.sparse`, key-block selection form).
 
 Importing the package registers the policy. The Triton kernels are imported only when they run (they
 need the optional `triton` package), never here.

@@ -15,14 +15,15 @@ Decoding searches with the single query, keeps the selection per layer and re-se
 `refresh_interval` steps; between refreshes the new tokens are covered by the window. Every
 token stays in the KV cache: HiP saves attention compute, not memory.
 
-Three implementations with one meaning (`kernel`): `reference` and `fast` are the PyTorch
-sparse attention of `attention.py` (one gather of every attended key, or shared sink and
-window slices plus gathered blocks) after the PyTorch search of `search.py`; `triton`
-(`triton_kernels.py`) runs the search and the attention as two fused Triton kernels, one program per
-(head, query block), as the paper's v1.1 kernels do. `auto` (default) is `triton` for CUDA
-tensors when Triton is installed, else `fast`; a Triton failure is logged and the `fast` path
-used from then on. Tests check every kernel against a dense computation with the equivalent
-token mask (Triton through its CPU interpreter).
+The attention over the selection is the shared block-sparse layer's (`kvmux.policies.sparse`, its
+key-block selection form: sinks + selected blocks + window in one softmax). Three implementations
+with one meaning (`kernel`): `reference` and `fast` are the layer's PyTorch back-ends (one gather of
+every attended key, or shared sink and window slices plus gathered blocks) after the PyTorch search
+of `search.py`; `triton` runs the search (`triton_search.py`) and the attention (the layer's Triton
+back-end) as two fused Triton kernels, one program per (head, query block), as the paper's v1.1
+kernels do. `auto` (default) is `triton` for CUDA tensors when Triton is installed, else `fast`; a
+Triton failure is logged and the `fast` path used from then on. Tests check every kernel against a
+dense computation with the equivalent token mask (Triton through its CPU interpreter).
 
 Deviations from the paper / reference code:
 - The candidate range of a query block ends at `last query + 1 - window` rounded *up* to a whole
@@ -58,10 +59,10 @@ from pydantic import Field, model_validator
 
 from kvmux.policies.base import FP32_BYTES, AttentionCall, Policy, PolicyInputError, PolicyParams, PolicySession
 from kvmux.policies.dense import dense_attention
-from kvmux.policies.hip.attention import sparse_attention
 from kvmux.policies.hip.search import ScoreMode, hip_search
-from kvmux.policies.hip.types import KeyBlockSelection, SparseGeometry, slice_bytes
 from kvmux.policies.registry import register
+from kvmux.policies.sparse.attention import key_block_attention, triton_backend
+from kvmux.policies.sparse.selection import KeyBlockSelection, SparseGeometry, slice_bytes
 
 Kernel = Literal["auto", "fast", "reference", "triton"]
 ResolvedKernel = Literal["fast", "reference", "triton"]
@@ -82,9 +83,9 @@ def _triton_state() -> _TritonState:
 
 @functools.cache
 def triton_kernels() -> ModuleType | None:
-    """The Triton kernel module, or None where Triton is not installed."""
+    """HiP's Triton search kernel module, or None where Triton is not installed."""
     try:
-        from kvmux.policies.hip import triton_kernels as kernels
+        from kvmux.policies.hip import triton_search as kernels
     except ImportError:
         return None
     return kernels
@@ -143,7 +144,7 @@ class DecodeMask:
 
     selection: KeyBlockSelection
     steps: int = 0
-    packed: tuple[torch.Tensor, torch.Tensor] | None = None  # the selection as the Triton kernel reads it
+    packed: tuple[torch.Tensor, torch.Tensor] | None = None  # the selection as the Triton attention reads it
 
 
 class HipSession(PolicySession):
@@ -243,13 +244,13 @@ class HipSession(PolicySession):
                 return out
             kernel = "fast"
         geo = geo or self._geometry(call, block_q, lookahead=0)
-        out, counts = sparse_attention(call.query, call.key, call.value, sel, geo, call.scaling, kernel)
+        out, counts = key_block_attention(call.query, call.key, call.value, sel, geo, call.scaling, kernel)
         self._count_sparse(counts)
         return out
 
     def _triton_attention(self, call: AttentionCall, sel: KeyBlockSelection, mask: DecodeMask | None, block_q: int):
         """The Triton kernel from scalars: no geometry tensors, no per-call conversions between refreshes."""
-        p, kernels = self.params, triton_kernels()
+        p, kernels = self.params, triton_backend()
         if mask is None:
             packed = kernels.pack(sel)
         else:  # decode: packed once per refresh

@@ -21,7 +21,7 @@ from typing import Literal
 
 import torch
 
-from kvmux.policies.hip.types import KeyBlockSelection, slice_bytes
+from kvmux.policies.sparse.selection import KeyBlockSelection, slice_bytes
 
 ScoreMode = Literal["auto", "gather", "table"]
 

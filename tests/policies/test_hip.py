@@ -1,4 +1,4 @@
-"""HiP: sparse attention kernels vs a dense-mask oracle, the branch-and-prune search, decode mask reuse."""
+"""HiP: its selections through the sparse layer vs a dense-mask oracle, the branch-and-prune search, mask reuse."""
 
 from __future__ import annotations
 
@@ -6,35 +6,14 @@ import pytest
 import torch
 
 from kvmux.policies.base import AttentionCall
-from kvmux.policies.dense import repeat_kv, sdpa
-from kvmux.policies.hip.attention import sparse_attention
+from kvmux.policies.dense import sdpa
 from kvmux.policies.hip.policy import HipParams
 from kvmux.policies.hip.search import choose_score_mode, hip_search
-from kvmux.policies.hip.types import KeyBlockSelection, SparseGeometry
+from kvmux.policies.sparse import SparseGeometry, key_block_attention
 from tests.policies.helpers import full_logits, new_session, run_prefill, stepwise_logits
+from tests.policies.test_sparse import selection_oracle
 
 SMALL = dict(mask_k=32, sink_tokens=4, window=16, block_size_q=16, dense_layers=0)  # budget 52
-
-
-def oracle(q, k, v, sel: KeyBlockSelection, geo: SparseGeometry, scaling: float):
-    """Dense attention with the token mask the selection means: sinks, selected blocks and window, causal."""
-    b, hq, tq, _ = q.shape
-    tk = k.shape[2]
-    pos = torch.arange(tk - tq, tk)
-    keys = torch.arange(tk)
-    causal = keys[None, :] <= pos[:, None]
-    fixed = causal & ((keys[None, :] < geo.sinks) | (keys[None, :] > pos[:, None] - geo.window))
-    mask = fixed.expand(b, hq, tq, tk).clone()
-    tokens = sel.blocks[..., None] * geo.block_k + torch.arange(geo.block_k)  # [B, Hq, nQB, K_b, b_k]
-    tokens = torch.where(sel.valid[..., None], tokens, torch.full_like(tokens, -1)).flatten(-2)
-    for row in range(tq):
-        chosen = tokens[:, :, row // geo.block_q]
-        hit = (keys.view(1, 1, 1, tk) == chosen[..., None]).any(-2)  # [B, Hq, Tk]
-        mask[:, :, row] |= hit & causal[row]
-    groups = hq // k.shape[1]
-    scores = torch.matmul(q, repeat_kv(k, groups).transpose(-1, -2)) * scaling
-    probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
-    return torch.matmul(probs, repeat_kv(v, groups)).transpose(1, 2), mask.sum(-1)
 
 
 @pytest.mark.parametrize(
@@ -54,9 +33,9 @@ def test_fast_and_reference_match_dense_mask_oracle(tq, tk, bq, bk, sinks, windo
     geo = SparseGeometry.build(tq, tk, bq, bk, sinks, window, lookahead=0, device=q.device)
     stride = 2 if bq > 1 else 1
     sel = hip_search(geo.query_blocks(q), k, geo.lo, geo.hi, groups, bk, query_stride=stride, score_mode=mode)
-    want, want_counts = oracle(q, k, v, sel, geo, 0.25)
+    want, want_counts = selection_oracle(q, k, v, sel, geo, 0.25)
     for kernel in ("reference", "fast"):
-        out, counts = sparse_attention(q, k, v, sel, geo, 0.25, kernel=kernel)
+        out, counts = key_block_attention(q, k, v, sel, geo, 0.25, backend=kernel)
         torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-4)
         assert torch.equal(counts, want_counts)
         assert int(counts.max()) <= sinks + groups * bk + window
@@ -69,7 +48,7 @@ def test_every_candidate_selected_is_exact_dense_attention():
     sel = hip_search(geo.query_blocks(q), k, geo.lo, geo.hi, 64, 2, query_stride=2)
     assert bool(sel.valid.sum(-1).eq(geo.hi - geo.lo).all()) and sel.rounds == 0
     for kernel in ("reference", "fast"):
-        out, counts = sparse_attention(q, k, v, sel, geo, 0.25, kernel=kernel)
+        out, counts = key_block_attention(q, k, v, sel, geo, 0.25, backend=kernel)
         torch.testing.assert_close(out, sdpa(q, k, v, None, 0.25), atol=1e-5, rtol=1e-4)
         assert counts[0, 0].tolist() == list(range(71, 121))  # query at position p sees p + 1 keys
 

@@ -18,18 +18,20 @@ import torch
 
 from kvmux.policies.base import PolicyInputError
 from kvmux.policies.hip import policy as hip
-from kvmux.policies.hip import triton_kernels as hip_triton  # triton is a test dependency
+from kvmux.policies.hip import triton_search as hip_triton  # triton is a test dependency
 from kvmux.policies.hip.search import hip_search
-from kvmux.policies.hip.types import SparseGeometry
+from kvmux.policies.sparse import SparseGeometry
+from kvmux.policies.sparse import triton_attention as sparse_triton
 from tests.policies.helpers import new_session, run_prefill, stepwise_logits
-from tests.policies.test_hip import SMALL, oracle
+from tests.policies.test_hip import SMALL
+from tests.policies.test_sparse import selection_oracle
 
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 
 
 def run_attention(q, k, v, sel, geo, scaling, **kwargs):
-    return hip_triton.attention(
-        q, k, v, hip_triton.pack(sel), block_q=geo.block_q, block_k=geo.block_k, sinks=geo.sinks,
+    return sparse_triton.attention(
+        q, k, v, sparse_triton.pack(sel), block_q=geo.block_q, block_k=geo.block_k, sinks=geo.sinks,
         window=geo.window, scaling=scaling, block_n=32, **kwargs,
     )  # fmt: skip
 
@@ -71,7 +73,7 @@ def test_triton_attention_matches_dense_mask_oracle(tq, tk, bq, bk, sinks, windo
     geo = SparseGeometry.build(tq, tk, bq, bk, sinks, window, lookahead=0, device=q.device)
     stride = 2 if bq > 1 else 1
     sel = hip_search(geo.query_blocks(q), k, geo.lo, geo.hi, groups, bk, query_stride=stride, score_mode="table")
-    want, want_counts = oracle(q, k, v, sel, geo, 0.3)
+    want, want_counts = selection_oracle(q, k, v, sel, geo, 0.3)
     totals = torch.zeros(2, dtype=torch.int64)
     out, counts = run_attention(q, k, v, sel, geo, 0.3, totals=totals, row_counts=True)
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-4)
@@ -90,7 +92,7 @@ def test_triton_attention_keeps_bf16_output_dtype_and_fp32_accuracy():
     k, v = torch.randn(1, 1, 150, 32), torch.randn(1, 1, 150, 32)
     geo = SparseGeometry.build(24, 150, 16, 2, 4, 16, lookahead=0, device=q.device)
     sel = hip_search(geo.query_blocks(q), k, geo.lo, geo.hi, 16, 2, query_stride=2)
-    want, _ = oracle(q.bfloat16().float(), k.bfloat16().float(), v.bfloat16().float(), sel, geo, 0.2)
+    want, _ = selection_oracle(q.bfloat16().float(), k.bfloat16().float(), v.bfloat16().float(), sel, geo, 0.2)
     out, _ = run_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), sel, geo, 0.2)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), want, atol=2e-2, rtol=2e-2)

@@ -1,4 +1,5 @@
-"""The block-sparse helper: block grid, exactness against dense attention, eager vs flex_attention."""
+"""The block-sparse layer: the block grid (exact against dense attention, eager vs flex_attention), the key-block
+selection (PyTorch back-ends vs a dense token-mask oracle), and a grid run as a selection giving the grid's result."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import pytest
 import torch
 
 from kvmux.policies import sparse
-from kvmux.policies.dense import causal_mask, sdpa
+from kvmux.policies.dense import causal_mask, repeat_kv, sdpa
+from kvmux.policies.sparse import KeyBlockSelection, SparseGeometry
+from kvmux.policies.sparse import attention as sparse_attention
 
 BS = 16
 SCALE = 16**-0.5
@@ -134,9 +137,92 @@ def test_auto_uses_the_eager_path_on_cpu(monkeypatch):
     def no_flex(*args, **kwargs):
         raise AssertionError("flex must not run on CPU under auto")
 
-    monkeypatch.setattr(sparse, "_flex_attention", no_flex)
+    monkeypatch.setattr(sparse_attention, "flex_block_attention", no_flex)
     q, k, v = (torch.randn(1, 2, 2 * BS, 8) for _ in range(3))
     everything = torch.ones(1, 1, 2, 2, dtype=torch.bool)
     got = sparse.block_sparse_attention(q, k, v, everything, BS, SCALE, backend="auto")
     want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=SCALE)
     torch.testing.assert_close(got, want.transpose(1, 2), atol=1e-5, rtol=1e-5)
+
+
+def selection_oracle(q, k, v, sel: KeyBlockSelection, geo: SparseGeometry, scaling: float):
+    """Dense attention with the token mask a selection means: sinks, selected blocks and window, causal."""
+    b, hq, tq, _ = q.shape
+    tk = k.shape[2]
+    pos = torch.arange(tk - tq, tk)
+    keys = torch.arange(tk)
+    causal = keys[None, :] <= pos[:, None]
+    fixed = causal & ((keys[None, :] < geo.sinks) | (keys[None, :] > pos[:, None] - geo.window))
+    mask = fixed.expand(b, hq, tq, tk).clone()
+    tokens = sel.blocks[..., None] * geo.block_k + torch.arange(geo.block_k)  # [B, Hq, nQB, K_b, b_k]
+    tokens = torch.where(sel.valid[..., None], tokens, torch.full_like(tokens, -1)).flatten(-2)
+    for row in range(tq):
+        chosen = tokens[:, :, row // geo.block_q]
+        hit = (keys.view(1, 1, 1, tk) == chosen[..., None]).any(-2)  # [B, Hq, Tk]
+        mask[:, :, row] |= hit & causal[row]
+    groups = hq // k.shape[1]
+    scores = torch.matmul(q, repeat_kv(k, groups).transpose(-1, -2)) * scaling
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+    return torch.matmul(probs, repeat_kv(v, groups)).transpose(1, 2), mask.sum(-1)
+
+
+def random_selection(geo: SparseGeometry, batch: int, heads: int, width: int, seed: int) -> KeyBlockSelection:
+    """Up to `width` distinct ids per row from each query block's candidate range, some entries invalid."""
+    gen = torch.Generator().manual_seed(seed)
+    blocks = torch.arange(int(geo.hi.max()) + width)
+    in_range = (blocks >= geo.lo[:, None]) & (blocks < geo.hi[:, None])  # [nQB, blocks]
+    scores = torch.rand(batch, heads, geo.num_blocks, len(blocks), generator=gen).masked_fill(~in_range, -1.0)
+    top = scores.topk(width, dim=-1)
+    valid = (top.values >= 0) & (torch.rand(top.values.shape, generator=gen) < 0.8)
+    return KeyBlockSelection(blocks=top.indices, valid=valid)
+
+
+@pytest.mark.parametrize(
+    "tq,tk,bq,bk,sinks,window",
+    [(70, 300, 8, 2, 5, 20), (64, 64, 16, 2, 4, 8), (33, 200, 16, 4, 0, 3), (1, 180, 1, 2, 16, 30)],
+)
+def test_selection_backends_match_the_token_mask_oracle(tq, tk, bq, bk, sinks, window):
+    """Sinks, selected blocks (padding included) and window: each key once, causal."""
+    q, k, v = qkv(tq, tk, hq=6, hkv=3, batch=2, seed=tk)
+    geo = SparseGeometry.build(tq, tk, bq, bk, sinks, window, lookahead=0, device=q.device)
+    sel = random_selection(geo, 2, 6, width=6, seed=tq)
+    want, want_counts = selection_oracle(q, k, v, sel, geo, SCALE)
+    for backend in ("reference", "fast"):
+        out, counts = sparse.key_block_attention(q, k, v, sel, geo, SCALE, backend=backend)
+        torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-4)
+        assert torch.equal(counts, want_counts)
+    with pytest.raises(ValueError):
+        sparse.key_block_attention(q, k, v, sel, geo, SCALE, backend="eager")
+
+
+def grid_through_selection(q, k, v, blocks, bs, backend: str) -> torch.Tensor:
+    """A grid converted to the selection form and run by one of the selection's back-ends."""
+    b, hq, tq, _ = q.shape
+    tk = k.shape[2]
+    sel, geo = sparse.grid_as_selection(sparse.normalize_blocks(blocks, b, hq, tq, tk, bs), tq, tk, bs)
+    front = geo.num_queries - tq
+    padded = torch.nn.functional.pad(q, (0, 0, front, 0))
+    if backend == "triton":
+        kernels = sparse.triton_backend()
+        out, _ = kernels.attention(
+            padded, k, v, kernels.pack(sel), block_q=bs, block_k=bs, sinks=0, window=0, scaling=SCALE, block_n=32
+        )
+    else:
+        out, _ = sparse.key_block_attention(padded, k, v, sel, geo, SCALE, backend=backend)
+    return out[:, front:]
+
+
+@pytest.mark.parametrize("tq,tk,batch", [(100, 100, 1), (37, 133, 2), (1, 50, 1)])
+def test_a_grid_run_as_a_selection_gives_the_grid_result(tq, tk, batch):
+    """The grid is the selection with b_q = b_k, no sinks, no window: same attention through every back-end."""
+    q, k, v = qkv(tq, tk, batch=batch, seed=tq + tk)
+    nqb, nkb = sparse.query_blocks(tq, tk, BS), sparse.num_blocks(tk, BS)
+    blocks = torch.rand(batch, 4, nqb, nkb, generator=torch.Generator().manual_seed(tk)) < 0.35
+    eager = sparse.block_sparse_attention(q, k, v, blocks, BS, SCALE, backend="eager")
+    backends = ["reference", "fast"] + (["triton"] if sparse.triton_backend() is not None else [])
+    for backend in backends:
+        torch.testing.assert_close(grid_through_selection(q, k, v, blocks, BS, backend), eager, atol=1e-5, rtol=1e-4)
+    # and back: the selection's ids are the grid's cells
+    sel, _ = sparse.grid_as_selection(sparse.normalize_blocks(blocks, batch, 4, tq, tk, BS), tq, tk, BS)
+    again = sparse.blocks_from_indices(sel.blocks, sel.valid.sum(-1), nkb)
+    assert torch.equal(again, sparse.normalize_blocks(blocks, batch, 4, tq, tk, BS))

@@ -1,17 +1,12 @@
-"""FlexPrefill: context-aware, per-head block-sparse attention for the prefill.
+"""FlexPrefill's per-head pattern selection (arXiv 2502.20766): vertical-slash or query-aware cells of the block grid.
 
-FlexPrefill: A Context-Aware Sparse Attention Mechanism for Efficient Long-Sequence Inference,
-Lai et al., ICLR 2025, https://arxiv.org/abs/2502.20766 (reference: bytedance/FlexPrefill,
-`flex_prefill/ops/flex_prefill_attention.py`).
-
-Algorithm, per query head, for every prefill forward of every layer (block size bs):
+For one prefill forward of one layer, per query head (block size bs):
 1. Probe: the last bs queries attend (exactly, causally) to all keys. Their mean attention per
    key is the *vertical* distribution; their attention summed along each diagonal (distance
    query - key) and divided by the number of probe rows is the *slash* distribution.
 2. Budgets: the fewest tokens whose sorted probe mass reaches `gamma`, computed separately for
    vertical and slash, converted to blocks as `tokens // block_size + 1` and clamped to
-   [ceil(min_budget / bs), ceil(max_budget / bs)]. The divisor is the configured block size; the
-   reference code divides by a hard-coded 128 whatever its block size.
+   [ceil(min_budget / bs), ceil(max_budget / bs)].
 3. Pattern test: the mean probe query against block-mean keys gives an estimated block
    distribution; its square-root Jensen-Shannon distance to the probe's true block distribution
    (the vertical mass pooled per key block) is compared with `tau`. Below `tau` the cheap
@@ -21,93 +16,19 @@ Algorithm, per query head, for every prefill forward of every layer (block size 
    mass stays within gamma x (number of query blocks). Otherwise the head is *vertical-slash*.
 4. Vertical-slash cells: the top key blocks by vertical mass (whole columns) and the top block
    diagonals by slash mass. Key block 0 and the main diagonal are always kept.
-5. The union of cells is computed exactly by the shared block-sparse helper (`sparse.py`).
-Decoding is dense over the full cache (the paper sparsifies the prefill only); prompts with
-at most max(2, ceil(min_budget/bs)) key blocks are prefilled densely, as in the reference.
-
-Chunked prefill: by default (`prefill_chunk=0`) a prompt of up to `max_single_pass_tokens`
-(8192) tokens is prefilled in ONE forward, as the paper does, so the probe is the prompt's real
-last block (where the question usually sits). Why one pass: the paper estimates every head's
-pattern (vertical-slash budgets, the query-aware test) from the last query block of the whole
-prompt; chunking gives each chunk its own probe, which changes the selections. With
-`prefill_chunk > 0` the prompt is prefilled in chunks and every chunk runs the same selection with
-its own last block as the probe over all keys so far (blocks on the absolute grid, rows = the
-chunk's query blocks): correct attention, but a chunk's probe does not see the question at the end
-of the prompt, so the pattern may differ from the one-pass result.
-
-The single pass is capped (a deviation, for serving): one forward cannot be interleaved with other
-requests, and its activations, mask and block map grow with the prompt. A prompt longer than
-`max_single_pass_tokens` (at most 131072) is prefilled in forwards of that size aligned to the
-prompt's END (the first forward takes the remainder): the last forward's probe is still the
-prompt's real last block over all keys, so the rows of the last `max_single_pass_tokens` queries
-get the one-pass vertical-slash budgets and query-aware test; earlier rows get their own forward's
-probe, as with `prefill_chunk`. Raise `max_single_pass_tokens` (per preset or request) to keep the
-paper's single pass for longer prompts; the server counts that pass's memory before admitting it.
-
-Deviations from the reference code:
-- Budget divisor = configured block size (see 2), not 128.
-- Slash mass is pooled by diagonal distance d -> block offset d // bs on the absolute block
-  grid; the reference pools the reversed diagonal index from the left, which is misaligned by
-  N mod bs positions when the length is not a block multiple.
-- The Jensen-Shannon distance uses x*log(x/m) with 0*log 0 = 0, so an underflowed block
-  probability cannot turn the distance into NaN (which silently made the head vertical-slash).
-- Any Tq <= Tk (chunks, a cached prefix) is accepted; the reference asserts Tq == Tk. Batch > 1
-  (or a padded mask) falls back to dense attention rather than failing.
-- Runs in fp32 on CPU and bf16 on CUDA through `torch.nn.attention.flex_attention` or the exact
-  gather reference; the reference requires bf16 Triton kernels with head_dim and bs in
-  {16, 32, 64, 128}.
-- Density is reported as kept cells / causal cells (the reference reports kept / nb^2).
+The result is a block grid of the sparse layer (`kvmux.policies.sparse.grid`); the deviations from
+the reference code (budget divisor, slash pooling, NaN-safe distance) are listed in `policy.py`.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
-from pydantic import Field
 
-from kvmux.policies.base import FP32_BYTES, AttentionCall, Policy, PolicyParams, PolicySession, pass_bytes
-from kvmux.policies.dense import dense_attention
-from kvmux.policies.registry import register
-from kvmux.policies.sparse import (
-    block_sparse_attention,
-    causal_blocks,
-    first_query_block,
-    normalize_blocks,
-    num_blocks,
-    query_blocks,
-)
-
-# longest forward FlexPrefill may run (a whole-prompt pass or an explicit chunk)
-MAX_PASS_TOKENS = 131072
-
-
-class FlexPrefillParams(PolicyParams):
-    block_size: int = Field(128, ge=16, le=512, description="tokens per query/key block (paper: 128; at most 512)")
-    gamma: float = Field(0.95, gt=0.0, le=1.0, description="attention mass each head must cover (paper: 0.9-0.95)")
-    tau: float = Field(0.1, ge=0.0, le=1.0, description="sqrt-JSD threshold below which a head is query-aware")
-    min_budget: int = Field(
-        1024, ge=0, le=1 << 20, description="minimum vertical and slash budget, tokens (at most 1048576)"
-    )
-    max_budget: int | None = Field(
-        None, ge=1, le=1 << 22, description="maximum vertical and slash budget, tokens (None = all; at most 4194304)"
-    )
-    prefill_chunk: int = Field(
-        0,
-        ge=0,
-        le=MAX_PASS_TOKENS,
-        description=f"0: one forward up to max_single_pass_tokens (paper); >0: chunk size (at most {MAX_PASS_TOKENS})",
-    )
-    max_single_pass_tokens: int = Field(
-        8192,
-        ge=128,
-        le=MAX_PASS_TOKENS,
-        description="with prefill_chunk 0: longest prompt prefilled in one forward; longer prompts are prefilled "
-        f"in forwards of this many tokens, the last one ending at the prompt's end (at most {MAX_PASS_TOKENS})",
-    )
-    backend: Literal["auto", "eager", "flex"] = Field("auto", description="block-sparse back-end (see sparse.py)")
+from kvmux.policies.flexprefill.params import FlexPrefillParams
+from kvmux.policies.sparse.grid import first_query_block, num_blocks, query_blocks
 
 
 @dataclass
@@ -266,93 +187,3 @@ def top_mask(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     idx = torch.topk(scores, k, dim=-1).indices
     keep = torch.arange(k, device=scores.device)[None, :] < counts[:, None]
     return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, idx, keep)
-
-
-class FlexPrefillSession(PolicySession):
-    params: FlexPrefillParams
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.kept_cells = 0  # selected causal cells, summed over sparse calls, layers and heads
-        self.causal_cells = 0  # all causal cells of the same calls (dense calls count as fully kept)
-        self.sparse_calls = 0
-        self.dense_calls = 0
-        self.query_aware_heads = 0
-        self.heads_seen = 0
-        self.prefill_forwards = 0
-
-    def prefill_chunk_tokens(self, runner) -> int:
-        return self.params.prefill_chunk or self.params.max_single_pass_tokens
-
-    def prefill(self, runner, input_ids: torch.Tensor):
-        """One forward (the paper) up to `max_single_pass_tokens`; longer prompts in forwards of that size
-        aligned to the prompt's end, so the last forward's probe is the prompt's real last block."""
-        p, total = self.params, input_ids.shape[1]
-        cap = self.prefill_chunk_tokens(runner)
-        if p.prefill_chunk or total <= cap:
-            self.prefill_forwards = math.ceil(total / cap)
-            return (yield from super().prefill(runner, input_ids))
-        bounds = [0, *range(total % cap or cap, total + 1, cap)]
-        self.prefill_forwards = len(bounds) - 1
-        logits = None
-        for start, stop in zip(bounds, bounds[1:], strict=False):
-            logits = runner.forward(self, input_ids[:, start:stop])
-            yield
-        return logits[0, -1]
-
-    def is_short(self, num_keys: int) -> bool:
-        bs = self.params.block_size
-        return num_blocks(num_keys, bs) <= max(2, math.ceil(self.params.min_budget / bs))
-
-    def attention(self, call: AttentionCall) -> torch.Tensor:
-        b, hq, tq, _ = call.query.shape
-        tk = call.key.shape[2]
-        if call.is_decode:
-            return dense_attention(call)
-        if b > 1 or self.is_short(tk):
-            self.dense_calls += 1
-            cells = int(causal_blocks(tq, tk, self.params.block_size).sum()) * hq * b
-            self.kept_cells += cells
-            self.causal_cells += cells
-            return dense_attention(call)
-        sel = select_blocks(call.query[0], call.key[0], call.scaling, self.params)
-        blocks = normalize_blocks(sel.blocks[None], 1, hq, tq, tk, self.params.block_size)
-        self.sparse_calls += 1
-        self.kept_cells += int(blocks.sum())
-        self.causal_cells += int(causal_blocks(tq, tk, self.params.block_size).sum()) * hq
-        self.query_aware_heads += int(sel.query_aware.sum())
-        self.heads_seen += hq
-        return block_sparse_attention(
-            call.query, call.key, call.value, blocks, self.params.block_size, call.scaling, self.params.backend
-        )
-
-    def stats(self):
-        stats = super().stats()
-        stats.attention_density = self.kept_cells / self.causal_cells if self.causal_cells else 1.0
-        stats.extra["sparse_calls"] = self.sparse_calls
-        stats.extra["dense_calls"] = self.dense_calls
-        if self.prefill_forwards:
-            stats.extra["prefill_forwards"] = self.prefill_forwards
-        if self.heads_seen:
-            stats.extra["query_aware_fraction"] = round(self.query_aware_heads / self.heads_seen, 4)
-        return stats
-
-
-@register
-class FlexPrefillPolicy(Policy):
-    name = "flexprefill"
-    paper = "2502.20766"
-    Params = FlexPrefillParams
-    session_class = FlexPrefillSession
-    summary = "per-head adaptive block-sparse prefill (vertical-slash / query-aware), dense decode"
-
-    def step_bytes_needed(self, params, info, num_tokens: int, chunk: int, query_tokens: int = 0) -> int:
-        hq, hkv, d = info.num_heads, info.num_kv_heads, info.head_dim
-        cap = params.prefill_chunk or params.max_single_pass_tokens
-        tq, tk, bs = min(cap, num_tokens), num_tokens, params.block_size
-        nqb, nkb = num_blocks(tq, bs) + 1, num_blocks(tk, bs)
-        forward = pass_bytes(info, tq, chunk) + tq * tk  # activations of a long pass; the boolean mask
-        probe = 2 * (hq // hkv) * min(bs, tq) * tk * FP32_BYTES + 4 * hq * tk * FP32_BYTES  # + vertical, slash
-        cells = hq * nqb * nkb * 30  # block map: probabilities, sort, order, cumsum, masks
-        copies = 4 * hq * tq * d * FP32_BYTES + 2 * hkv * tk * d * FP32_BYTES  # sorted queries, output; K/V blocks
-        return forward + probe + cells + copies

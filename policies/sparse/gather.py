@@ -1,12 +1,13 @@
-"""HiP's sparse attention in PyTorch (arXiv 2406.09827): sinks + selected key blocks + window, one softmax.
+"""The key-block selection's PyTorch back-ends: sinks + selected key blocks + window, one softmax.
 
-Given a selection from `search.hip_search`, every query attends, causally and each key once, to the
-`sinks` first tokens, the tokens of its query block's selected key blocks that lie at or before
-(position - window), and its last `window` tokens. Two implementations with one meaning:
-`reference` gathers every attended key per query block and head and takes one masked softmax;
-`fast` reads sinks and window as shared slices per KV head (a strided view, no copy per query
-head) and gathers only the selected blocks. Query blocks are processed in slices that bound the
-working memory. The CUDA kernel with the same meaning is `triton_kernels.attention`.
+Given a `KeyBlockSelection` and its `SparseGeometry` (`selection.py`), every query attends, causally
+and each key once, to the `sinks` first tokens, the tokens of its query block's selected key blocks
+that lie at or before (position - window), and its last `window` tokens. Two implementations with
+one meaning: `reference` gathers every attended key per query block and head and takes one masked
+softmax; `fast` reads sinks and window as shared slices per KV head (a strided view, no copy per
+query head) and gathers only the selected blocks. Query blocks are processed in slices that bound
+the working memory. `key_block_attention` is the selection's entry point (re-exported by
+`attention.py`); the CUDA back-end with the same meaning is `triton_attention.attention`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Literal
 
 import torch
 
-from kvmux.policies.hip.types import KeyBlockSelection, SparseGeometry, slice_bytes
+from kvmux.policies.sparse.selection import KeyBlockSelection, SparseGeometry, slice_bytes
 
 
 @dataclass(slots=True)
@@ -124,25 +125,27 @@ def _fast_slice(qg, key, value, padded, seg: Segments, scaling: float) -> torch.
     return out
 
 
-def sparse_attention(
+def key_block_attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
     sel: KeyBlockSelection,
     geo: SparseGeometry,
     scaling: float,
-    kernel: Literal["fast", "reference"] = "fast",
+    backend: Literal["fast", "reference"] = "fast",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """HiP attention of `query` [B, Hq, Tq, D] over key/value [B, Hkv, Tk, D].
+    """Attention of `query` [B, Hq, Tq, D] over key/value [B, Hkv, Tk, D]: sinks + selected blocks + window.
 
     Returns (output [B, Tq, Hq, D], keys attended per query row [B, Hq, Tq]).
     """
+    if backend not in ("fast", "reference"):
+        raise ValueError(f"unknown backend {backend!r}")
     b, hq, tq, d = query.shape
     hkv = key.shape[1]
     qb = geo.query_blocks(query)
     width = geo.window + geo.block_q - 1
     padded = None
-    if kernel == "fast":
+    if backend == "fast":
         # pad the cache only where a window runs before key 0 or past the last key (prefill edges)
         front = max(0, geo.window - 1 - (geo.num_keys - tq))
         back = geo.num_blocks * geo.block_q - tq
@@ -158,13 +161,13 @@ def sparse_attention(
     for first in range(0, geo.num_blocks, step):
         last = min(first + step, geo.num_blocks)
         seg = segments(geo, sel, first, last)
-        if kernel == "fast":
+        if backend == "fast":
             outs.append(_fast_slice(qb[:, :, first:last].contiguous(), key, value, padded, seg, scaling))
         else:
             outs.append(_reference_slice(qb[:, :, first:last], key, value, seg, scaling))
         counts.append(seg.counts())
     out = torch.cat(outs, dim=2)
-    if kernel == "fast":  # [B, Hkv, nQB, G, b_q, D] -> [B, Tq, Hq, D]
+    if backend == "fast":  # [B, Hkv, nQB, G, b_q, D] -> [B, Tq, Hq, D]
         out = out.permute(0, 2, 4, 1, 3, 5).reshape(b, -1, hq, d)[:, :tq]
     else:  # [B, Hq, nQB, b_q, D] -> [B, Tq, Hq, D]
         out = out.view(b, hq, -1, d)[:, :, :tq].transpose(1, 2)

@@ -1,8 +1,17 @@
-"""HiP's shared types: the geometry of one attention call, the search's selection, and slice sizes.
+"""The key-block selection form: per (query head, query block) a list of key-block ids, plus sinks and a window.
 
-`SparseGeometry` places the query blocks of a call and their candidate key blocks; the search
-(`search.py`, `triton_kernels.search`) returns a `KeyBlockSelection`, which the attention
-(`attention.py`, `triton_kernels.attention`) reads.
+A `KeyBlockSelection` names, for every (batch, query head, query block), up to K key blocks by id
+(block j covers key tokens [j*b_k, (j+1)*b_k)); the key block size b_k is independent of the query
+block size b_q and may be as small as one token. A `SparseGeometry` places the query blocks of one
+attention call and says what every query attends besides its selected blocks: the `sinks` first
+tokens and its own last `window` tokens. Attention over a selection is one softmax over the union,
+each key once, causal (`gather.py`, `triton_attention.py`).
+
+The geometry also holds each query block's candidate range [lo, hi): the key blocks that are neither
+all sinks nor all inside the block's window, i.e. the blocks a selection is drawn from (HiP's search,
+arXiv 2406.09827, splits this range). Selecting every candidate gives dense causal attention.
+
+A block grid (`grid.py`) is the special case b_q = b_k, no sinks, no window (`grid.grid_as_selection`).
 """
 
 from __future__ import annotations
@@ -11,8 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-# working set of one slice of query blocks, per device type: the search and the PyTorch attention
-# process query blocks in slices of about this many bytes (at least one block)
+# working set of one slice of query blocks, per device type: the selection's PyTorch attention (and
+# HiP's search) process query blocks in slices of about this many bytes (at least one block)
 SLICE_BYTES = {"cpu": 64 << 20, "cuda": 2 << 30}
 DEFAULT_SLICE_BYTES = 64 << 20
 
@@ -24,21 +33,21 @@ def slice_bytes(device_type: str) -> int:
 
 @dataclass(frozen=True, slots=True)
 class KeyBlockSelection:
-    """The top key blocks the search selected per (batch, query head, query block), as block ids."""
+    """The key blocks selected per (batch, query head, query block), as block ids."""
 
-    blocks: torch.Tensor  # int64 [B, Hq, nQB, K_b] key-block ids (block j covers tokens j*b_k .. j*b_k+b_k-1)
-    valid: torch.Tensor  # bool [B, Hq, nQB, K_b]; False where a group ended empty
-    rounds: int  # branch-and-prune rounds that were run
+    blocks: torch.Tensor  # int64 [B, Hq, nQB, K] key-block ids (block j covers tokens j*b_k .. j*b_k+b_k-1)
+    valid: torch.Tensor  # bool [B, Hq, nQB, K]; False where an entry is padding (valid ids of a row are distinct)
+    rounds: int = 0  # search rounds that produced it (HiP's branch-and-prune; 0 otherwise)
 
 
 @dataclass(frozen=True, slots=True)
 class SparseGeometry:
-    """Where each query block of one attention call sits and which key blocks it may search.
+    """Where each query block of one attention call sits, what it always attends, and its candidate blocks.
 
     Queries are the last `num_queries` of `num_keys` positions (bottom-right causal). They are cut
-    into blocks of `block_q`; the last block is padded by repeating the last query. The candidate key
-    blocks of a block are [lo, hi): from `floor(sinks / b_k)` to the block holding token
-    `last query - window + lookahead` (sinks and window are attended anyway).
+    into blocks of `block_q` from the first query; the last block is padded by repeating the last
+    query. The candidate key blocks of a block are [lo, hi): from `floor(sinks / b_k)` to the block
+    holding token `last query - window + lookahead` (sinks and window are attended anyway).
     """
 
     block_q: int
