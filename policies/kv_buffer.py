@@ -24,7 +24,8 @@ GROWTH = 0.25  # spare room added when a buffer is reallocated, as a fraction of
 MIN_SPARE_TOKENS = 256
 
 
-def _capacity(needed: int) -> int:
+def capacity_for(needed: int) -> int:
+    """Buffer length for `needed` positions: room to spare, rounded to MIN_SPARE_TOKENS."""
     spare = max(MIN_SPARE_TOKENS, int(needed * GROWTH))
     return -(-(needed + spare) // MIN_SPARE_TOKENS) * MIN_SPARE_TOKENS
 
@@ -66,7 +67,7 @@ class _Buffer:
         needed = self.length + n
         data = self.data
         if data is None or needed > data.shape[-2] or data.shape[:-2] != new.shape[:-2] or data.dtype != new.dtype:
-            grown = new.new_empty((*new.shape[:-2], _capacity(needed), new.shape[-1]))
+            grown = new.new_empty((*new.shape[:-2], capacity_for(needed), new.shape[-1]))
             if data is not None and self.length:
                 grown[..., : self.length, :] = data[..., : self.length, :]
             self.data = data = grown
@@ -75,7 +76,15 @@ class _Buffer:
         return data[..., :needed, :]
 
 
-class GrowableLayer(DynamicLayer):
+class BufferedLayer(DynamicLayer):
+    """Base of kvmux's cache layers that manage their own buffers: initialised by the first update."""
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self.is_initialized = True
+
+
+class GrowableLayer(BufferedLayer):
     """A full-attention cache layer whose keys/values live in growable buffers (see module doc)."""
 
     def __init__(self, **kwargs) -> None:
@@ -98,10 +107,6 @@ class GrowableLayer(DynamicLayer):
     @values.setter
     def values(self, tensor: torch.Tensor | None) -> None:
         self._value_buffer.assign(tensor)
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.device = key_states.device
-        self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:

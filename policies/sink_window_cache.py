@@ -20,9 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import DynamicLayer
 
-from kvmux.policies.kv_buffer import _capacity
+from kvmux.policies.kv_buffer import BufferedLayer, capacity_for
 from kvmux.policies.rope import rotate
 
 
@@ -35,7 +34,7 @@ class _State:
     dead: int | None = None  # physical slot of the evicted token, written next; None: slots are in order
 
 
-class SinkWindowLayer(DynamicLayer):
+class SinkWindowLayer(BufferedLayer):
     """Keys/values of one layer: `sinks` first tokens + the last `window` tokens (see module doc)."""
 
     def __init__(self, sinks: int, window: int, inv_freq: torch.Tensor | None = None) -> None:
@@ -76,10 +75,6 @@ class SinkWindowLayer(DynamicLayer):
         return slots
 
     # -- cache protocol ----------------------------------------------------------------------------
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.device = key_states.device
-        self.is_initialized = True
-
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
@@ -157,7 +152,7 @@ class SinkWindowLayer(DynamicLayer):
 
 
 def _grown(buffer: torch.Tensor | None, length: int, new: torch.Tensor, needed: int) -> torch.Tensor:
-    grown = new.new_empty((*new.shape[:-2], _capacity(needed), new.shape[-1]))
+    grown = new.new_empty((*new.shape[:-2], capacity_for(needed), new.shape[-1]))
     if buffer is not None and length:
         grown[..., :length, :] = buffer[..., :length, :]
     return grown

@@ -35,6 +35,7 @@ from transformers.generation.streamers import BaseStreamer
 from kvmux.evals.bench.measure import BASELINE_NAME, attention_implementation, greedy_generate, greedy_token
 from kvmux.evals.bench.probes import sync
 from kvmux.evals.helpers import fmt
+from kvmux.policies.base import run_prefill
 
 CATEGORIES = ("matmul", "attention", "cache_copy_index", "other_kernels", "outside_kernels")
 WARM_STEPS = 3
@@ -96,13 +97,7 @@ def profile_session(runner, preset, ids: torch.Tensor, steps: int, request, supp
     device = runner.info.device
     session = preset.policy.new_session(preset.params, runner.info, request)
     try:
-        prefill = session.prefill(runner, ids)
-        while True:
-            try:
-                next(prefill)
-            except StopIteration as stop:
-                token = greedy_token(stop.value, suppressed)
-                break
+        token = greedy_token(run_prefill(session, runner, ids), suppressed)
 
         def decode(n: int) -> float:
             nonlocal token
