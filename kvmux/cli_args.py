@@ -55,6 +55,13 @@ def token_counts(text: str) -> list[int]:
     return comma_list(parse_tokens)(text)
 
 
+def add_subcommand(subparsers, name: str, help: str, description: str | None) -> argparse.ArgumentParser:
+    """A subcommand parser whose --help prints `description` (a module docstring) as written."""
+    return subparsers.add_parser(
+        name, help=help, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+
+
 def add_presets_flag(parser: argparse._ActionsContainer, with_url: str) -> None:
     """--presets: the presets to measure; `with_url` says what a --url run measures by default."""
     parser.add_argument("--presets", type=names, default=None, help=f"comma list (default: all; --url: {with_url})")

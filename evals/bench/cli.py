@@ -24,11 +24,11 @@ from kvmux.evals.helpers import command_line, load_tokenizer, shared_overrides
 
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     """Register `bench` on an argparse subparsers object; returns the new parser."""
-    bench = subparsers.add_parser(
+    bench = cli_args.add_subcommand(
+        subparsers,
         "bench",
-        help="speed and memory per preset vs transformers generate (or serving load with --url)",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "speed and memory per preset vs transformers generate (or serving load with --url)",
+        __doc__,
     )
     cli_args.add_presets_flag(bench, "server default")
     bench.add_argument(

@@ -29,11 +29,11 @@ DEFAULT_TASKS = "passkey,niah_single,niah_multikey,niah_multivalue,niah_multique
 
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     """Register `eval` on an argparse subparsers object; returns the new parser."""
-    p = subparsers.add_parser(
+    p = cli_args.add_subcommand(
+        subparsers,
         "eval",
-        help="long-context quality per preset (passkey, RULER tasks, QA, stream perplexity)",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "long-context quality per preset (passkey, RULER tasks, QA, stream perplexity)",
+        __doc__,
     )
     cli_args.add_presets_flag(p, "'default'")
     p.add_argument(
