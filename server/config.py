@@ -6,11 +6,49 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from kvmux.models.loader import ModelSpec
 
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+class AutoscalingSpec(BaseModel):
+    """Serve's autoscaling of the model replicas: between min and max, aiming at a number of ongoing requests."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(2, ge=1)
+    target_ongoing_requests: float = Field(2.0, gt=0, description="ongoing requests per replica Serve aims at")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AutoscalingSpec:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("autoscaling.min_replicas must not exceed autoscaling.max_replicas")
+        return self
+
+
+class ReplicasConfig(BaseModel):
+    """Scale-out on Ray Serve (`kvmux serve --replicas N`, docs/scale_out.md); unused by a single process."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_replicas: int = Field(1, ge=1, description="model replicas (when autoscaling is not set)")
+    autoscaling: AutoscalingSpec | None = Field(None, description="min/max replicas and target ongoing requests")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs Ray reserves per replica (also its torch threads)")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs Ray reserves per replica (1 on a GPU box)")
+    ray_address: str | None = Field(None, description="join this Ray cluster (default: start a local one)")
+    affinity: Literal["prompt", "session", "off"] = Field(
+        "prompt", description="prompt: X-Session-Id or else the prompt's first block; session: the header only; off"
+    )
+    affinity_prefix_chars: int = Field(512, ge=1, description="characters of the prompt's first block that are hashed")
+    ingress_replicas: int = Field(1, ge=1, description="replicas of the light HTTP entry that routes to the models")
+
+    @property
+    def distributed(self) -> bool:
+        """Whether `kvmux serve` runs on Ray Serve (several replicas, autoscaling, or a cluster to join)."""
+        return self.num_replicas > 1 or self.autoscaling is not None or self.ray_address is not None
 
 
 class ServerConfig(BaseModel):
@@ -60,6 +98,7 @@ class ServerConfig(BaseModel):
 def load_server_config(path: Path | None) -> ServerConfig:
     """Read a server YAML file (None: the repository default, or built-in defaults)."""
     path = path or REPO_CONFIGS / "server.yaml"
+    replicas: ReplicasConfig = Field(default_factory=ReplicasConfig, description="scale-out on Ray Serve")
     if not path.is_file():
         return ServerConfig()
     data = yaml.safe_load(path.read_text()) or {}

@@ -14,17 +14,21 @@ attention density that sparse-attention policies report (HiP, arXiv 2406.09827; 
 arXiv 2502.20766).
 """
 
+As a Ray Serve replica (`kvmux serve --replicas N`), `Metrics.replica` is set and every series also
+carries a `replica` label with the replica's id; a single process's output has no such label.
+
 from __future__ import annotations
 
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from prometheus_client.metrics_core import Metric
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5, 5.0)
 BYTES_BUCKETS = tuple(float(2**k) for k in range(16, 38, 2))  # 64 KiB .. 128 GiB
@@ -65,6 +69,7 @@ class Metrics:
         self.model = model
         self.clock = clock
         self.registry = CollectorRegistry(auto_describe=True)
+        self.replica: str | None = None  # a Serve replica's id: then every series carries a `replica` label
         self._lock = threading.Lock()
         self._tracks: dict[int, _Track] = {}
         self._ended: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
@@ -220,7 +225,23 @@ class Metrics:
 
     def render(self) -> tuple[bytes, str]:
         """The Prometheus text exposition and its content type."""
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        if self.replica is None:
+            return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        return generate_latest(WithLabels(self.registry, {"replica": self.replica})), CONTENT_TYPE_LATEST
+
+
+class WithLabels:
+    """A view of a registry in which every sample also carries the given constant labels."""
+
+    def __init__(self, registry: CollectorRegistry, labels: dict[str, str]):
+        self.registry = registry
+        self.labels = labels
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.registry.collect():
+            labelled = Metric(family.name, family.documentation, family.type, family.unit)
+            labelled.samples = [s._replace(labels={**s.labels, **self.labels}) for s in family.samples]
+            yield labelled
 
 
 def install_metrics_route(app: Any, metrics: Metrics, queue_sizes: Callable[[], tuple[int, int]] | None = None) -> None:

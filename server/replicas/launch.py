@@ -1,0 +1,53 @@
+"""`kvmux serve --replicas N [--ray-address ADDR]`: start (or join) Ray, deploy, serve until SIGINT/SIGTERM.
+
+The same OpenAI API on the same host and port as the single-process server, answered by Serve's
+HTTP proxy. On SIGINT/SIGTERM the application is deleted (each replica drains within
+`shutdown_grace_s`) and a Ray instance this command started is stopped; a joined cluster keeps
+running.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+
+from kvmux.server.config import ServerConfig
+
+log = logging.getLogger("kvmux.server")
+MISSING_RAY = "kvmux serve: --replicas and --ray-address need Ray Serve: pip install 'kvmux[ray]'"
+
+
+def serve_replicas(config: ServerConfig) -> int:
+    """Run replicated kvmux in the foreground; the exit status of `kvmux serve`."""
+    try:
+        import ray
+        from ray import serve
+
+        from kvmux.server.replicas.deploy import APP_NAME, build_application
+    except ImportError:
+        print(MISSING_RAY, file=sys.stderr)
+        return 2
+    address = config.replicas.ray_address
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init()
+    try:
+        serve.start(http_options={"host": config.host, "port": config.port})
+        serve.run(build_application(config), name=APP_NAME, route_prefix="/", blocking=False)
+        replicas = config.replicas
+        scale = replicas.autoscaling or f"{replicas.num_replicas} replicas"
+        log.info("kvmux on Ray Serve (%s) at http://%s:%d", scale, config.host, config.port)
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        stop.wait()
+        log.info("shutting down: deleting the application (replicas drain within %.1f s)", config.shutdown_grace_s)
+        serve.delete(APP_NAME)
+    finally:
+        if not address:
+            serve.shutdown()
+        ray.shutdown()
+    return 0
