@@ -61,12 +61,12 @@ def _config_from_args(args: argparse.Namespace):
         updates["allow_unauthenticated"] = True
     if getattr(args, "cors_origin", None):
         updates["cors_origins"] = args.cors_origin
-    return type(config).model_validate({**config.model_dump(), **updates})
-
-
     replicas = {"num_replicas": getattr(args, "replicas", None), "ray_address": getattr(args, "ray_address", None)}
     if any(v is not None for v in replicas.values()):
         updates["replicas"] = config.replicas.model_copy(update={k: v for k, v in replicas.items() if v is not None})
+    return type(config).model_validate({**config.model_dump(), **updates})
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from kvmux.server.serve import create_app, run_server, unauthenticated_exposure
 
@@ -75,13 +75,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if refusal:
         print(f"kvmux serve: {refusal}", file=sys.stderr)
         return 2
-    app = create_app(config)
-    # the hub token is needed only to fetch the model: keep it out of the serving process from now on
-    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
     if config.replicas.distributed:  # several replicas (or a cluster to join): Ray Serve
         from kvmux.server.replicas.launch import serve_replicas
 
         return serve_replicas(config)
+    app = create_app(config)
+    # the hub token is needed only to fetch the model: keep it out of the serving process from now on
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
         os.environ.pop(name, None)
     # uvicorn shuts down gracefully on SIGTERM and then re-raises it; after a clean shutdown exit 0
     signal.signal(signal.SIGTERM, lambda *_: None)
@@ -159,6 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="serve on a non-loopback --host without an API key (refused otherwise)",
     )
+    serve.add_argument(
+        "--replicas", type=int, default=None, help="serve N model replicas on Ray Serve (needs kvmux[ray])"
+    )
+    serve.add_argument("--ray-address", default=None, help="with --replicas: join this Ray cluster (head:6379)")
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(func=cmd_serve)
 
@@ -166,10 +170,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_flags(gen, server=True)
     gen.add_argument("prompt")
     gen.add_argument("--policy", default="full", help="preset name")
-    serve.add_argument(
-        "--replicas", type=int, default=None, help="serve N model replicas on Ray Serve (needs kvmux[ray])"
-    )
-    serve.add_argument("--ray-address", default=None, help="with --replicas: join this Ray cluster (head:6379)")
     gen.add_argument("--params", default=None, help="JSON overrides, e.g. '{\"window\": 512}'")
     gen.add_argument("--max-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0)

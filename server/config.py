@@ -93,12 +93,12 @@ class ServerConfig(BaseModel):
     policy_modules: list[str] = Field(
         default_factory=list, description="extra Python modules imported at start-up that register policies"
     )
+    replicas: ReplicasConfig = Field(default_factory=ReplicasConfig, description="scale-out on Ray Serve")
 
 
 def load_server_config(path: Path | None) -> ServerConfig:
     """Read a server YAML file (None: the repository default, or built-in defaults)."""
     path = path or REPO_CONFIGS / "server.yaml"
-    replicas: ReplicasConfig = Field(default_factory=ReplicasConfig, description="scale-out on Ray Serve")
     if not path.is_file():
         return ServerConfig()
     data = yaml.safe_load(path.read_text()) or {}

@@ -12,10 +12,10 @@ running/waiting gauges, outcomes), kvmux reports what its KV policies save: the 
 request's cache held against what a full cache of every token it saw would have held, and the
 attention density that sparse-attention policies report (HiP, arXiv 2406.09827; FlexPrefill,
 arXiv 2502.20766).
-"""
 
 As a Ray Serve replica (`kvmux serve --replicas N`), `Metrics.replica` is set and every series also
 carries a `replica` label with the replica's id; a single process's output has no such label.
+"""
 
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-
 from prometheus_client.metrics_core import Metric
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5, 5.0)
 BYTES_BUCKETS = tuple(float(2**k) for k in range(16, 38, 2))  # 64 KiB .. 128 GiB
@@ -68,8 +68,8 @@ class Metrics:
     def __init__(self, model: str, clock: Callable[[], float] = time.monotonic):
         self.model = model
         self.clock = clock
-        self.registry = CollectorRegistry(auto_describe=True)
         self.replica: str | None = None  # a Serve replica's id: then every series carries a `replica` label
+        self.registry = CollectorRegistry(auto_describe=True)
         self._lock = threading.Lock()
         self._tracks: dict[int, _Track] = {}
         self._ended: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
