@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kvmux.errors import KvmuxError, ModelNotServedError, OverloadedError, UnavailableError
+from kvmux.server.arena import install_arena_routes
 from kvmux.server.engine import Engine, TokenEvent
 from kvmux.server.errors import error_body, to_error_body
 from kvmux.server.handlers import (
@@ -166,6 +167,7 @@ def build_app(state: ServerState) -> FastAPI:
         return {"prompt": await state.off_loop(detokenize_request, state.engine, req)}
 
     state.install_extra_routes(app)
+    install_arena_routes(app)
     return app
 
 
@@ -272,8 +274,9 @@ async def respond(state: ServerState, req: OpenAIRequest, request: Request, prep
             choice = {"index": index, **shape.delta(event, first, tokenizer), "finish_reason": event.finish_reason}
             return {**head, "object": shape.chunk_object, "choices": [choice]}
 
-        def usage_chunk(u: dict[str, int]) -> dict[str, Any]:
-            return {**head, "object": shape.chunk_object, "choices": [], "usage": u}
+        def usage_chunk(u: dict[str, int], kv: dict[str, Any] | None) -> dict[str, Any]:
+            # the first choice's KV stats, as in a whole response (the arena page reads them here)
+            return {**head, "object": shape.chunk_object, "choices": [], "usage": u, **({"kv": kv} if kv else {})}
 
         body = stream_events(state.scheduler, handles, request, chunk, usage_chunk, req.include_usage)
         return StreamingResponse(body, media_type="text/event-stream")

@@ -147,11 +147,13 @@ async def stream_events(
 ) -> AsyncIterator[str]:
     """SSE lines for n parallel choices: chunks in arrival order, then usage, then [DONE].
 
-    `chunk_for(index, event, first)` builds one chunk; an error after the headers went out is
-    sent as an error event followed by [DONE].
+    `chunk_for(index, event, first)` builds one chunk; `usage_chunk(usage, kv)` the last one, with
+    the first choice's KV stats; an error after the headers went out is sent as an error event
+    followed by [DONE].
     """
     prompt_tokens = len(handles[0].request.prompt_ids)
     completion_tokens = 0
+    kv: dict[str, Any] | None = None
     first = [True] * len(handles)
     pending = set(range(len(handles)))
     wake = asyncio.Event()
@@ -172,6 +174,8 @@ async def stream_events(
                     elif kind == "error":
                         raise payload
                     elif kind in ("done", "cancelled"):
+                        if kind == "done" and index == 0:
+                            kv = payload
                         pending.discard(index)
             if pending:
                 if await watch.gone():
@@ -182,7 +186,7 @@ async def stream_events(
                     except TimeoutError:
                         pass
         if include_usage:
-            yield sse(usage_chunk(usage(prompt_tokens, completion_tokens)))
+            yield sse(usage_chunk(usage(prompt_tokens, completion_tokens), kv))
     except ClientGone:
         return
     except (KvmuxError, Exception) as exc:  # noqa: BLE001 - any failure becomes an in-stream error event

@@ -19,6 +19,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse
 
 from kvmux.errors import OverloadedError, UnavailableError
+from kvmux.server.arena import is_arena_path
 from kvmux.server.config import ServerConfig
 from kvmux.server.engine import Engine
 from kvmux.server.errors import REQUEST_ID, error_body, to_error_body
@@ -92,6 +93,8 @@ class ServerState:
         if path in HEALTH_PATHS and not self.config.auth_health_and_metrics:
             return True
         if path in DOCS_PATHS and not self.config.auth_docs:
+            return True
+        if is_arena_path(path):  # the page's files; its API calls carry the key
             return True
         scheme, _, token = authorization.partition(b" ")
         token = token.strip()
