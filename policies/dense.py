@@ -6,6 +6,8 @@ function hands None for it; see `hook.causal_or_none`). A chunk of queries after
 (1 < Tq < Tk) never materialises that mask: on CPU the chunk attends the prefix without a mask
 and itself causally, and the two partial results are merged by their log-sum-exp (exact up to
 rounding); elsewhere SDPA gets a lower-right `CausalBias`, which the fused CUDA kernels take as is.
+A decode row with GQA folds each KV head's query heads into one block of rows, so each cached key is
+read once per step instead of once per query head.
 """
 
 from __future__ import annotations
@@ -48,6 +50,14 @@ def sdpa(
     kernel's own causal path, so the fast fused kernels stay available.
     """
     tq, tk = query.shape[2], key.shape[2]
+    b, hq, _, d = query.shape
+    hkv = key.shape[1]
+    if mask is None and tq == 1 and hq != hkv:
+        # one decode row per query head: a KV head's query heads become one block of rows over its keys,
+        # so each key is read once (not once per query head, as a per-head kernel reads it)
+        folded = query.reshape(b, hkv, hq // hkv, d)
+        out = F.scaled_dot_product_attention(folded, key, value, scale=scaling)
+        return out.reshape(b, 1, hq, d)
     is_causal = False
     if mask is None and tq > 1:
         if tq == tk:
@@ -56,7 +66,7 @@ def sdpa(
             return _after_prefix_cpu(query, key, value, scaling).transpose(1, 2).contiguous()
         else:
             mask = causal_lower_right(tq, tk)
-    gqa = query.shape[1] != key.shape[1]
+    gqa = hq != hkv
     out = F.scaled_dot_product_attention(
         query, key, value, attn_mask=mask, is_causal=is_causal, scale=scaling, enable_gqa=gqa
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvmux.policies.dense import attention_probs, causal_mask, sdpa
+from kvmux.policies.dense import attention_probs, causal_mask, repeat_kv, sdpa
 from kvmux.policies.hook import causal_or_none
 
 
@@ -50,3 +50,13 @@ def test_mask_function_skips_only_the_plain_causal_mask():
 
     sliding = causal_or_none(1, 16, 48, q_offset=32, mask_function=window)
     assert sliding is not None and not bool(sliding[0, 0, -1, 0])
+
+
+def test_decode_row_with_gqa_reads_each_key_once_and_matches_per_head_attention():
+    torch.manual_seed(3)
+    query, key, value = torch.randn(2, 6, 1, 16), torch.randn(2, 2, 40, 16), torch.randn(2, 2, 40, 16)
+    out = sdpa(query, key, value, None, 0.25)  # [B, 1, Hq, D]
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        query, repeat_kv(key, 3), repeat_kv(value, 3), scale=0.25
+    ).transpose(1, 2)
+    torch.testing.assert_close(out, expected)
