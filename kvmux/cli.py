@@ -46,6 +46,7 @@ def _config_from_args(args: argparse.Namespace):
         "max_connections",
         "shutdown_grace_s",
         "kv_memory_budget_bytes",
+        "prefix_cache_bytes",
     ):
         value = getattr(args, name, None)
         if value is not None:
@@ -57,6 +58,8 @@ def _config_from_args(args: argparse.Namespace):
         updates["api_keys"] = api_keys
     if getattr(args, "no_batch_decode", False):
         updates["batch_decode"] = False
+    if getattr(args, "no_prefix_cache", False):
+        updates["prefix_cache_bytes"] = 0
     if getattr(args, "allow_unauthenticated", False):
         updates["allow_unauthenticated"] = True
     if getattr(args, "cors_origin", None):
@@ -151,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-connections", type=int, default=None, help="open connections before 503")
     serve.add_argument("--shutdown-grace-s", type=float, default=None, help="bound on the whole SIGTERM shutdown")
     serve.add_argument("--kv-memory-budget-bytes", type=_int_or_auto, default=None, help="a number or 'auto'")
+    serve.add_argument(
+        "--prefix-cache-bytes", type=_int_or_auto, default=None, help="prefix cache size: a number or 'auto'"
+    )
+    serve.add_argument("--no-prefix-cache", action="store_true", help="turn the prefix cache off")
     serve.add_argument("--api-key", action="append", help="require this Bearer key (repeatable; env KVMUX_API_KEY)")
     serve.add_argument("--cors-origin", action="append", help="allow this CORS origin (repeatable)")
     serve.add_argument("--no-batch-decode", action="store_true", help="decode every request in its own forward")

@@ -17,6 +17,8 @@ Hooks (defaults give dense full attention):
 | `session.stats()` | tokens and bytes kept in the cache (`KVStats`: typed `attention_density`, `tokens_retained`) |
 | `policy.check_prompt(params, info, request, ids)` | accepts every prompt (checked before queueing, no session) |
 | `session.checkpoint()` / `restore(c)` | per-layer cache lengths (a failed batched decode step is undone) |
+| `policy.prefix_reuse(params, info, chunk)` | None: nothing shared with the prefix cache (`policies/prefix.py`) |
+| `session.export_prefix(n)` / `import_prefix(s)` | clone / adopt every layer's first n keys and values |
 | `policy.kv_bytes_needed(params, info, n)` | a full cache of n tokens (admission under the memory budget) |
 | `policy.step_bytes_needed(params, info, n, chunk, query_tokens)` | a dense chunk: mask + one head's scores |
 """
@@ -36,6 +38,7 @@ from kvmux.errors import PolicyInputError as PolicyInputError  # policies raise 
 from kvmux.policies.attention_call import AttentionCall
 from kvmux.policies.dense import dense_attention
 from kvmux.policies.kv_buffer import GrowableCache
+from kvmux.policies.prefix import PrefixReuse, PrefixState, export_cache_prefix, import_cache_prefix
 
 if TYPE_CHECKING:
     from kvmux.models.info import ModelInfo
@@ -191,6 +194,17 @@ class PolicySession:
                 layer.keys = layer.keys[..., :length, :]
                 layer.values = layer.values[..., :length, :]
 
+    # -- prefix cache (used when the policy's `prefix_reuse` is not None) ------------------------
+    def export_prefix(self, length: int) -> PrefixState:
+        """A copy of the state after the first `length` prompt tokens (nothing later may change it)."""
+        return export_cache_prefix(self.cache, length)
+
+    def import_prefix(self, state: PrefixState, length: int) -> None:
+        """Start this fresh session from the first `length` tokens of a state exported by a session of the
+        same configuration (`length` < the state's only where the policy declared it truncatable)."""
+        import_cache_prefix(self.cache, state, length)
+        self.tokens_seen = length
+
     # -- reporting ---------------------------------------------------------------------------
     def stats(self) -> KVStats:
         kept, kept_bytes = cache_kept_tokens(self.cache)
@@ -269,6 +283,12 @@ class Policy:
     ) -> None:
         """Raise PolicyInputError if this request cannot be served (checked before it is queued,
         without building a session)."""
+
+    def prefix_reuse(self, params: PolicyParams, info: ModelInfo, chunk: int) -> PrefixReuse | None:
+        """Whether a session's state after a prompt prefix may start a later request (None: never).
+
+        `chunk`: the server's prefill chunk."""
+        return None
 
     def kv_bytes_needed(self, params: PolicyParams, info: ModelInfo, num_tokens: int) -> int:
         """Upper bound of the KV bytes a request of `num_tokens` tokens will hold (admission)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from kvmux.policies.base import Policy, PolicyParams
+from kvmux.policies.prefix import PrefixReuse
 from kvmux.policies.registry import register
 
 
@@ -17,3 +18,6 @@ class FullPolicy(Policy):
     Params = FullParams
     batched_decode = True
     summary = "dense attention over the whole cache (baseline)"
+
+    def prefix_reuse(self, params, info, chunk: int) -> PrefixReuse:
+        return PrefixReuse()  # every token's K/V depends on the tokens before it only

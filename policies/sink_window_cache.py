@@ -122,6 +122,16 @@ class SinkWindowLayer(BufferedLayer):
     def restore(self, snapshot: _State) -> None:
         self.state = _State(snapshot.keys, snapshot.values, snapshot.length, snapshot.oldest, snapshot.dead)
 
+    def load(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Adopt a copy of live keys/values in logical order, as stored (the prefix cache's import)."""
+        if not self.is_initialized:
+            self.lazy_initialization(keys, values)
+        n = keys.shape[-2]
+        st = self.state = _State()
+        st.keys, st.values = _grown(None, 0, keys, n), _grown(None, 0, values, n)
+        st.keys[..., :n, :], st.values[..., :n, :] = keys, values
+        st.length, st.oldest = n, self.sinks
+
     # -- helpers -----------------------------------------------------------------------------------
     def _order(self, device: torch.device) -> torch.Tensor:
         """Physical slots of the live tokens in logical order."""

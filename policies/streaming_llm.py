@@ -40,6 +40,7 @@ from transformers.cache_utils import Cache
 
 from kvmux.policies.base import FP32_BYTES, AttentionCall, Policy, PolicyParams, PolicySession, dense_step_bytes
 from kvmux.policies.dense import sdpa
+from kvmux.policies.prefix import PrefixReuse, PrefixState
 from kvmux.policies.registry import register
 from kvmux.policies.rope import cos_sin, rotate_with
 from kvmux.policies.sink_window_cache import SinkWindowLayer
@@ -99,7 +100,19 @@ class StreamingLLMSession(PolicySession):
             layer.restore(snapshot)
 
     def prefill_chunk_tokens(self, runner) -> int:
-        return max(1, min(runner.prefill_chunk_tokens, self.params.window))
+        return prefill_chunk(self.params, runner.prefill_chunk_tokens)
+
+    def export_prefix(self, length: int) -> PrefixState:
+        if length != self.tokens_seen:
+            raise ValueError("a streaming_llm state serves exactly the tokens it has seen")
+        return PrefixState(length, [(layer.keys.clone(), layer.values.clone()) for layer in self.cache.layers])
+
+    def import_prefix(self, state: PrefixState, length: int) -> None:
+        if length != state.length:
+            raise ValueError("a streaming_llm state serves exactly the tokens it has seen")
+        for layer, (keys, values) in zip(self.cache.layers, state.layers, strict=True):
+            layer.load(keys, values)
+        self.tokens_seen = length
 
     def stats(self):
         stats = super().stats()
@@ -115,6 +128,11 @@ class StreamingLLMPolicy(Policy):
     session_class = StreamingLLMSession
     batched_decode = True
     summary = "attention sinks + recent window, evicted between forwards"
+
+    def prefix_reuse(self, params, info, chunk: int) -> PrefixReuse:
+        # sinks + window after a prefix, exact at prefill-chunk boundaries (where a fresh prefill evicts
+        # too); the state cannot be cut shorter
+        return PrefixReuse(granularity=prefill_chunk(params, chunk), truncatable=False)
 
     def kv_bytes_needed(self, params, info, num_tokens: int) -> int:
         # the cache never holds more than sinks + window (+ one prefill chunk before eviction)
@@ -132,3 +150,8 @@ class StreamingLLMPolicy(Policy):
     def context_limit(self, params, info):
         # in cache mode positions never exceed the cache, so any prompt length streams through
         return None if params.positions == "cache" else info.max_context
+
+
+def prefill_chunk(params: StreamingLLMParams, chunk: int) -> int:
+    """Tokens per prefill forward: at most the window, so a forward never evicts its own queries' keys."""
+    return max(1, min(chunk, params.window))

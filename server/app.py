@@ -274,7 +274,7 @@ async def respond(state: ServerState, req: OpenAIRequest, request: Request, prep
             choice = {"index": index, **shape.delta(event, first, tokenizer), "finish_reason": event.finish_reason}
             return {**head, "object": shape.chunk_object, "choices": [choice]}
 
-        def usage_chunk(u: dict[str, int], kv: dict[str, Any] | None) -> dict[str, Any]:
+        def usage_chunk(u: dict[str, Any], kv: dict[str, Any] | None) -> dict[str, Any]:
             # the first choice's KV stats, as in a whole response (the arena page reads them here)
             return {**head, "object": shape.chunk_object, "choices": [], "usage": u, **({"kv": kv} if kv else {})}
 
@@ -289,6 +289,6 @@ async def respond(state: ServerState, req: OpenAIRequest, request: Request, prep
         **head,
         "object": shape.object_name,
         "choices": choices,
-        "usage": usage(len(prepared.prompt_ids), sum(len(r.tokens) for r in results)),
+        "usage": usage(len(prepared.prompt_ids), sum(len(r.tokens) for r in results), results[0].kv),
         "kv": results[0].kv,
     }

@@ -74,6 +74,11 @@ class ServerConfig(BaseModel):
         "auto",
         description="KV + step bytes all sessions may hold; auto: a share of the memory free after loading the model",
     )
+    prefix_cache_bytes: Annotated[int, Field(ge=0)] | Literal["auto"] | None = Field(
+        "auto",
+        description="session states kept for prompts that extend a cached prefix; auto: a quarter of the KV "
+        "memory budget; 0 or null: off",
+    )
     batch_decode: bool = Field(True, description="decode concurrent requests in one forward where policies allow")
     api_keys: list[str] = Field(default_factory=list, description="Bearer keys for /v1/* (empty: no auth)")
     auth_health_and_metrics: bool = Field(False, description="also require a key on /health and /metrics")

@@ -1,41 +1,32 @@
-"""The generation engine: one request's life as a step generator, plus request preparation.
+"""The generation engine: one request's life as a step generator (requests are prepared in `prepare.py`).
 
 The engine never calls `model.generate`: it runs the policy session's prefill (chunked, explicit
 positions), samples with transformers' logits processors, feeds tokens back one by one through
 the session, detokenizes incrementally and stops on EOS, stop strings, stop token ids or
 max_tokens. `RequestState.steps()` yields after every prefill chunk and every token so that a
 scheduler can interleave requests; `Engine.generate` drives one request to completion in the
-calling thread (used by the CLI, evals and benchmarks).
+calling thread (used by the CLI, evals and benchmarks). A request whose prompt extends a cached
+prefix starts from the cached session state (`prefix_prefill.py`, `prefix_cache.py`).
 """
 
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Callable, Generator, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from kvmux.errors import RequestError
 from kvmux.models.loader import LoadedModel, eos_token_ids
-from kvmux.policies.base import PolicySession, SessionRequest
-from kvmux.policies.presets import Preset, resolve_request_policy
+from kvmux.policies.base import PolicySession
+from kvmux.policies.presets import Preset
 from kvmux.server.detok import IncrementalDetokenizer, StopStrings
 from kvmux.server.limits import AUTO, DEFAULT_MAX_QUERY_TOKENS, Auto, resolve_limits
+from kvmux.server.prefix_cache import PrefixCache, resolve_prefix_cache_bytes
+from kvmux.server.prefix_prefill import plan_prefix, prefill_with_prefix
+from kvmux.server.prepare import GenerationRequest, RequestPreparation
 from kvmux.server.sampling import Sampler, SamplingParams, token_logprobs
-
-
-@dataclass
-class GenerationRequest:
-    """A validated request, ready to run."""
-
-    prompt_ids: list[int]
-    sampling: SamplingParams
-    preset: Preset
-    session_request: SessionRequest
-    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
 @dataclass
@@ -87,6 +78,7 @@ class RequestState:
         self.decode_started = 0.0
         self.decode_seconds = 0.0
         self.finish_reason: str | None = None
+        self.cached_tokens = 0  # prompt tokens restored from the prefix cache
         self.final_stats: dict[str, Any] = {}
         self.interrupt: Callable[[], bool] | None = None  # handed to the session (layer-boundary stops)
 
@@ -97,8 +89,10 @@ class RequestState:
             self.session = preset.policy.new_session(preset.params, engine.info, req.session_request)
             self.session.interrupt = self.interrupt
             started = time.perf_counter()
-            ids = torch.tensor([req.prompt_ids], device=engine.info.device)
-            logits = yield from self.session.prefill(engine.runner, ids)
+            cache = engine.prefix_cache if req.use_prefix_cache else None
+            plan = plan_prefix(cache, self.session, preset, engine.runner, req.prompt_ids)
+            self.cached_tokens = plan.start if plan is not None else 0
+            logits = yield from prefill_with_prefix(self.session, engine.runner, req.prompt_ids, plan, cache)
             self.prefill_ms = (time.perf_counter() - started) * 1000
             yield from self._decode_loop(logits)
         finally:
@@ -166,12 +160,13 @@ class RequestState:
         stats: dict[str, Any] = {"policy": preset.policy.name, "preset": preset.name}
         stats.update(self.final_stats or (self.session.stats().as_dict() if self.session else {}))
         decoded = max(len(self.completion_ids) - 1, 0)  # the first token comes from the prefill
+        stats["cached_tokens"] = self.cached_tokens
         stats["prefill_ms"] = round(self.prefill_ms, 2)
         stats["decode_tokens_per_s"] = round(decoded / self.decode_seconds, 2) if self.decode_seconds > 0 else None
         return stats
 
 
-class Engine:
+class Engine(RequestPreparation):
     """Prepares requests (tokenize, validate, resolve the policy) and runs them."""
 
     def __init__(
@@ -184,6 +179,7 @@ class Engine:
         max_new_tokens: int | None = None,
         kv_memory_budget_bytes: int | Auto | None = AUTO,
         max_query_tokens: int | None = DEFAULT_MAX_QUERY_TOKENS,
+        prefix_cache_bytes: int | Auto | None = None,
     ):
         if default_preset not in presets:
             raise ValueError(f"default preset '{default_preset}' is not among the presets {sorted(presets)}")
@@ -199,97 +195,9 @@ class Engine:
         self.max_query_tokens = self.limits.max_query_tokens
         self.max_new_tokens = max_new_tokens
         self.eos_token_ids = _eos_ids(loaded)
-
-    # -- preparation ---------------------------------------------------------------------------
-    def render_chat(self, messages: list[dict[str, str]]) -> str:
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise RequestError("This model has no chat template; use /v1/completions.", "messages")
-        try:
-            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        except Exception as exc:  # template errors are the client's messages being malformed
-            raise RequestError(f"messages could not be rendered by the chat template: {exc}", "messages") from None
-
-    def check_token_ids(self, ids: list[int], param: str) -> None:
-        vocab = len(self.tokenizer)
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise RequestError(f"token ids must be in [0, {vocab}); got {bad[:5]}", param)
-
-    def tokenize(self, text: str, add_special_tokens: bool) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
-
-    def prepare(
-        self,
-        prompt: str | list[int] | None = None,
-        messages: list[dict[str, str]] | None = None,
-        sampling: SamplingParams | None = None,
-        kv_policy: str | dict[str, Any] | None = None,
-        request_id: str | None = None,
-    ) -> GenerationRequest:
-        sampling = sampling or SamplingParams()
-        preset, query = resolve_request_policy(kv_policy, self.presets, self.default_preset)
-        query_ids = self._query_ids(query)
-        if isinstance(prompt, list):  # before the per-id checks: a huge token array is refused at once
-            self._check_prompt_length(len(prompt))
-        if messages is not None:
-            text = self.render_chat(messages)
-            ids = self.tokenize(text, add_special_tokens=False)
-        elif isinstance(prompt, list):
-            self.check_token_ids(prompt, "prompt")
-            ids, text = list(prompt), self.tokenizer.decode(prompt)
-        else:
-            text = prompt or ""
-            ids = self.tokenize(text, add_special_tokens=True) if text else []
-        if not ids:
-            raise RequestError("The prompt is empty; send at least one token.", "messages" if messages else "prompt")
-        self._check_lengths(ids, sampling, preset)
-        session_request = SessionRequest(query_text=query, prompt_text=text, messages=messages, query_ids=query_ids)
-        # a policy that cannot serve this request (e.g. no question found) says so now, as a 400
-        preset.policy.check_prompt(preset.params, self.info, session_request, ids)
-        return GenerationRequest(ids, sampling, preset, session_request, request_id or uuid.uuid4().hex)
-
-    def _check_lengths(self, ids: list[int], sampling: SamplingParams, preset: Preset) -> None:
-        if sampling.max_tokens < 1:
-            raise RequestError(f"max_tokens must be at least 1, got {sampling.max_tokens}.", "max_tokens")
-        if self.max_new_tokens is not None and sampling.max_tokens > self.max_new_tokens:
-            raise RequestError(
-                f"max_tokens is {sampling.max_tokens}; this server allows at most {self.max_new_tokens}.", "max_tokens"
-            )
-        self._check_prompt_length(len(ids))
-        limit = preset.policy.context_limit(preset.params, self.info)
-        if limit is not None and len(ids) + sampling.max_tokens > limit:
-            raise RequestError(
-                f"This model's maximum context length is {limit} tokens for preset '{preset.name}'; the request "
-                f"needs {len(ids) + sampling.max_tokens} ({len(ids)} in the prompt, {sampling.max_tokens} for "
-                "the completion). Shorten the prompt, lower max_tokens, or pick a preset that extends context.",
-                "prompt",
-            )
-
-    def _check_prompt_length(self, num_tokens: int) -> None:
-        if self.max_prompt_tokens is not None and num_tokens > self.max_prompt_tokens:
-            raise RequestError(
-                f"The prompt has {num_tokens} tokens; this server accepts at most {self.max_prompt_tokens}.", "prompt"
-            )
-
-    def _query_ids(self, query: str | None) -> list[int] | None:
-        """kv_policy.query as token ids (no special tokens); a 400 when longer than max_query_tokens."""
-        if query is None:
-            return None
-        ids = self.tokenize(query, add_special_tokens=False)
-        if self.max_query_tokens is not None and len(ids) > self.max_query_tokens:
-            raise RequestError(
-                f"kv_policy.query has {len(ids)} tokens; this server accepts at most {self.max_query_tokens} "
-                "(the question alone, without the context).",
-                "kv_policy.query",
-            )
-        return ids
-
-    def copy_request(self, request: GenerationRequest, seed_offset: int) -> GenerationRequest:
-        """Another choice of the same request (n > 1): same prompt and policy, its own seed."""
-        sampling = replace(request.sampling)
-        if sampling.seed is not None:
-            sampling.seed += seed_offset
-        return replace(request, sampling=sampling, request_id=f"{request.request_id}-{seed_offset}")
+        # None or 0: off (the CLI's evals and benchmarks); the server's default is `auto`
+        capacity = resolve_prefix_cache_bytes(prefix_cache_bytes, self.limits.kv_memory_budget_bytes)
+        self.prefix_cache = PrefixCache(capacity) if capacity else None
 
     # -- running -------------------------------------------------------------------------------
     def start(self, request: GenerationRequest) -> RequestState:

@@ -89,11 +89,13 @@ async def collect_all(handles: list[Handle], request: Request | None) -> list[Co
             handle.cancel()
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage(prompt_tokens: int, completion_tokens: int, kv: dict[str, Any] | None = None) -> dict[str, Any]:
+    """OpenAI's usage object; `prompt_tokens_details.cached_tokens` = prompt tokens served by the prefix cache."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": int((kv or {}).get("cached_tokens") or 0)},
     }
 
 
@@ -186,7 +188,7 @@ async def stream_events(
                     except TimeoutError:
                         pass
         if include_usage:
-            yield sse(usage_chunk(usage(prompt_tokens, completion_tokens), kv))
+            yield sse(usage_chunk(usage(prompt_tokens, completion_tokens, kv), kv))
     except ClientGone:
         return
     except (KvmuxError, Exception) as exc:  # noqa: BLE001 - any failure becomes an in-stream error event

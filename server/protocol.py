@@ -65,7 +65,8 @@ class OpenAIRequest(BaseModel):
     ignore_eos: bool = False
     # -- kvmux extensions --
     kv_policy: str | dict[str, Any] | None = Field(
-        None, description="preset name, or {'preset': name, <param>: value, 'query': text}"
+        None,
+        description="preset name, or {'preset': name, <param>: value, 'query': text, 'cache': false (no prefix cache)}",
     )
 
     @field_validator("stop")
@@ -86,6 +87,8 @@ class OpenAIRequest(BaseModel):
                 raise invalid("kv_policy.preset must be a preset name (a string).", "kv_policy.preset")
             if spec.get("query") is not None and not isinstance(spec["query"], str):
                 raise invalid("kv_policy.query must be a string or null.", "kv_policy.query")
+            if "cache" in spec and not isinstance(spec["cache"], bool):
+                raise invalid("kv_policy.cache must be true or false.", "kv_policy.cache")
         return spec
 
     @model_validator(mode="after")

@@ -54,6 +54,9 @@ class Scheduler:
         self.on_event = on_event  # metrics hook: on_event(kind, handle, payload)
         self.kv_budget = resolve_budget(kv_memory_budget_bytes, engine)  # `auto`: the engine's measured budget
         self.kv_reserved = 0
+        self.prefix_cache = engine.prefix_cache  # its entries count under the budget
+        if self.prefix_cache is not None and self.kv_budget is not None:
+            self.prefix_cache.room = lambda: self.kv_budget - self.kv_reserved
         self.batch_decode = batch_decode
         self._waiting: deque[Handle] = deque()
         self._active: list[ActiveRequest] = []
@@ -169,6 +172,10 @@ class Scheduler:
                     self._waiting.popleft()
                     self._end_waiting(handle, "error", exc)
                     continue
+                if self.kv_budget is not None and self.prefix_cache is not None:
+                    over = self.kv_reserved + needed + self.prefix_cache.bytes_held - self.kv_budget
+                    if over > 0:  # cached prefixes give way to requests
+                        self.prefix_cache.evict(over)
                 if self.kv_budget is not None and self._active and self.kv_reserved + needed > self.kv_budget:
                     break  # waits (in order) until running requests release their KV
                 self._waiting.popleft()

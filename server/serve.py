@@ -21,6 +21,7 @@ from kvmux.server.app import build_app
 from kvmux.server.config import ServerConfig
 from kvmux.server.engine import Engine
 from kvmux.server.metrics import Metrics
+from kvmux.server.prefix_metrics import register_prefix_cache
 from kvmux.server.scheduler import Scheduler
 from kvmux.server.state import ServerState
 
@@ -40,6 +41,7 @@ def build_engine(config: ServerConfig) -> Engine:
         max_new_tokens=config.max_new_tokens,
         kv_memory_budget_bytes=config.kv_memory_budget_bytes,
         max_query_tokens=config.max_query_tokens,
+        prefix_cache_bytes=config.prefix_cache_bytes,
     )
 
 
@@ -65,6 +67,8 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
     if engine is None:
         engine = build_engine(config)
     metrics = Metrics(engine.info.served_name)
+    if engine.prefix_cache is not None:
+        register_prefix_cache(metrics.registry, engine.prefix_cache, engine.info.served_name)
     scheduler = Scheduler(
         engine,
         max_active_sessions=config.max_active_sessions,

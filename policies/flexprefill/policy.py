@@ -62,6 +62,7 @@ from kvmux.policies.base import FP32_BYTES, AttentionCall, Policy, PolicySession
 from kvmux.policies.dense import dense_attention
 from kvmux.policies.flexprefill.params import FlexPrefillParams
 from kvmux.policies.flexprefill.patterns import select_blocks
+from kvmux.policies.prefix import PrefixReuse
 from kvmux.policies.registry import register
 from kvmux.policies.sparse.attention import block_sparse_attention
 from kvmux.policies.sparse.grid import causal_blocks, normalize_blocks, num_blocks
@@ -144,6 +145,11 @@ class FlexPrefillPolicy(Policy):
     Params = FlexPrefillParams
     session_class = FlexPrefillSession
     summary = "per-head adaptive block-sparse prefill (vertical-slash / query-aware), dense decode"
+
+    def prefix_reuse(self, params, info, chunk: int) -> PrefixReuse:
+        # every token's K/V is kept, but the sparse pattern of a forward is estimated from its last query
+        # block: the prefix's K/V depended on the tokens after it in that forward (inexact reuse)
+        return PrefixReuse(granularity=params.block_size, exact=False)
 
     def step_bytes_needed(self, params, info, num_tokens: int, chunk: int, query_tokens: int = 0) -> int:
         hq, hkv, d = info.num_heads, info.num_kv_heads, info.head_dim

@@ -60,6 +60,7 @@ from pydantic import Field, model_validator
 from kvmux.policies.base import FP32_BYTES, AttentionCall, Policy, PolicyInputError, PolicyParams, PolicySession
 from kvmux.policies.dense import dense_attention
 from kvmux.policies.hip.search import ScoreMode, hip_search
+from kvmux.policies.prefix import PrefixReuse
 from kvmux.policies.registry import register
 from kvmux.policies.sparse.attention import key_block_attention, triton_backend
 from kvmux.policies.sparse.selection import KeyBlockSelection, SparseGeometry, slice_bytes
@@ -330,6 +331,12 @@ class HipPolicy(Policy):
     Params = HipParams
     session_class = HipSession
     summary = "hierarchically pruned top-k key blocks + sinks + window (compute only; full KV kept)"
+
+    def prefix_reuse(self, params, info, chunk: int) -> PrefixReuse:
+        # a query block's selection reads its own queries and the keys before them: the state after a
+        # whole number of query blocks (tiled from each prefill chunk's start) is a function of that prefix
+        block = params.block_size_q
+        return PrefixReuse(granularity=block if chunk % block == 0 else chunk)
 
     def step_bytes_needed(self, params, info, num_tokens: int, chunk: int, query_tokens: int = 0) -> int:
         # dense layers and short calls; the search and the sparse attention run in slices of query

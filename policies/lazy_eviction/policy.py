@@ -77,6 +77,7 @@ from kvmux.policies.lazy_eviction.eviction import (
     select_recent_and_top,
 )
 from kvmux.policies.lazy_eviction.recurrence import RecurrenceState, recurrence_score
+from kvmux.policies.prefix import PrefixReuse
 from kvmux.policies.registry import register
 
 # elements of one [Hq, L, rows] block of observed query rows (bounds the transient memory; larger
@@ -276,6 +277,12 @@ class LazyEvictionPolicy(Policy):
     session_class = LazyEvictionSession
     batched_decode = True  # a decode step is one query row through the session's own attention
     summary = "lagged eviction every W steps: W newest + top tokens by recurrence-interval score"
+
+    def prefix_reuse(self, params, info, chunk: int) -> PrefixReuse:
+        # the prompt is kept whole (evictions start with decoding); `window: auto` observes the
+        # prompt's last `calibration_rows` rows, which must then be prefilled by the request itself
+        tail = params.calibration_rows if params.window == "auto" else 1
+        return PrefixReuse(min_tail=tail)
 
     def step_bytes_needed(self, params, info, num_tokens: int, chunk: int, query_tokens: int = 0) -> int:
         heads = info.num_heads
