@@ -38,19 +38,17 @@ from kvmux.server.errors import REQUEST_ID, error_body, to_error_body
 from kvmux.server.replicas.affinity import Affinity, affinity_key
 from kvmux.server.replicas.forwarding import REPLICA_HEADER, ForwardedRequest, ResponsePart
 from kvmux.server.replicas.metrics_merge import merge_expositions
-from kvmux.server.replicas.router import PIN_PREFIX, live_replicas
+from kvmux.server.replicas.router import PIN_PREFIX, replica_ids
 
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"]
 DROPPED_HEADERS = {b"x-request-id"}  # Serve's proxy adds its own (the same id, forwarded to the replica)
-METRICS_TIMEOUT_S = 10.0  # a replica that does not answer a scrape in this time is left out of it
+METRICS_TIMEOUT_S = 5.0  # a replica that does not answer a scrape in this time is left out of it
 REPLICA_GONE = "The replica serving this request stopped; Serve is replacing it. Retry the request."
 ALL_BUSY = "Every replica is busy and the queue is full; retry later."
 # the messages of kvmux's own body limits (server/state.py), repeated so that this module needs no
 # model code: the entry imports neither torch nor transformers
 TOO_LARGE = "The request body is larger than {limit} bytes."
 TOO_SLOW = "The request body did not arrive within {timeout_s:g} s."
-
-ingress_app = FastAPI(title="kvmux", docs_url=None, redoc_url=None, openapi_url=None)
 
 
 @dataclass(frozen=True)
@@ -140,26 +138,30 @@ async def rest_of_stream(first: ResponsePart, stream: DeploymentResponseGenerato
             stream.cancel()
 
 
-@serve.deployment(name="KvmuxIngress", ray_actor_options={"num_cpus": 0})
-@serve.ingress(ingress_app)
-class KvmuxIngress:
-    """Routes every request to a kvmux replica, by affinity key when it has one."""
+class Ingress:
+    """Routes every request to a kvmux replica, by affinity key when it has one (deployed as KvmuxIngress)."""
 
     def __init__(self, replicas: DeploymentHandle, settings: IngressSettings):
         self.replicas = replicas
         self.settings = settings
 
-    @ingress_app.get("/metrics", include_in_schema=False)
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        """The entry's app, built in its replica (its own docs routes off: the replicas answer /docs)."""
+        app = FastAPI(title="kvmux", docs_url=None, redoc_url=None, openapi_url=None)
+        app.add_api_route("/metrics", self.metrics, methods=["GET"], include_in_schema=False)
+        app.add_api_route("/{path:path}", self.forward, methods=METHODS, include_in_schema=False)
+        return app
+
     async def metrics(self, request: Request) -> Response:
         """Every replica's metrics in one exposition (each series labelled with its replica)."""
         forwarded = ForwardedRequest("GET", "/metrics", b"", list(request.scope["headers"]))
-        replica_ids = live_replicas(self.replicas.app_name, self.replicas.deployment_name)
+        ids = await asyncio.to_thread(replica_ids, self.replicas.app_name, self.replicas.deployment_name)
         answers: list[ResponsePart | BaseException] = []
-        if not replica_ids:  # the router starts with the first request through it
-            answers += await asyncio.gather(self.first_part(forwarded, None), return_exceptions=True)
-            replica_ids = live_replicas(self.replicas.app_name, self.replicas.deployment_name)
-        pinned = [self.first_part(forwarded, PIN_PREFIX + replica_id) for replica_id in replica_ids]
-        answers += await asyncio.gather(*pinned, return_exceptions=True)
+        for replica_id in ids:  # one at a time: calls made within one request share its request id
+            try:
+                answers.append(await self.first_part(forwarded, PIN_PREFIX + replica_id))
+            except Exception as exc:  # noqa: BLE001 - a replica that cannot answer is left out of this scrape
+                answers.append(exc)
         texts: dict[str, str] = {}
         for part in answers:
             if not isinstance(part, ResponsePart):
@@ -172,7 +174,6 @@ class KvmuxIngress:
             return failure_response(ReplicaUnavailableError("no replica answered"))
         return Response(merge_expositions(texts.values()), media_type=CONTENT_TYPE_LATEST)
 
-    @ingress_app.api_route("/{path:path}", methods=METHODS, include_in_schema=False)
     async def forward(self, request: Request) -> Response:
         forwarded = await read_forwarded(request, self.settings)
         if isinstance(forwarded, Response):
@@ -204,3 +205,7 @@ class KvmuxIngress:
         except BaseException:
             stream.cancel()
             raise
+
+
+# decorated apart from the class, so that Ray pickles the class by reference (its module holds it)
+KvmuxIngress = serve.deployment(name="KvmuxIngress", ray_actor_options={"num_cpus": 0})(serve.ingress()(Ingress))

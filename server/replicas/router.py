@@ -7,40 +7,37 @@ Built on Ray Serve's `ConsistentHashRouter` (a hash ring with virtual nodes over
   router does (the ring alone would spread such requests at random, blind to load);
 - a key `replica:<id>` picks that replica (the ingress reads each replica's metrics this way).
 
-The ingress sets `session_id` to the key of `affinity.affinity_key`. The router also records,
-per deployment, the replicas it routes to (`live_replicas`), for the ingress in the same process.
+The ingress sets `session_id` to the key of `affinity.affinity_key`; `replica_ids` lists the
+replicas of a deployment that the ingress can pin. (Serve ships a custom router's module to its
+callers by value, so the router cannot share state with the ingress module.)
 """
 
 from __future__ import annotations
 
 import random
 
+import ray
 from ray.serve.experimental.consistent_hash_router import ConsistentHashRouter
 from ray.serve.request_router import PendingRequest, ReplicaID, RunningReplica
 
 PIN_PREFIX = "replica:"
-_LIVE: dict[tuple[str, str], tuple[str, ...]] = {}
 
 
-def live_replicas(app_name: str, deployment_name: str) -> tuple[str, ...]:
-    """Ids of the replicas a router in this process currently routes to (empty before its first request)."""
-    return _LIVE.get((app_name, deployment_name), ())
+def replica_ids(app_name: str, deployment_name: str) -> list[str]:
+    """Ids of the live replica actors of a deployment (Serve names each actor after its replica id)."""
+    ids = []
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        name = actor["name"] if isinstance(actor, dict) else actor
+        if ReplicaID.is_full_id_str(name):
+            replica = ReplicaID.from_full_id_str(name)
+            deployment = replica.deployment_id
+            if deployment.app_name == app_name and deployment.name == deployment_name:
+                ids.append(replica.unique_id)
+    return sorted(ids)
 
 
 class KvmuxAffinityRouter(ConsistentHashRouter):
     """Affinity first (the key's replica on the hash ring), load-aware without a key."""
-
-    def update_replicas(self, replicas: list[RunningReplica]) -> None:
-        super().update_replicas(replicas)
-        self._record_live()
-
-    def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
-        super().on_replica_actor_died(replica_id)
-        self._record_live()
-
-    def _record_live(self) -> None:
-        ids = tuple(sorted(r.unique_id for r in self.curr_replicas))
-        _LIVE[(self._deployment_id.app_name, self._deployment_id.name)] = ids
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
