@@ -10,6 +10,10 @@ A preset file holds one preset:
 Presets are validated at start-up (errors name the file and the field). A request picks a preset
 by name, or sends `{"preset": name, <param>: value, ...}`; overrides are validated against the
 policy's `Params` and reported with the parameter's name and what is allowed.
+
+A file or request with `prefill` and `decode` instead composes two presets, one per phase (files:
+`prefill: <preset>`, `decode: <preset>`; requests: `{"prefill": ..., "decode": ...}`): see
+`kvmux.policies.composed`, which the functions below hand those to.
 """
 
 from __future__ import annotations
@@ -34,8 +38,13 @@ class Preset:
     description: str = ""
     source: str = ""
 
+    @property
+    def parts(self) -> dict[str, str] | None:
+        """A composed preset's prefill and decode preset names (None for a single-policy preset)."""
+        return getattr(self.policy, "part_presets", None)
+
     def as_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "name": self.name,
             "policy": self.policy.name,
             "paper": self.policy.paper,
@@ -44,6 +53,9 @@ class Preset:
             "schema": type(self.params).model_json_schema(),
             "extends_context": self.policy.extends_context,
         }
+        if self.parts is not None:
+            out["composed"] = dict(self.parts)
+        return out
 
 
 def _describe_errors(exc: ValidationError, prefix: str) -> tuple[str, str | None]:
@@ -53,13 +65,30 @@ def _describe_errors(exc: ValidationError, prefix: str) -> tuple[str, str | None
     return f"{where}: {first['msg']}", field
 
 
-def load_preset_file(path: Path) -> Preset:
+# the fields of a composed preset (file or request) that name its two parts
+PART_KEYS = ("prefill", "decode")
+
+
+def _read_preset_file(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise PresetError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise PresetError(f"{path}: expected a mapping with 'policy' and 'params'")
+    return data
+
+
+def load_preset_file(path: Path, known: dict[str, Preset] | None = None) -> Preset:
+    """One preset file; a composed preset's parts are looked up in `known`."""
+    return _preset_from_data(path, _read_preset_file(path), known or {})
+
+
+def _preset_from_data(path: Path, data: dict[str, Any], known: dict[str, Preset]) -> Preset:
+    if any(key in data for key in PART_KEYS):
+        from kvmux.policies.composed.spec import composed_preset_from_file  # (it imports this module)
+
+        return composed_preset_from_file(path, data, known)
     unknown = set(data) - {"name", "policy", "description", "params"}
     if unknown:
         raise PresetError(f"{path}: unknown field(s) {sorted(unknown)}; allowed: name, policy, description, params")
@@ -79,8 +108,10 @@ def load_preset_file(path: Path) -> Preset:
 def load_presets(folder: Path, exposed: list[str] | None = None) -> dict[str, Preset]:
     """All presets in `folder` (optionally only the `exposed` names)."""
     presets: dict[str, Preset] = {}
-    for path in sorted(folder.glob("*.yaml")):
-        preset = load_preset_file(path)
+    files = [(path, _read_preset_file(path)) for path in sorted(folder.glob("*.yaml"))]
+    # single-policy presets first: a composed preset names two of them
+    for path, data in sorted(files, key=lambda item: any(key in item[1] for key in PART_KEYS)):
+        preset = _preset_from_data(path, data, presets)
         if preset.name in presets:
             raise PresetError(f"{path}: preset name '{preset.name}' already defined in {presets[preset.name].source}")
         presets[preset.name] = preset
@@ -107,6 +138,10 @@ def resolve_request_policy(
     if not isinstance(spec, dict):
         raise PresetError("kv_policy must be a preset name or an object with 'preset'", "kv_policy")
     name = spec.get("preset", default)
+    if any(key in spec for key in PART_KEYS) or (isinstance(name, str) and name in presets and presets[name].parts):
+        from kvmux.policies.composed.spec import resolve_composed  # (it imports this module)
+
+        return resolve_composed(spec, presets, default)
     if not isinstance(name, str):
         raise PresetError(
             f"kv_policy.preset must be a preset name (a string); available presets: {sorted(presets)}",

@@ -6,7 +6,8 @@ its worker thread (and `queued` from the event loop); timings are taken there wi
 clock, the same one that stamps `Handle.submitted_at`.
 
 Every series carries `model` and `policy` labels (the policy is the algorithm, e.g.
-`streaming_llm`, not the preset name). Besides the serving metrics that other OpenAI-compatible
+`streaming_llm`, not the preset name; a composed preset's is the pair of its parts' policies,
+e.g. `flexprefill+lazy_eviction`). Besides the serving metrics that other OpenAI-compatible
 servers export (time to first token, inter-token latency, end-to-end latency, token counters,
 running/waiting gauges, outcomes), kvmux reports what its KV policies save: the bytes a finished
 request's cache held against what a full cache of every token it saw would have held, and the
