@@ -25,9 +25,11 @@ Deviations from the reference:
 - The reference stores un-rotated keys by patching the attention forward; we receive rotated
   keys from the stock model and un-rotate them once with the model's own inverse frequencies
   (fp32), which keeps any RoPE scaling factor inside the stored key.
-- Prompts are prefilled in chunks of at most `window` tokens with eviction after each chunk
-  (the reference prefills a chat turn in one forward after reserving space); a token inside a
-  chunk therefore sees up to `sink_tokens + window + chunk - 1` keys.
+- Prompts are prefilled in chunks of `prefill_chunk` tokens (256, at most `window`) with eviction
+  after each chunk (the reference prefills a chat turn in one forward after reserving space); a
+  token inside a chunk therefore sees up to `sink_tokens + window + chunk - 1` keys. Small chunks
+  keep that close to the paper's `sink_tokens + window`, and they are where a cached prefix can be
+  resumed exactly (the prefix cache stores the state at a chunk boundary).
 """
 
 from __future__ import annotations
@@ -51,6 +53,9 @@ class StreamingLLMParams(PolicyParams):
     window: int = Field(1020, ge=1, le=131072, description="most recent tokens kept (paper: 1020; at most 131072)")
     positions: Literal["cache", "original"] = Field(
         "cache", description="'cache': re-rotate keys to cache slots (paper); 'original': absolute"
+    )
+    prefill_chunk: int = Field(
+        256, ge=1, le=131072, description="prompt tokens per forward, evicting between forwards (at most window)"
     )
 
 
@@ -142,7 +147,7 @@ class StreamingLLMPolicy(Policy):
     def step_bytes_needed(self, params, info, num_tokens: int, chunk: int, query_tokens: int = 0) -> int:
         # chunks of at most `window` tokens over at most sinks + window + chunk keys; in cache mode every
         # layer re-rotates its keys (the rotated copy and its two products, fp32)
-        queries = max(1, min(chunk, params.window, num_tokens))
+        queries = max(1, min(prefill_chunk(params, chunk), num_tokens))
         keys = min(num_tokens, params.sink_tokens + params.window + queries)
         rotated = 3 * info.num_kv_heads * keys * info.head_dim * FP32_BYTES if params.positions == "cache" else 0
         return dense_step_bytes(queries, keys) + rotated
@@ -154,4 +159,4 @@ class StreamingLLMPolicy(Policy):
 
 def prefill_chunk(params: StreamingLLMParams, chunk: int) -> int:
     """Tokens per prefill forward: at most the window, so a forward never evicts its own queries' keys."""
-    return max(1, min(chunk, params.window))
+    return max(1, min(chunk, params.window, params.prefill_chunk))
