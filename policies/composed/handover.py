@@ -128,23 +128,9 @@ def _into_sink_window(session: PolicySession, kept: KeptKV) -> int:
         index = torch.cat([torch.arange(sinks), torch.arange(max(sinks, length - params.window), length)])
         index = index.to(keys.device)
         keys, values = keys.index_select(-2, index), values.index_select(-2, index)
-        layer = session.cache.layers[idx]
-        if params.positions == "cache":
-            if kept.rotated_at is not None:
-                keys = rotate(keys, -kept.rotated_at[index], inv_freq)
-            _write_unrotated(layer, keys, values)
-        else:
-            if kept.rotated_at is None:  # at their places 0..L-1 in what the ring kept (next position: L)
-                keys = rotate(keys, index, inv_freq)
-            layer.update(keys, values)
+        if params.positions == "cache" and kept.rotated_at is not None:  # the ring stores keys un-rotated
+            keys = rotate(keys, -kept.rotated_at[index], inv_freq)
+        elif params.positions == "original" and kept.rotated_at is None:  # at their places 0..L-1 (next: L)
+            keys = rotate(keys, index, inv_freq)
+        session.cache.layers[idx].load(keys, values)
     return 0 if params.positions == "cache" else session.tokens_seen - kept.next_position
-
-
-def _write_unrotated(layer, keys: torch.Tensor, values: torch.Tensor) -> None:
-    """Write un-rotated keys into a StreamingLLM ring in `positions: cache` (which un-rotates what the model
-    hands it from the slots the keys take: these are stored as given)."""
-    inv_freq, layer.inv_freq = layer.inv_freq, None
-    try:
-        layer.update(keys, values)
-    finally:
-        layer.inv_freq = inv_freq
