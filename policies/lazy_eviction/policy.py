@@ -39,7 +39,9 @@ Deviations from the paper / reference code:
   rounds timestamps past 2048); scores are fp32 and ties go to the older token, so rankings can
   differ from the reference's fp16 tie order.
 - W is calibrated per request from its own prompt (the paper calibrates offline on ~1% of the
-  test set). `budget_ratio` expresses B as a fraction of the tokens seen so far (the paper's r).
+  test set). The parameter defaults (and the `lazy_eviction` preset) are fixed values, not the
+  paper's Llama setting: α 1e-4 is the reference's CLI default and its Qwen value (its Llama-8B runs
+  use 5e-4), W 64 is fixed where the paper takes the 80th-percentile recurrence interval. `budget_ratio` expresses B as a fraction of the tokens seen so far (the paper's r).
 - Multi-token forwards after the prompt (teacher-forced chunks) are observed row by row as
   consecutive decode steps; evictions then happen after the forward in which a multiple of W was
   reached, so the peak is B + W + chunk - 1 unless the chunk size divides W.

@@ -398,3 +398,16 @@ def test_params_validation():
     for bad in [dict(window=0), dict(window="sometimes"), dict(alpha=0), dict(budget_ratio=1.5), dict(foo=1)]:
         with pytest.raises(ValidationError):
             LazyEvictionParams(**bad)
+
+
+def test_fixed_preset_states_its_values_and_not_the_papers():
+    """The `lazy_eviction` preset runs fixed values that are not the paper's Llama setting (α 5e-4, W the
+    80th-percentile recurrence interval): its description must say which values it runs."""
+    from kvmux.policies.presets import load_presets
+
+    preset = load_presets(Path(__file__).resolve().parents[2] / "configs" / "policies")["lazy_eviction"]
+    params, text = preset.params, preset.description
+    assert "paper defaults" not in text
+    assert f"B={params.budget}" in text and f"W={params.window}" in text
+    assert params.alpha == 1e-4 and "α 1e-4" in text
+    assert "5e-4" in text and "80th-percentile" in text  # and what the paper runs instead
