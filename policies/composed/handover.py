@@ -2,7 +2,8 @@
 
 Composable policies and the cache each one leaves after a prefill or decodes from (`CACHE_KIND`):
 - `plain`: full, flexprefill, hip, lazy_eviction. Every token's K/V in order, keys rotated at their
-  absolute positions 0..T-1 (the growable cache of `kv_buffer.py`).
+  absolute positions 0..T-1 (the growable cache of `kv_buffer.py`; a sliding-window layer of the model
+  holds its last tokens only).
 - `sink_window`: streaming_llm. The first `sink_tokens` and the last `window` tokens (the ring of
   `sink_window_cache.py`); keys stored un-rotated (`positions: cache`) or rotated at their absolute
   positions (`positions: original`).
@@ -21,18 +22,25 @@ part whose positions are absolute gets the position shift `tokens_seen - next_po
 `next_position` is what the prefill part's own scheme gives the next token (0 unless keys were renumbered:
 a ring in `positions: cache`); StreamingLLM in `positions: cache` numbers positions inside its own cache.
 
-actqkv and infiniretri own their whole pipeline and are refused as either part (`REFUSED`).
+actqkv and infiniretri own their whole pipeline and are refused as either part (`REFUSED`). On a model with
+sliding-window layers a plain cache does not hold every prompt token in those layers, so a plain prefill
+part cannot hand over to a StreamingLLM decode part there (`model_problem`, checked with the prompt).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from transformers.cache_utils import Cache
 
 from kvmux.policies.base import PolicySession
+from kvmux.policies.kv_buffer import GrowableCache, GrowableLayer
 from kvmux.policies.rope import rotate
+
+if TYPE_CHECKING:
+    from kvmux.models.info import ModelInfo
 
 PLAIN = "plain"
 SINK_WINDOW = "sink_window"
@@ -68,6 +76,19 @@ def pair_problem(prefill_policy: str, decode_policy: str) -> str | None:
     return None
 
 
+def model_problem(prefill_policy: str, decode_policy: str, info: ModelInfo) -> str | None:
+    """Why the pair's hand-over cannot run on this model, or None: a plain cache that is cut to a StreamingLLM
+    ring must hold every prompt token in every layer, which a model's sliding-window layers do not."""
+    if CACHE_KIND.get(prefill_policy) != PLAIN or CACHE_KIND.get(decode_policy) != SINK_WINDOW:
+        return None
+    if all(isinstance(layer, GrowableLayer) for layer in GrowableCache(config=info.config).layers):
+        return None
+    return (
+        "this model has sliding-window layers, which keep only their last tokens, so the prefill part's cache "
+        "lacks the first tokens StreamingLLM keeps as sinks"
+    )
+
+
 def adopts_cache(prefill_policy: str, decode_policy: str) -> bool:
     """Whether the decode part takes over the prefill part's cache object as it is (no second copy)."""
     return CACHE_KIND.get(prefill_policy) == PLAIN and CACHE_KIND.get(decode_policy) == PLAIN
@@ -78,7 +99,9 @@ class KeptKV:
     """The K/V a prefill part leaves: per layer keys and values [B, Hkv, L, D] in token order."""
 
     layers: list[tuple[torch.Tensor, torch.Tensor]]
-    rotated_at: torch.Tensor | None  # [L]: the rotary position of every key; None: keys stored un-rotated
+    # per layer [L]: the rotary position of every key (a sliding-window layer holds only the last ones);
+    # None: the keys are stored un-rotated
+    rotated_at: list[torch.Tensor | None]
     next_position: int  # the position the prefill part's own scheme gives the next token
     cache: Cache | None = None  # a plain cache the decode part may adopt as it is
 
@@ -88,14 +111,15 @@ def export_kept(session: PolicySession) -> KeptKV:
     seen = session.tokens_seen
     layers = [(layer.keys, layer.values) for layer in session.cache.layers]
     device = layers[0][0].device
-    if CACHE_KIND[session.policy.name] == PLAIN:
-        return KeptKV(layers, torch.arange(seen, device=device), seen, cache=session.cache)
+    if CACHE_KIND[session.policy.name] == PLAIN:  # every layer holds its last tokens (all of them, or a window)
+        rotated_at = [torch.arange(seen - keys.shape[-2], seen, device=device) for keys, _ in layers]
+        return KeptKV(layers, rotated_at, seen, cache=session.cache)
     length = layers[0][0].shape[-2]
     if session.params.positions == "cache":  # keys un-rotated; the ring numbers positions 0..length-1
-        return KeptKV(layers, None, length)
+        return KeptKV(layers, [None] * len(layers), length)
     sinks = min(session.params.sink_tokens, length)
-    rotated_at = torch.cat([torch.arange(sinks), torch.arange(seen - length + sinks, seen)]).to(device)
-    return KeptKV(layers, rotated_at, seen)
+    positions = torch.cat([torch.arange(sinks), torch.arange(seen - length + sinks, seen)]).to(device)
+    return KeptKV(layers, [positions] * len(layers), seen)
 
 
 def import_kept(session: PolicySession, kept: KeptKV) -> int:
@@ -111,8 +135,8 @@ def _into_plain(session: PolicySession, kept: KeptKV) -> int:
         session.cache = kept.cache
     else:
         inv_freq = session.info.inv_freq
-        for idx, (keys, values) in enumerate(kept.layers):
-            if kept.rotated_at is None:  # un-rotated: at consecutive positions 0..L-1, as the ring numbered them
+        for idx, ((keys, values), rotated_at) in enumerate(zip(kept.layers, kept.rotated_at, strict=True)):
+            if rotated_at is None:  # un-rotated: at consecutive positions 0..L-1, as the ring numbered them
                 keys = rotate(keys, torch.arange(keys.shape[-2], device=keys.device), inv_freq)
             session.cache.update(keys, values, idx)
     return session.tokens_seen - kept.next_position
@@ -120,17 +144,15 @@ def _into_plain(session: PolicySession, kept: KeptKV) -> int:
 
 def _into_sink_window(session: PolicySession, kept: KeptKV) -> int:
     params, inv_freq = session.params, session.info.inv_freq
-    for idx, (keys, values) in enumerate(kept.layers):
+    for idx, ((keys, values), rotated_at) in enumerate(zip(kept.layers, kept.rotated_at, strict=True)):
         length = keys.shape[-2]
-        if kept.rotated_at is not None and kept.rotated_at.shape[0] != length:
-            raise ValueError(f"layer {idx} holds {length} tokens, not every one of the {kept.rotated_at.shape[0]} seen")
         sinks = min(params.sink_tokens, length)
         index = torch.cat([torch.arange(sinks), torch.arange(max(sinks, length - params.window), length)])
         index = index.to(keys.device)
         keys, values = keys.index_select(-2, index), values.index_select(-2, index)
-        if params.positions == "cache" and kept.rotated_at is not None:  # the ring stores keys un-rotated
-            keys = rotate(keys, -kept.rotated_at[index], inv_freq)
-        elif params.positions == "original" and kept.rotated_at is None:  # at their places 0..L-1 (next: L)
+        if params.positions == "cache" and rotated_at is not None:  # the ring stores keys un-rotated
+            keys = rotate(keys, -rotated_at[index], inv_freq)
+        elif params.positions == "original" and rotated_at is None:  # at their places 0..L-1 (next: L)
             keys = rotate(keys, index, inv_freq)
         session.cache.layers[idx].load(keys, values)
     return 0 if params.positions == "cache" else session.tokens_seen - kept.next_position

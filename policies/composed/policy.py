@@ -25,7 +25,9 @@ What the pair reports and needs:
   (the two caches coexist during the hand-over); step bound: the larger part's, or their sum when the
   decode part observes the prompt inside the prefill's forwards (LazyEviction's `window: auto`,
   `calibration.py`);
-- prefix cache: nothing shared (the default), since the parts' states are not one policy's.
+- prefix cache: nothing shared (the default), since the parts' states are not one policy's;
+- a model with sliding-window layers refuses a plain prefill part before a streaming_llm decode part
+  (`handover.model_problem`), with the prompt's other checks (a 400 before the request is queued).
 """
 
 from __future__ import annotations
@@ -35,9 +37,9 @@ from typing import Any
 
 from pydantic import Field, create_model
 
-from kvmux.policies.base import Policy, PolicyParams
+from kvmux.policies.base import Policy, PolicyInputError, PolicyParams
 from kvmux.policies.composed.calibration import observes_prompt
-from kvmux.policies.composed.handover import adopts_cache, pair_problem
+from kvmux.policies.composed.handover import adopts_cache, model_problem, pair_problem
 from kvmux.policies.composed.session import ComposedSession
 from kvmux.policies.presets import PART_KEYS, Preset, PresetError
 
@@ -75,6 +77,13 @@ class ComposedPolicy(Policy):
         return Preset(self.part_presets[part], policy, getattr(params, part))
 
     def check_prompt(self, params, info, request, prompt_ids: list[int]) -> None:
+        problem = model_problem(self.prefill_policy.name, self.decode_policy.name, info)
+        if problem is not None:
+            names = self.part_presets
+            raise PolicyInputError(
+                f"Cannot compose prefill preset '{names['prefill']}' ({self.prefill_policy.name}) with decode preset "
+                f"'{names['decode']}' ({self.decode_policy.name}) on this model: {problem}."
+            )
         self.prefill_policy.check_prompt(params.prefill, info, request, prompt_ids)
         self.decode_policy.check_prompt(params.decode, info, request, prompt_ids)
 

@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvmux.policies.base import PolicySession, SessionRequest, StepInterrupted, run_prefill
+from kvmux.policies.base import PolicyInputError, PolicySession, SessionRequest, StepInterrupted, run_prefill
 from kvmux.policies.composed import CACHE_KIND, ComposedSession, compose, pair_problem
 from kvmux.policies.kv_buffer import GrowableCache
 from kvmux.policies.presets import Preset, PresetError, load_presets, resolve_request_policy
 from kvmux.policies.registry import get_policy, policy_names
 from kvmux.policies.rope import rotate
+from tests.tiny_models import make_tiny
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "policies"
 PROMPT, STEPS = 18, 10
@@ -201,6 +202,7 @@ def test_every_valid_pair_generates_with_consistent_counters(tiny_llama, prefill
         kv = session.stats().as_dict()
         assert kv["tokens_seen"] == session.decode_part.tokens_seen == 44 and kv["decode"]["tokens_seen"] == 44
         assert kv["prefill"]["tokens_seen"] == 40 and spec.policy.name == f"{prefill}+{decode}"
+        assert spec.policy.prefix_reuse(spec.params, info, 64) is None  # nothing shared with the prefix cache
         session.close()
 
 
@@ -288,3 +290,15 @@ def test_composed_preset_files_name_presets_loaded_with_them(tmp_path):
     (tmp_path / "bad.yaml").write_text("policy: full\nprefill: z_dense\ndecode: z_lazy\n")
     with pytest.raises(PresetError, match=r"bad\.yaml: unknown field\(s\) \['policy'\]"):
         load_presets(tmp_path)
+
+
+def test_sliding_window_layers_refuse_a_cut_to_a_ring_before_the_request_runs():
+    sliding = dict(use_sliding_window=True, sliding_window=8, layer_types=["full_attention", "sliding_attention"])
+    _, info, runner = make_tiny("qwen2", **sliding)
+    cut = pair(preset("full"), preset("streaming_cache", sink_tokens=2, window=8))
+    with pytest.raises(PolicyInputError, match="'full' .* 'streaming_cache' .* sliding-window layers"):
+        cut.policy.check_prompt(cut.params, info, SessionRequest(), list(range(30)))
+    ids, tokens = prompt(30)
+    kept = pair(preset("streaming_cache", sink_tokens=2, window=8), preset("full"))
+    kept.policy.check_prompt(kept.params, info, SessionRequest(), ids[0].tolist())
+    assert torch.isfinite(teacher_forced(start(kept, info), runner, ids, tokens[:3])).all()
