@@ -41,7 +41,12 @@ Deviations from the paper / reference code:
 - W is calibrated per request from its own prompt (the paper calibrates offline on ~1% of the
   test set). The parameter defaults (and the `lazy_eviction` preset) are fixed values, not the
   paper's Llama setting: α 1e-4 is the reference's CLI default and its Qwen value (its Llama-8B runs
-  use 5e-4), W 64 is fixed where the paper takes the 80th-percentile recurrence interval. `budget_ratio` expresses B as a fraction of the tokens seen so far (the paper's r).
+  use 5e-4), W 64 is fixed where the paper takes the 80th-percentile recurrence interval.
+- Budget as a fraction: the paper's r (KV used / full KV of prompt + output) fixes B for the whole
+  request, which needs the request's output length; a session does not know it. Instead,
+  `budget_seen_fraction` f sets B = ceil(f * tokens seen so far), recomputed at every eviction, so B
+  grows with the request and the cache stays near f of a full cache at every step. The prompt is
+  still kept whole until the first eviction (step W), which then keeps f of it (with f 0.5, half).
 - Multi-token forwards after the prompt (teacher-forced chunks) are observed row by row as
   consecutive decode steps; evictions then happen after the forward in which a multiple of W was
   reached, so the peak is B + W + chunk - 1 unless the chunk size divides W.
@@ -92,8 +97,12 @@ class LazyEvictionParams(PolicyParams):
     budget: int = Field(
         1024, ge=1, le=131072, description="B: tokens per KV head kept after an eviction (at most 131072)"
     )
-    budget_ratio: float | None = Field(
-        None, gt=0, le=1, description="if set, B = ceil(ratio * tokens seen so far), replacing budget"
+    budget_seen_fraction: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="if set, B = ceil(fraction * tokens seen so far), recomputed at every eviction, replacing "
+        "budget (not the paper's r, which fixes B from prompt + output length)",
     )
     window: Annotated[int, Field(ge=1, le=8192)] | Literal["auto"] = Field(
         64, description="W: steps between evictions and newest tokens always kept (at most 8192); 'auto' = calibrate"
@@ -126,8 +135,8 @@ class LazyEvictionSession(PolicySession):
 
     # -- budget ---------------------------------------------------------------------------------
     def budget(self) -> int:
-        if self.params.budget_ratio is not None:
-            return max(1, math.ceil(self.params.budget_ratio * self.tokens_seen))
+        if self.params.budget_seen_fraction is not None:
+            return max(1, math.ceil(self.params.budget_seen_fraction * self.tokens_seen))
         return self.params.budget
 
     # -- attention --------------------------------------------------------------------------------

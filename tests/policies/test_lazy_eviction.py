@@ -115,9 +115,13 @@ def test_kv_never_exceeds_budget_plus_window(tiny_llama, chunk):
     assert session.next_position_ids(1).tolist() == [[200]]
 
 
-def test_budget_ratio_follows_tokens_seen(tiny_llama):
+def test_budget_seen_fraction_follows_tokens_seen(tiny_llama):
+    """B is a fraction of the tokens seen so far (recomputed at each eviction), under a name that says so:
+    the paper's r would fix B from prompt + output length, which a session does not know."""
+    with pytest.raises(ValidationError, match="budget_ratio"):
+        LazyEvictionParams(budget_ratio=0.5)
     model, info, runner = tiny_llama
-    session = new_session("lazy_eviction", info, budget_ratio=0.5, window=4)
+    session = new_session("lazy_eviction", info, budget_seen_fraction=0.5, window=4)
     for token in torch.randint(0, 256, (120,)).tolist():
         runner.forward(session, torch.tensor([[token]]))
         assert session.cache.layers[0].keys.shape[-2] <= math.ceil(0.5 * session.tokens_seen) + 4
@@ -395,7 +399,7 @@ def test_params_validation():
     defaults = LazyEvictionParams()
     assert (defaults.budget, defaults.window, defaults.alpha, defaults.window_percentile) == (1024, 64, 1e-4, 80)
     assert LazyEvictionParams(window="auto").window == "auto"
-    for bad in [dict(window=0), dict(window="sometimes"), dict(alpha=0), dict(budget_ratio=1.5), dict(foo=1)]:
+    for bad in [dict(window=0), dict(window="sometimes"), dict(alpha=0), dict(budget_seen_fraction=1.5), dict(foo=1)]:
         with pytest.raises(ValidationError):
             LazyEvictionParams(**bad)
 
