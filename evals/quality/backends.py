@@ -5,6 +5,11 @@ decode greedily, and pass the KV policy as kvmux's `kv_policy` field (a preset n
 overrides, and the question as `query` for query-aware policies). A request the server refuses
 (unknown preset, bad parameter, prompt longer than the context) raises `Rejected` with the
 server's message; the runner records it against the cell instead of stopping.
+
+The shared-context tasks send their turns through `generate_turn` (token ids, or chat messages for
+scb_multiturn), which also reports the prompt tokens served by the prefix cache and the time to first
+token: the in-process engine's prefill time (`kv.prefill_ms`), or over HTTP the time from sending the
+request to the first streamed token.
 """
 
 from __future__ import annotations
@@ -15,13 +20,17 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
+from kvmux.evals.quality.sse import StreamError, read_stream
 from kvmux.evals.tasks.common import Sample
 
 if TYPE_CHECKING:
+    from kvmux.evals.tasks.shared_context import TurnPrompt
     from kvmux.models.runner import Runner
     from kvmux.policies.base import PolicySession
 
 DEFAULT_PRESET = "default"  # the server's own default policy: no kv_policy field is sent
+# --prefix-reuse: asked about a sample's context before the sample (its state is then cached)
+DECOY_QUESTION = "\n\nQuestion: Which topics does the text above cover? Answer in one line.\nAnswer:"
 
 
 class Rejected(Exception):
@@ -40,6 +49,14 @@ class Generation:
     finish_reason: str
     seconds: float
     kv: dict[str, Any] = field(default_factory=dict)
+    token_ids: list[int] | None = None  # the completion's tokens, where the backend reports them
+    ttft_ms: float | None = None  # time to first token (generate_turn)
+    cached_tokens: int = 0  # prompt tokens served by the prefix cache (generate_turn)
+
+
+def without_prefix_cache(kv_policy: dict[str, Any] | None) -> dict[str, Any]:
+    """The same policy selection with `cache: false`: the request neither reads nor fills the prefix cache."""
+    return {**(kv_policy or {}), "cache": False}
 
 
 class EngineBackend:
@@ -47,8 +64,9 @@ class EngineBackend:
 
     kind = "engine"
 
-    def __init__(self, engine: Any):
+    def __init__(self, engine: Any, warm_prefix: bool = False):
         self.engine = engine
+        self.warm_prefix = warm_prefix  # ask DECOY_QUESTION about the sample's context first
         self.tokenizer = engine.tokenizer
         self.model_name = engine.info.served_name
 
@@ -73,8 +91,12 @@ class EngineBackend:
         from kvmux.server.sampling import SamplingParams
 
         sampling = SamplingParams(max_tokens=sample.max_new_tokens, temperature=0.0)
-        started = time.perf_counter()
+        if not self.warm_prefix and getattr(self.engine, "prefix_cache", None) is not None:
+            kv_policy = without_prefix_cache(kv_policy)  # only --prefix-reuse lets single-turn samples share
         try:
+            if self.warm_prefix:
+                self._ask_decoy(sample, kv_policy)
+            started = time.perf_counter()
             result = self.engine.generate(prompt=list(sample.prompt_ids), sampling=sampling, kv_policy=kv_policy)
         except KvmuxError as exc:  # presets, policies and the engine all raise these
             raise Rejected(exc.message) from None
@@ -86,6 +108,46 @@ class EngineBackend:
             seconds=time.perf_counter() - started,
             kv=dict(result.kv),
         )
+
+    def _ask_decoy(self, sample: Sample, kv_policy: dict[str, Any] | None) -> None:
+        """Another question about the same context (the prompt up to the end of its haystack), whose state
+        the prefix cache keeps for the sample's own request."""
+        from kvmux.server.sampling import SamplingParams
+
+        end = sample.haystack_span[1] or len(sample.prompt) // 2
+        decoy = sample.prompt[:end] + DECOY_QUESTION
+        self.engine.generate(prompt=decoy, sampling=SamplingParams(max_tokens=1, temperature=0.0), kv_policy=kv_policy)
+
+    def generate_turn(self, turn: TurnPrompt, kv_policy: dict[str, Any] | None) -> Generation:
+        """One turn of a shared-context sample; TTFT = the engine's prefill time (`kv.prefill_ms`)."""
+        from kvmux.errors import KvmuxError
+        from kvmux.server.sampling import SamplingParams
+
+        sampling = SamplingParams(max_tokens=turn.max_new_tokens, temperature=0.0)
+        prompt = None if turn.messages is not None else list(turn.prompt_ids or [])
+        started = time.perf_counter()
+        try:
+            result = self.engine.generate(prompt, turn.messages, sampling=sampling, kv_policy=kv_policy)
+        except KvmuxError as exc:
+            raise Rejected(exc.message) from None
+        kv = dict(result.kv)
+        return Generation(
+            text=result.text,
+            prompt_tokens=result.prompt_tokens,
+            completion_tokens=result.completion_tokens,
+            finish_reason=result.finish_reason,
+            seconds=time.perf_counter() - started,
+            kv=kv,
+            token_ids=list(result.token_ids),
+            ttft_ms=kv.get("prefill_ms"),
+            cached_tokens=int(kv.get("cached_tokens") or 0),
+        )
+
+    def clear_prefix_cache(self) -> None:
+        """Drop every cached prefix, so the next context's first turn starts cold."""
+        cache = getattr(self.engine, "prefix_cache", None)
+        if cache is not None:
+            cache.clear()
 
     def open_session(self, kv_policy: dict[str, Any] | None) -> tuple[PolicySession, Runner]:
         """A fresh policy session (given `kv_policy.query` if any) and the runner, for teacher-forced
@@ -178,6 +240,46 @@ class HTTPBackend:
             seconds=seconds,
             kv=dict(data.get("kv") or {}),
         )
+
+    def generate_turn(self, turn: TurnPrompt, kv_policy: dict[str, Any] | None) -> Generation:
+        """One turn of a shared-context sample, streamed: `/v1/chat/completions` for messages, else
+        `/v1/completions` with the token ids; TTFT = from sending the request to the first streamed token."""
+        chat = turn.messages is not None
+        body: dict[str, Any] = {
+            "model": self.model_name,
+            "max_tokens": turn.max_new_tokens,
+            "temperature": 0.0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        body.update({"messages": turn.messages} if chat else {"prompt": list(turn.prompt_ids or [])})
+        if kv_policy is not None:
+            body["kv_policy"] = kv_policy
+        started = time.perf_counter()
+        with self.client.stream("POST", "/chat/completions" if chat else "/completions", json=body) as response:
+            if response.status_code != 200:
+                response.read()
+                if response.status_code in (400, 422):
+                    raise Rejected(_error_message(response))
+                raise RuntimeError(f"{self.url}: HTTP {response.status_code}: {_error_message(response)}")
+            try:
+                reply = read_stream(response.iter_lines(), started, chat)
+            except StreamError as exc:
+                raise Rejected(exc.message) from None
+        return Generation(
+            text=reply.text,
+            prompt_tokens=int(reply.usage.get("prompt_tokens", 0)),
+            completion_tokens=int(reply.usage.get("completion_tokens", 0)),
+            finish_reason=reply.finish_reason,
+            seconds=reply.seconds,
+            kv=reply.kv,
+            ttft_ms=None if reply.ttft_s is None else round(reply.ttft_s * 1000, 2),
+            cached_tokens=reply.cached_tokens,
+        )
+
+    def clear_prefix_cache(self) -> None:
+        """Nothing to do: a server's prefix cache is its own (a context it has seen before may serve turn 1
+        too; the turn's cached_tokens shows it)."""
 
     def open_session(self, kv_policy: dict[str, Any] | None):
         raise Rejected(

@@ -1,11 +1,13 @@
 """`kvmux eval`: long-context quality of every policy preset on the same seeded tasks.
 
 Tasks: passkey (landmark attention), RULER's niah family, vt and cwe, a synthetic document QA,
-recall of a fact through text fed as decoding (decode_recall; in-process only) and stream
-perplexity (StreamingLLM). Runs in-process on a loaded model, or against any
-OpenAI-compatible server with --url (the question is sent as kv_policy.query; `default` as a
-preset name sends no kv_policy). Results are resumable: re-running the same command skips the
-cells already in <out>/results.json. Writes results.json, summary.md and PNG plots.
+recall of a fact through text fed as decoding (decode_recall; in-process only), stream
+perplexity (StreamingLLM), and shared-context questions asked turn by turn about one context
+(scb_kv, scb_multiturn; SCBench-style, with the prefix cache on and off). Runs in-process on a
+loaded model, or against any OpenAI-compatible server with --url (the question is sent as
+kv_policy.query; `default` as a preset name sends no kv_policy). Results are resumable:
+re-running the same command skips the cells already in <out>/results.json. Writes
+results.json, summary.md and PNG plots.
 
 Examples:
   kvmux eval --presets full,streaming_llm --tasks passkey --lengths 2K --depths 0,100 --samples 1
@@ -13,6 +15,7 @@ Examples:
   kvmux eval --tasks decode_recall --lengths 1280 --depths 60 --presets full,lazy_eviction --ppl-chunk 16
   kvmux eval --url http://127.0.0.1:8000 --presets full,streaming_llm --tasks niah_single
   kvmux eval --presets streaming_llm --policy-overrides '{"streaming_llm": [{"window": 256}, {"window": 1020}]}'
+  kvmux eval --presets full,hip --tasks scb_kv --lengths 4K --samples 4 --turns 5 --prefix-cache both
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from pathlib import Path
 
 from kvmux import cli_args
 from kvmux.evals.helpers import command_line, embedded_tokenizer_dir, load_tokenizer, sweep_overrides
+from kvmux.evals.tasks import TASKS
+from kvmux.evals.tasks.shared_context import CACHE_MODES, DEFAULT_TURNS
 
 DEFAULT_TASKS = "passkey,niah_single,niah_multikey,niah_multivalue,niah_multiquery,vt,cwe,qa"
 
@@ -66,6 +71,20 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--no-query", dest="send_query", action="store_false", help="do not pass the question")
     p.add_argument(
+        "--prefix-reuse",
+        action="store_true",
+        help="in-process: before each sample, ask a different question about the same context, so the sample "
+        "starts from the prefix cache (measures what reusing a policy's state changes)",
+    )
+    p.add_argument(
+        "--prefix-cache",
+        choices=(*CACHE_MODES, "both"),
+        default="both",
+        help="shared-context tasks (scb_*): run the turns with the prefix cache on, off (kv_policy.cache: false) "
+        "or both, to compare time to first token and answers (default: both)",
+    )
+    p.add_argument("--turns", type=int, default=DEFAULT_TURNS, help="shared-context tasks: questions per context")
+    p.add_argument(
         "--ppl-chunk",
         type=int,
         default=1,
@@ -83,6 +102,15 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def engine_prefix_cache(args: argparse.Namespace) -> str | None:
+    """The in-process engine's prefix cache: on (`auto`) for --prefix-reuse or when a shared-context task
+    runs with the cache on; off otherwise, so the other tasks measure what they always did."""
+    from kvmux.evals.quality.turns import cache_modes
+
+    shared = any(getattr(TASKS.get(name), "shared_context", False) for name in args.tasks)
+    return "auto" if args.prefix_reuse or (shared and "on" in cache_modes(args.prefix_cache)) else None
+
+
 def build_engine_backend(args: argparse.Namespace):
     from kvmux.evals.quality.backends import EngineBackend
     from kvmux.models.loader import load_model
@@ -93,8 +121,11 @@ def build_engine_backend(args: argparse.Namespace):
     presets = load_presets(cli_args.presets_dir(args))
     loaded = load_model(cli_args.model_spec(args))
     default = "full" if "full" in presets else next(iter(presets))
-    engine = Engine(loaded, presets, default_preset=default, prefill_chunk_tokens=args.prefill_chunk)
-    return EngineBackend(engine), list(presets)
+    cache = engine_prefix_cache(args)
+    engine = Engine(
+        loaded, presets, default_preset=default, prefill_chunk_tokens=args.prefill_chunk, prefix_cache_bytes=cache
+    )
+    return EngineBackend(engine, warm_prefix=args.prefix_reuse), list(presets)
 
 
 def build_http_backend(args: argparse.Namespace):
@@ -108,6 +139,7 @@ def eval_command(args: argparse.Namespace) -> int:
     from kvmux.evals.quality.report import write_report
     from kvmux.evals.quality.results import load_results
     from kvmux.evals.quality.runner import EvalConfig, EvalRunner, make_variants
+    from kvmux.evals.quality.turns import cache_modes
 
     if args.report_only:
         for path in write_report(load_results(args.out), args.out):
@@ -134,6 +166,8 @@ def eval_command(args: argparse.Namespace) -> int:
             ppl_chunk=args.ppl_chunk,
             ppl_window=args.ppl_window,
             out=args.out,
+            cache_modes=cache_modes(args.prefix_cache),
+            turns=args.turns,
         )
         try:
             runner = EvalRunner(config, backend, progress=args.progress)

@@ -9,6 +9,8 @@
   policy, one panel per task.
 - `ppl_vs_position.png`: perplexity of consecutive windows along the stream, one line per
   variant (StreamingLLM's Fig. 3, https://arxiv.org/abs/2309.17453).
+- shared-context cells (scb tasks, turn by turn): their own section in `summary.md` and
+  `shared_context.json` (`turns_report.py`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 from kvmux.evals.helpers import fmt, pyplot, save_figure
 from kvmux.evals.helpers import mean as _mean
 from kvmux.evals.quality.results import load_results
+from kvmux.evals.quality.turns_report import is_turn_cell, turn_tables, write_turn_json
 
 
 def _fmt(value: float | None, digits: int = 1) -> str:
@@ -95,9 +98,10 @@ def markdown(data: dict[str, Any]) -> str:
         "averaged over depths and samples. KV kept = bytes kept / bytes of a full cache, at the end of each request.",
         "",
     ]
-    tasks = list(dict.fromkeys(c["task"] for c in cells if c["metric"] != "perplexity"))
+    tasks = list(dict.fromkeys(c["task"] for c in cells if c["metric"] != "perplexity" and not is_turn_cell(c)))
     for task in tasks:
         lines += score_table(cells, task)
+    lines += turn_tables(data)
     if any(c["metric"] == "perplexity" for c in cells):
         lines += ppl_table(cells)
     rejected = [c for c in cells if c["status"] == "rejected"]
@@ -200,7 +204,7 @@ def write_report(results: dict[str, Any] | Path, out: Path) -> list[Path]:
     summary.write_text(markdown(data))
     cells = _cells(data)
     written = [summary, *plot_heatmaps(cells, out)]
-    for path in (plot_accuracy_vs_kv(cells, out), plot_ppl(cells, out)):
+    for path in (plot_accuracy_vs_kv(cells, out), plot_ppl(cells, out), write_turn_json(data, out)):
         if path is not None:
             written.append(path)
     return written

@@ -6,6 +6,9 @@ sample; on a re-run, finished cells and finished samples are read back and skipp
 whose prompts do not fit the policy's context (the model's context unless the policy extends
 it, `Policy.context_limit`) is recorded as `rejected` with the reason, and the grid goes on.
 
+Shared-context tasks (several questions about one context, asked turn by turn) run per variant and
+prefix-cache mode through `turns.py`.
+
 Scoring follows RULER (Hsieh et al., 2024, https://arxiv.org/abs/2404.06654); the stream
 perplexity cell follows StreamingLLM (https://arxiv.org/abs/2309.17453), see `stream.py`.
 """
@@ -23,8 +26,10 @@ from kvmux.evals.quality.backends import DEFAULT_PRESET, Rejected
 from kvmux.evals.quality.results import ResultStore, cell_key, summarize
 from kvmux.evals.quality.scoring import score
 from kvmux.evals.quality.stream import generate_after_stream, measure_stream
+from kvmux.evals.quality.turns import TurnRunner
 from kvmux.evals.tasks import get_task
 from kvmux.evals.tasks.common import Renderer, Sample, TaskLengthError
+from kvmux.evals.tasks.shared_context import CACHE_MODES, DEFAULT_TURNS
 
 
 @dataclass(frozen=True)
@@ -79,6 +84,8 @@ class EvalConfig:
     ppl_chunk: int = 1
     ppl_window: int = 256
     out: Path = Path("eval-results")
+    cache_modes: list[str] = field(default_factory=lambda: list(CACHE_MODES))  # shared-context tasks
+    turns: int = DEFAULT_TURNS  # shared-context tasks: questions per context
 
 
 def depths_for(task: Any, depths: list[float]) -> list[float | None]:
@@ -105,6 +112,7 @@ class EvalRunner:
         self.store = ResultStore(config.out / "results.json", meta)
         self.progress = progress
         self._policy_names: dict[str, str] = {}
+        self.turns = TurnRunner(config, backend, self.store, self.renderer, self._policy_name, self._limit_message)
 
     # -- bookkeeping ---------------------------------------------------------------------------
     def _grid(self) -> list[tuple[str, int, float | None]]:
@@ -162,6 +170,8 @@ class EvalRunner:
                 task = get_task(name)
                 if task.metric == "perplexity":
                     self._run_stream_cell(task, length, bar)
+                elif getattr(task, "shared_context", False):
+                    self.turns.run(task, length, bar)
                 else:
                     self._run_cell(task, length, depth, bar)
         self.store.save()

@@ -11,7 +11,10 @@ from kvmux.evals.tasks import TASKS, get_task
 from kvmux.evals.tasks.common import Renderer, TaskLengthError, fit_units, join_list
 from kvmux.evals.tasks.corpus import CORPUS_FILE, corpus_sentences, corpus_text
 
-GENERATION_TASKS = [name for name, task in TASKS.items() if task.metric != "perplexity"]
+# single-prompt tasks (the shared-context tasks, several turns per sample, are in test_shared_context.py)
+GENERATION_TASKS = [
+    name for name, task in TASKS.items() if task.metric != "perplexity" and not getattr(task, "shared_context", False)
+]
 DEPTH_TASKS = [name for name in GENERATION_TASKS if TASKS[name].uses_depth]
 # decode_recall's depth is how far into the fed prose the fact is restated (its own test below)
 NEEDLE_DEPTH_TASKS = [name for name in DEPTH_TASKS if name != "decode_recall"]
