@@ -119,6 +119,9 @@ class ArenaPage:
         expected = len(path.read_text())
         self.wait(lambda: len(self.by_id("context").get_attribute("value")) == expected, 10)
 
+    def retry(self, column: int) -> None:
+        self.driver.find_elements("css selector", ".column .retry")[column].click()
+
     def run(self) -> None:
         self.by_id("run").click()
 

@@ -1,7 +1,8 @@
 """The policy arena in a real browser: headless Chromium from Debian (`chromium`, `chromium-driver`)
 driven by Selenium, against a live keyed server on the embedded model. Two presets answer side by
 side with their KV bars, chart and export; a long run is cancelled (the server stops its requests
-and keeps serving); a missing or wrong API key is explained in the page.
+and keeps serving); a busy server's 429 shows in its column with a retry; a missing or wrong API key
+is explained in the page.
 
 Nothing is downloaded: the driver and the browser are given by path, so Selenium Manager never
 runs. Without them the tests skip, except under CI (the environment variable CI set), where they fail.
@@ -147,6 +148,26 @@ def test_cancel_stops_every_column_and_the_server_keeps_serving(page, arena_serv
     page.check("ignore-eos", False)
     page.set_number("max-tokens", 4)
     page.run()
+    assert page.wait_states(lambda s: s == ["done", "done"])
+
+
+def test_busy_server_answer_shows_in_its_column_with_a_retry(page, arena_server):
+    page.open()
+    page.use_key(KEY)
+    page.set_number("max-tokens", 8)
+    page.check("ignore-eos")
+    scheduler = arena_server.app.state.kvmux.scheduler
+    limits = scheduler.max_active, scheduler.max_queued
+    scheduler.max_active, scheduler.max_queued = 1, 0  # one request at a time, none waiting: the other gets 429
+    try:
+        page.run()
+        assert page.wait_states(lambda s: sorted(s) == ["done", "error"])
+    finally:
+        scheduler.max_active, scheduler.max_queued = limits
+    busy = page.column_states().index("error")
+    assert "busy (429)" in page.problem(busy) and "Retry after 1 s" in page.problem(busy)
+    assert page.retry_visible(busy)
+    page.retry(busy)
     assert page.wait_states(lambda s: s == ["done", "done"])
 
 

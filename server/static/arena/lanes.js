@@ -69,7 +69,10 @@ export class LaneEditors {
 
   fillSelect(select, chosen) {
     select.replaceChildren(
-      ...this.presets.map((p) => element("option", { value: p.name, textContent: `${p.name} (${p.policy})` })),
+      ...this.presets.map((p) => {
+        const text = p.name === p.policy ? p.name : `${p.name} (${p.policy})`;
+        return element("option", { value: p.name, textContent: text, title: p.description || "" });
+      }),
     );
     if (chosen && this.presets.some((p) => p.name === chosen)) select.value = chosen;
   }
