@@ -54,7 +54,7 @@ class Scheduler:
         self.on_event = on_event  # metrics hook: on_event(kind, handle, payload)
         self.kv_budget = resolve_budget(kv_memory_budget_bytes, engine)  # `auto`: the engine's measured budget
         self.kv_reserved = 0
-        self.prefix_cache = engine.prefix_cache  # its entries count under the budget
+        self.prefix_cache = getattr(engine, "prefix_cache", None)  # its entries count under the budget
         if self.prefix_cache is not None and self.kv_budget is not None:
             self.prefix_cache.room = lambda: self.kv_budget - self.kv_reserved
         self.batch_decode = batch_decode

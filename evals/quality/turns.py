@@ -28,7 +28,7 @@ from kvmux.evals.tasks.common import Renderer
 from kvmux.evals.tasks.shared_context import CACHE_MODES, SharedContextSample, SharedContextTask, TurnPrompt
 
 if TYPE_CHECKING:
-    from kvmux.evals.quality.runner import EvalConfig, Variant
+    from kvmux.evals.quality.config import EvalConfig, Variant
 
 CACHE_FLAG_CHOICES = (*CACHE_MODES, "both")
 

@@ -41,7 +41,7 @@ from kvmux.policies.base import Policy, PolicyInputError, PolicyParams
 from kvmux.policies.composed.calibration import observes_prompt
 from kvmux.policies.composed.handover import adopts_cache, model_problem, pair_problem
 from kvmux.policies.composed.session import ComposedSession
-from kvmux.policies.presets import PART_KEYS, Preset, PresetError
+from kvmux.policies.preset_single import PART_KEYS, Preset, PresetError
 
 
 @functools.cache

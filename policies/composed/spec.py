@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from kvmux.policies.composed.policy import compose
-from kvmux.policies.presets import PART_KEYS, Preset, PresetError, resolve_request_policy
+from kvmux.policies.preset_single import PART_KEYS, Preset, PresetError, resolve_single
 
 REQUEST_KEYS = {"preset", "query", *PART_KEYS}
 FILE_KEYS = {"name", "description", *PART_KEYS}
@@ -105,7 +105,7 @@ def _part(part: str, given: Any, base: Preset | None, presets: dict[str, Preset]
             f"{where}.preset",
         )
     try:
-        preset, _ = resolve_request_policy({**given, "preset": name}, source, name)
+        preset, _ = resolve_single({**given, "preset": name}, source, name)
     except PresetError as exc:
         message = exc.message.replace("kv_policy", where)
         param = (exc.param or "kv_policy").replace("kv_policy", where, 1)
