@@ -97,14 +97,16 @@ class SinkWindowLayer(BufferedLayer):
         st.length, st.oldest = needed, self.sinks
         return st.keys[..., :needed, :], st.values[..., :needed, :]
 
-    def evict(self) -> None:
-        """Drop tokens between the sinks and the last `window` (called between forwards)."""
+    def evict(self, window: int | None = None) -> None:
+        """Drop tokens between the sinks and the last `window` (default: the layer's; called between forwards,
+        with a smaller window to make room for the next forward's tokens)."""
         st = self.state
-        live, keep = self.get_seq_length(), self.sinks + self.window
+        window = self.window if window is None else window
+        live, keep = self.get_seq_length(), self.sinks + window
         if live <= keep:
             return
         ring = st.length - self.sinks
-        if live == keep + 1 and ring == self.window + 1:  # one token over: its slot becomes the dead one
+        if live == keep + 1 and ring == window + 1:  # one token over: its slot becomes the dead one
             st.dead = st.oldest
             st.oldest = self.sinks + (st.oldest - self.sinks + 1) % ring
             return

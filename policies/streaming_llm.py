@@ -25,11 +25,15 @@ Deviations from the reference:
 - The reference stores un-rotated keys by patching the attention forward; we receive rotated
   keys from the stock model and un-rotate them once with the model's own inverse frequencies
   (fp32), which keeps any RoPE scaling factor inside the stored key.
-- Prompts are prefilled in chunks of `prefill_chunk` tokens (256, at most `window`) with eviction
-  after each chunk (the reference prefills a chat turn in one forward after reserving space); a
-  token inside a chunk therefore sees up to `sink_tokens + window + chunk - 1` keys. Small chunks
-  keep that close to the paper's `sink_tokens + window`, and they are where a cached prefix can be
-  resumed exactly (the prefix cache stores the state at a chunk boundary).
+- Prompts are prefilled in chunks of `prefill_chunk` tokens (256, at most `window`); the reference
+  prefills a chat turn in one forward. Before each chunk of n tokens the cache is cut to the sinks
+  + the last `window - n` tokens, so that with the chunk it holds at most `sink_tokens + window`
+  keys (the reference's `evict_for_space`): positions in cache mode stay below `sink_tokens +
+  window`, as in the reference, and a token inside a chunk sees at most that many keys. After the
+  chunk the cache is cut to the sinks + the last `window` again, so a state between chunks is
+  sinks + window whatever the chunk size: the chunk boundaries are where a cached prefix can be
+  resumed exactly (the prefix cache stores the state at a chunk boundary). A decode step adds its
+  token to sinks + window (at slot `sink_tokens + window`), then the oldest window token goes.
 """
 
 from __future__ import annotations
@@ -107,6 +111,21 @@ class StreamingLLMSession(PolicySession):
     def prefill_chunk_tokens(self, runner) -> int:
         return prefill_chunk(self.params, runner.prefill_chunk_tokens)
 
+    def prefill(self, runner, input_ids):
+        """Chunks of `prefill_chunk_tokens`; before each one the cache makes room for it, so that with the
+        chunk it holds at most sinks + window tokens (see the module doc)."""
+        chunk, window = self.prefill_chunk_tokens(runner), self.params.window
+        logits = None
+        for start in range(0, input_ids.shape[1], chunk):
+            piece = input_ids[:, start : start + chunk]
+            with torch.inference_mode():  # the buffers are the runner's inference tensors
+                for layer in self.cache.layers:
+                    layer.evict(window - piece.shape[1])
+            logits = runner.forward(self, piece)
+            yield
+        assert logits is not None, "empty prompt"
+        return logits[0, -1]
+
     def export_prefix(self, length: int) -> PrefixState:
         if length != self.tokens_seen:
             raise ValueError("a streaming_llm state serves exactly the tokens it has seen")
@@ -140,15 +159,15 @@ class StreamingLLMPolicy(Policy):
         return PrefixReuse(granularity=prefill_chunk(params, chunk), truncatable=False)
 
     def kv_bytes_needed(self, params, info, num_tokens: int) -> int:
-        # the cache never holds more than sinks + window (+ one prefill chunk before eviction)
-        held = min(num_tokens, params.sink_tokens + 2 * params.window)
+        # the cache never holds more than sinks + window (+ a decode step's token before eviction)
+        held = min(num_tokens, params.sink_tokens + params.window + 1)
         return info.kv_bytes_per_token * held
 
     def step_bytes_needed(self, params, info, num_tokens: int, chunk: int, query_tokens: int = 0) -> int:
-        # chunks of at most `window` tokens over at most sinks + window + chunk keys; in cache mode every
-        # layer re-rotates its keys (the rotated copy and its two products, fp32)
+        # chunks of at most `window` tokens over at most sinks + window keys (+ 1 in a decode step); in cache
+        # mode every layer re-rotates its keys (the rotated copy and its two products, fp32)
         queries = max(1, min(prefill_chunk(params, chunk), num_tokens))
-        keys = min(num_tokens, params.sink_tokens + params.window + queries)
+        keys = min(num_tokens, params.sink_tokens + params.window + 1)
         rotated = 3 * info.num_kv_heads * keys * info.head_dim * FP32_BYTES if params.positions == "cache" else 0
         return dense_step_bytes(queries, keys) + rotated
 

@@ -56,6 +56,35 @@ def test_cache_mode_equals_recompute_with_contiguous_positions():
     assert kept.shape[1] == session.cache.get_seq_length()
 
 
+def test_chunked_prefill_keeps_positions_within_sinks_plus_window(tiny_llama):
+    """Before each prefill chunk the cache makes room for it (the reference's evict_for_space): every
+    prefill forward attends at most sinks + window keys, at cache positions below sinks + window."""
+    model, info, runner = tiny_llama
+    session = new_session("streaming_llm", info, sink_tokens=4, window=32, prefill_chunk=16)
+    seen = []
+    attention = session.attention
+
+    def spy(call):
+        seen.append((call.key.shape[2], int(call.position_ids.max())))
+        return attention(call)
+
+    session.attention = spy
+    run_prefill(session, runner, torch.randint(0, 256, (1, 150)))
+    assert max(keys for keys, _ in seen) == 36 and max(pos for _, pos in seen) == 35
+    assert session.cache.get_seq_length() == 36
+
+
+def test_chunked_prefill_equals_recompute_of_the_kept_view():
+    """One layer: the last chunk's logits equal a dense run over the sinks + the last window - chunk
+    tokens before it + the chunk itself, at positions 0..L-1."""
+    model, info, runner = make_tiny("llama", num_hidden_layers=1)
+    ids = torch.randint(0, 256, (1, 60))
+    session = new_session("streaming_llm", info, sink_tokens=3, window=20, prefill_chunk=8)
+    logits = run_prefill(session, runner, ids)  # chunks of 8, the last one of 4 tokens
+    view = torch.cat([ids[:, :3], ids[:, 56 - 16 : 60]], dim=1)
+    torch.testing.assert_close(logits, full_logits(model, view)[-1], atol=2e-5, rtol=1e-4)
+
+
 def test_ring_layer_holds_what_concatenation_holds():
     """Prompt chunks, then one token at a time: after every eviction the live keys (in logical order)
     are the sinks + the last window; every decode step attends exactly those plus the new token;
