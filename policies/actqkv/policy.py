@@ -54,7 +54,7 @@ Deviations from the reference, and why:
   before the prompt and, per layer and head, the `repr_topk` question queries that received the
   most attention are averaged (the reference string-matches a dataset-specific question inside
   the prompt and uses in-context queries). As in the reference it only applies while the prompt
-  is read (forwards of more than one token), not while decoding. The question's attention over
+  is read, not while decoding. The question's attention over
   itself is computed in pieces of query rows, each against the keys up to its last row (at most
   `QUESTION_PIECE_ELEMENTS` fp32 scores per piece), and the attention each key received is summed
   over the pieces: the same result up to float rounding, in O(piece x n) memory instead of three
@@ -63,9 +63,10 @@ Deviations from the reference, and why:
   block_size <= 256, topk and min_blocks <= 1024, and at most `MAX_ATTENDED_KEYS` (16384) keys per
   query (n_init + max(2*topk, min_blocks)*block_size + n_local + window), so one window's scores
   (window x keys per head, fp32) stay bounded. Every shipped preset is well inside them.
-- "Prompt phase" means forwards of more than one token, "decoding" single-token forwards (the
-  reference switches after its first 32K-token forward). The equal split applies to the prompt,
-  the entropy split to decoding, as in the reference for prompts up to 32K.
+- "Prompt phase" means the session's prefill (every prompt chunk, a one-token last chunk too),
+  "decoding" the forwards after it (the reference switches after its first 32K-token forward).
+  The equal split applies to the prompt, the entropy split to decoding, as in the reference for
+  prompts up to 32K.
 - A layer with fewer than 2 blocks takes them all without recording an entropy sample or
   drawing from the pool (the reference records a 0 sample when it has no block).
 - Each query sees its exact local window and, globally, only remainder tokens older than it;

@@ -28,6 +28,7 @@ class ActQKVSession(PolicySession):
         self.budget = BlockBudget(self.info.num_layers, p.topk, p.min_blocks, p.entropy_history)
         self.inv_freq = self.info.inv_freq.to(self.info.device)
         self.capturing = False
+        self.prefilling = False  # the prompt is being read (question term, no entropy split), whatever the chunk size
         num_layers = self.info.num_layers
         self.attended = [0] * num_layers  # (query, key) pairs computed, per layer
         self.queries = [0] * num_layers
@@ -72,7 +73,11 @@ class ActQKVSession(PolicySession):
             if ids:
                 self.encode_question(runner, torch.tensor([ids], device=self.info.device))
                 yield
-        return (yield from super().prefill(runner, input_ids))
+        self.prefilling = True
+        try:
+            return (yield from super().prefill(runner, input_ids))
+        finally:
+            self.prefilling = False
 
     def encode_question(self, runner, question_ids: torch.Tensor) -> None:
         """Run the question alone and store each layer's question vector; nothing enters the memory."""
@@ -101,10 +106,11 @@ class ActQKVSession(PolicySession):
             out = self._question_attention(mem, q, k, v, call.scaling)
         else:
             w, t = self.params.window, q.shape[1]
+            decoding = not self.prefilling  # by phase: a prompt's last chunk may be one token long
             if call.layer_idx == 0:
                 self.budget.start_forward(math.ceil(t / w))
             outs = [
-                self._window(mem, call, i // w, (q[:, i : i + w], k[:, i : i + w], v[:, i : i + w]), t == 1)
+                self._window(mem, call, i // w, (q[:, i : i + w], k[:, i : i + w], v[:, i : i + w]), decoding)
                 for i in range(0, t, w)
             ]
             out = torch.cat(outs, dim=1)

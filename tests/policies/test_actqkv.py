@@ -264,10 +264,29 @@ def test_question_term_steers_the_prompt_not_decoding(tiny_llama):
     picked = []
     gather = mem.gather_blocks
     mem.gather_blocks = lambda idx: picked.append(idx.tolist()) or gather(idx)
-    for n in (2, 1):  # a prompt window, then a decoding step
-        new = torch.zeros(1, info.num_kv_heads, n, info.head_dim)
-        session.attention(AttentionCall(0, q.expand(-1, -1, n, -1), new, new, None, 0.25))
+    for prefilling in (True, False):  # a one-token prompt window, then a decoding step
+        session.prefilling = prefilling
+        new = torch.zeros(1, info.num_kv_heads, 1, info.head_dim)
+        session.attention(AttentionCall(0, q, new, new, None, 0.25))
     assert 7 in picked[0] and 7 not in picked[1] and 3 in picked[1]
+
+
+def test_prompt_phase_follows_the_session_not_the_chunk_length(tiny_llama):
+    """A prompt whose last prefill chunk is one token long still reads that chunk as prompt (question
+    term on, no entropy split); only the tokens after the prefill decode."""
+    model, info, runner = tiny_llama
+    session = new_session("actqkv", info, **SMALL)
+    phases = []
+    select = session._select
+    session._select = lambda mem, layer, idx, probe_q, decoding: (
+        phases.append(decoding) or select(mem, layer, idx, probe_q, decoding)
+    )
+    chunk = session.prefill_chunk_tokens(runner)
+    run_prefill(session, runner, torch.randint(0, 256, (1, chunk + 1)))  # the last chunk: one token
+    prompt_calls = len(phases)
+    assert prompt_calls and not any(phases)
+    session.decode(runner, 5)
+    assert len(phases) > prompt_calls and all(phases[prompt_calls:])
 
 
 def test_question_vector_from_kv_policy_query(tiny_llama):
