@@ -43,6 +43,10 @@ Deviations from the paper / reference code:
   is not used: its block masks are too coarse for b_k = 2.
 - One request per session: a padding mask handed in by transformers is not applied on the sparse
   path (the causal structure is rebuilt from positions, aligned bottom-right).
+- Chunked prefill: query blocks are tiled from each forward's first query, so the prompt is
+  prefilled in chunks of whole query blocks (the server's chunk rounded down to a multiple of
+  `block_size_q`, at least one block): the blocks then fall where one pass over the prompt puts
+  them, and a chunked prefill computes what one pass computes.
 """
 
 from __future__ import annotations
@@ -161,6 +165,12 @@ class HipSession(PolicySession):
         # sparse calls: [sum, max] of keys attended per row, kept on the device (no sync per call)
         self.sparse_totals: torch.Tensor | None = None
         self.rounds = 0
+
+    def prefill_chunk_tokens(self, runner) -> int:
+        """The runner's chunk rounded down to whole query blocks (at least one): query blocks are tiled
+        from each forward's first query, so only then is a chunked prefill the one-pass computation."""
+        block = self.params.block_size_q
+        return max(block, runner.prefill_chunk_tokens // block * block)
 
     # -- geometry ---------------------------------------------------------------------------
     def _geometry(self, call: AttentionCall, block_q: int, lookahead: int) -> SparseGeometry:
@@ -334,9 +344,8 @@ class HipPolicy(Policy):
 
     def prefix_reuse(self, params, info, chunk: int) -> PrefixReuse:
         # a query block's selection reads its own queries and the keys before them: the state after a
-        # whole number of query blocks (tiled from each prefill chunk's start) is a function of that prefix
-        block = params.block_size_q
-        return PrefixReuse(granularity=block if chunk % block == 0 else chunk)
+        # whole number of query blocks (prefill chunks are whole blocks) is a function of that prefix
+        return PrefixReuse(granularity=params.block_size_q)
 
     def step_bytes_needed(self, params, info, num_tokens: int, chunk: int, query_tokens: int = 0) -> int:
         # dense layers and short calls; the search and the sparse attention run in slices of query
@@ -350,6 +359,7 @@ class HipPolicy(Policy):
         one_search = max(8 * hq * sampled * max(num_tokens // bk, 1), 4 * hq * 2 * groups * bk * (d + sampled))
         width = params.window + bq - 1
         one_slice = hq * (params.mask_k + width + params.sink_tokens) * (2 * d + 3 * bq) * FP32_BYTES
+        chunk = max(bq, chunk // bq * bq)  # the session's prefill chunk: whole query blocks
         blocks = math.ceil(min(chunk, num_tokens) / bq)  # query blocks of one prefill chunk
         search = min(blocks * one_search, max(slice_bytes(device), one_search))
         attention = min(blocks * one_slice, max(slice_bytes(device), one_slice))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kvmux.models.runner import Runner
 from kvmux.policies.base import AttentionCall
 from kvmux.policies.dense import sdpa
 from kvmux.policies.hip.policy import HipParams
@@ -141,6 +142,22 @@ def test_chunked_prefill_aligned_to_query_blocks_equals_one_forward(tiny_llama):
     chunked = stepwise_logits(new_session("hip", info, **SMALL), runner, ids, chunk=32)
     whole = stepwise_logits(new_session("hip", info, **SMALL), runner, ids, chunk=260)
     torch.testing.assert_close(chunked, whole, atol=2e-5, rtol=1e-4)
+
+
+def test_prefill_with_a_chunk_not_a_multiple_of_block_q_equals_one_pass(tiny_llama):
+    """The runner's chunk (50) is rounded down to whole query blocks (48 = 3 x 16), so the prefill's
+    query blocks fall where one pass puts them and the logits match one pass."""
+    model, info, _ = tiny_llama
+    ids = torch.randint(0, 256, (1, 260))
+    odd = Runner(model, info, prefill_chunk_tokens=50)
+    session = new_session("hip", info, **SMALL)
+    assert session.prefill_chunk_tokens(odd) == 48
+    chunked = run_prefill(session, odd, ids)
+    whole = run_prefill(new_session("hip", info, **SMALL), Runner(model, info, prefill_chunk_tokens=260), ids)
+    assert session.stats().extra["hip_searches"] > 0
+    torch.testing.assert_close(chunked, whole, atol=2e-5, rtol=1e-4)
+    tiny = Runner(model, info, prefill_chunk_tokens=5)  # below one block: one block per forward
+    assert new_session("hip", info, **SMALL).prefill_chunk_tokens(tiny) == 16
 
 
 def test_decode_with_refresh_every_step_equals_a_search_per_query(tiny_llama):
