@@ -28,10 +28,11 @@ Prompt layout (how the request's own template is preserved):
   prompt is the original prompt, token for token.
 
 Deviations from the reference, and why:
-- Scoring layer: the reference uses the last layer. On small models the last layer is a poor
-  retriever (docs/results/infiniretri.md, "Choice of the scoring layer"), so the layer is
-  configurable (`layer`, negative counts from the end; -1 = the paper) and by default taken at
-  `layer_depth` of the stack (0.62).
+- Scoring layer: the reference uses the last layer, and so does the preset `infiniretri` (with no
+  sink positions left out). On small models the last layer is a poor retriever
+  (docs/results/infiniretri.md, "Choice of the scoring layer"), so the layer is configurable
+  (`layer`, negative counts from the end; -1 = the paper); unset (the parameters' default, preset
+  `infiniretri_62`) it is taken at `layer_depth` of the stack (0.62, tuned on the embedded model).
 - Attention sinks: the first `sink_tokens` positions of each scoring input are left out of the
   ranking (their attention is zeroed before smoothing), so sink mass does not spill into
   neighbouring tokens' phrase scores.

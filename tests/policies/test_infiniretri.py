@@ -173,6 +173,23 @@ def test_cap_keeps_best_sentences_in_document_order():
     assert cap_sentences([0, 2], best, [5, 5, 5, 5], limit=10) == [0, 2]
 
 
+def test_the_paper_named_preset_scores_in_the_last_layer(tiny_llama):
+    """`infiniretri` runs the paper's choice (last layer, no sink positions left out); the 62%-depth
+    constant tuned on the embedded model is the named preset `infiniretri_62`."""
+    from pathlib import Path
+
+    from kvmux.policies.presets import load_presets
+
+    presets = load_presets(Path(__file__).resolve().parents[2] / "configs" / "policies")
+    _, info, _ = tiny_llama
+    deep = dataclasses.replace(info, num_layers=30)
+    paper, tuned = presets["infiniretri"], presets["infiniretri_62"]
+    assert paper.policy.new_session(paper.params, deep, SessionRequest()).scoring_layer == 29
+    assert paper.params.sink_tokens == 0
+    assert tuned.policy.new_session(tuned.params, deep, SessionRequest()).scoring_layer == 18  # round(0.62 * 29)
+    assert "infiniretri_last_layer" not in presets  # the paper's layer is the paper's name now
+
+
 def test_probe_returns_exact_question_rows_and_stops_after_the_layer():
     model, info, runner = with_tokenizer(make_tiny("llama", num_hidden_layers=3))
     eager, _, _ = make_tiny("llama", num_hidden_layers=3)
