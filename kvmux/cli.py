@@ -1,4 +1,4 @@
-"""The `kvmux` command: serve, generate, policies, eval, bench."""
+"""The `kvmux` command: serve, generate, policies, eval, bench, calibrate."""
 
 from __future__ import annotations
 
@@ -191,10 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
     pol.set_defaults(func=cmd_policies)
 
     from kvmux.evals.bench.cli import add_bench_parser
+    from kvmux.evals.calibrate.cli import add_calibrate_parser
     from kvmux.evals.quality.cli import add_eval_parser
 
     add_eval_parser(sub)
     add_bench_parser(sub)
+    add_calibrate_parser(sub)
     return parser
 
 

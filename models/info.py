@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from kvmux.models.retrieval_profile import RetrievalProfile
 
 
 @dataclass(frozen=True)
@@ -24,6 +28,8 @@ class ModelInfo:
     inv_freq: torch.Tensor  # RoPE inverse frequencies [D/2], fp32
     rope_scaling: float  # attention_scaling folded into cos/sin by the model
     tokenizer: object | None = None  # for policies that re-read text (InfiniRetri)
+    # retrieval score of every head (`kvmux calibrate`), found by the loader for these weights; None if none
+    retrieval_heads: RetrievalProfile | None = None
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -33,7 +39,13 @@ class ModelInfo:
 
     @classmethod
     def from_model(
-        cls, model, served_name: str, root: str, max_len: int | None = None, tokenizer: object | None = None
+        cls,
+        model,
+        served_name: str,
+        root: str,
+        max_len: int | None = None,
+        tokenizer: object | None = None,
+        retrieval_heads: RetrievalProfile | None = None,
     ) -> ModelInfo:
         cfg = model.config
         heads = cfg.num_attention_heads
@@ -54,4 +66,5 @@ class ModelInfo:
             inv_freq=rotary.inv_freq.detach().float().clone(),
             rope_scaling=float(getattr(rotary, "attention_scaling", 1.0)),
             tokenizer=tokenizer,
+            retrieval_heads=retrieval_heads,
         )

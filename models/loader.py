@@ -3,7 +3,9 @@
 dtype "auto" is bf16 on CUDA and fp32 on CPU; device "auto" is CUDA when available.
 `device_map: auto` spreads a model over several GPUs through accelerate. Remote code runs only
 when `trust_remote_code` is set. Hub ids are read from the local cache unless downloads are
-explicitly allowed, so a server never reaches the network by surprise.
+explicitly allowed, so a server never reaches the network by surprise. The model's retrieval-head
+profile, if one exists for its weights (`retrieval_profile.py`), is found here and handed to the
+policies in `ModelInfo.retrieval_heads`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from kvmux.models.architectures import check_supported
 from kvmux.models.embedded import EMBEDDED_NAME, ModelNotFoundError, embedded_gguf_path, materialize_gguf
 from kvmux.models.info import ModelInfo
+from kvmux.models.retrieval_profile import find_profile, weights_sha256
 from kvmux.models.runner import Runner
 
 log = logging.getLogger("kvmux.models")
@@ -77,6 +80,11 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def model_id(spec: ModelSpec) -> str:
+    """The model's id (what a retrieval-head profile is named after): the --model value, or the embedded name."""
+    return spec.model or EMBEDDED_NAME
+
+
 def _source(spec: ModelSpec) -> tuple[str, str]:
     """(folder or hub id, served name)."""
     if not spec.model:
@@ -117,8 +125,16 @@ def load_model(spec: ModelSpec) -> LoadedModel:
         model.to(device)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(source, **common)
+    profile = find_profile(weights_sha256(model), config.num_hidden_layers, config.num_attention_heads)
+    if profile is not None:
+        log.info("retrieval-head profile: %s", profile.source)
     info = ModelInfo.from_model(
-        model, served_name=served_name, root=str(source), max_len=spec.max_model_len, tokenizer=tokenizer
+        model,
+        served_name=served_name,
+        root=str(source),
+        max_len=spec.max_model_len,
+        tokenizer=tokenizer,
+        retrieval_heads=profile,
     )
     from kvmux.policies.hook import install_attention
 

@@ -41,3 +41,6 @@ class FlexPrefillParams(PolicyParams):
     backend: Literal["auto", "eager", "flex"] = Field(
         "auto", description="block-sparse back-end (see kvmux.policies.sparse)"
     )
+    retrieval_heads: int = Field(
+        0, ge=0, le=4096, description="the N best heads of the model's retrieval-head profile keep every causal cell"
+    )

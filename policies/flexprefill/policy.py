@@ -48,6 +48,9 @@ Deviations from the reference code:
   `torch.nn.attention.flex_attention`; the reference requires bf16 Triton kernels with head_dim
   and bs in {16, 32, 64, 128}.
 - Density is reported as kept cells / causal cells (the reference reports kept / nb^2).
+- Retrieval heads (`retrieval_heads` N, off by default; not in the paper): the N best heads of the
+  model's retrieval-head profile (`kvmux.policies.retrieval_heads`) keep every causal cell of the
+  prefill, as DuoAttention keeps its retrieval heads whole; the other heads select as above.
 
 Measurements: docs/results/flexprefill.md.
 """
@@ -64,6 +67,7 @@ from kvmux.policies.flexprefill.params import FlexPrefillParams
 from kvmux.policies.flexprefill.patterns import select_blocks
 from kvmux.policies.prefix import PrefixReuse
 from kvmux.policies.registry import register
+from kvmux.policies.retrieval_heads import heads_per_layer, retrieval_head_mask
 from kvmux.policies.sparse.attention import block_sparse_attention
 from kvmux.policies.sparse.grid import causal_blocks, normalize_blocks, num_blocks
 
@@ -80,6 +84,8 @@ class FlexPrefillSession(PolicySession):
         self.query_aware_heads = 0
         self.heads_seen = 0
         self.prefill_forwards = 0
+        mask = retrieval_head_mask(self.info, self.params.retrieval_heads, "flexprefill")
+        self.dense_heads = heads_per_layer(mask, self.info.num_layers)  # per layer: retrieval heads kept dense
 
     def prefill_chunk_tokens(self, runner) -> int:
         return self.params.prefill_chunk or self.params.max_single_pass_tokens
@@ -116,6 +122,9 @@ class FlexPrefillSession(PolicySession):
             self.causal_cells += cells
             return dense_attention(call)
         sel = select_blocks(call.query[0], call.key[0], call.scaling, self.params)
+        heads = self.dense_heads[call.layer_idx]
+        if heads is not None:
+            sel.blocks[heads] = True  # every causal cell (the rest are dropped below)
         blocks = normalize_blocks(sel.blocks[None], 1, hq, tq, tk, self.params.block_size)
         self.sparse_calls += 1
         self.kept_cells += int(blocks.sum())
@@ -145,6 +154,9 @@ class FlexPrefillPolicy(Policy):
     Params = FlexPrefillParams
     session_class = FlexPrefillSession
     summary = "per-head adaptive block-sparse prefill (vertical-slash / query-aware), dense decode"
+
+    def check_prompt(self, params, info, request, prompt_ids) -> None:
+        retrieval_head_mask(info, params.retrieval_heads, self.name)  # a profile exists when heads are asked for
 
     def prefix_reuse(self, params, info, chunk: int) -> PrefixReuse:
         # every token's K/V is kept, but the sparse pattern of a forward is estimated from its last query

@@ -43,6 +43,11 @@ Deviations from the paper / reference code:
   is not used: its block masks are too coarse for b_k = 2.
 - One request per session: a padding mask handed in by transformers is not applied on the sparse
   path (the causal structure is rebuilt from positions, aligned bottom-right).
+- Retrieval heads (`retrieval_heads` N, off by default; not in the paper): the N best heads of the
+  model's retrieval-head profile (`kvmux.policies.retrieval_heads`) attend densely in the sparse
+  layers, prefill and decode, as DuoAttention keeps its retrieval heads whole. Their keys count as
+  dense in `attention_density` (on the Triton path their sparse keys are counted too, a small
+  overcount); `hip_max_keys_per_query` stays the sparse heads' bound.
 - Chunked prefill: query blocks are tiled from each forward's first query, so the prompt is
   prefilled in chunks of whole query blocks (the server's chunk rounded down to a multiple of
   `block_size_q`, at least one block): the blocks then fall where one pass over the prompt puts
@@ -66,6 +71,7 @@ from kvmux.policies.dense import dense_attention
 from kvmux.policies.hip.search import ScoreMode, hip_search
 from kvmux.policies.prefix import PrefixReuse
 from kvmux.policies.registry import register
+from kvmux.policies.retrieval_heads import dense_heads_into, heads_per_layer, retrieval_head_mask, visible_keys
 from kvmux.policies.sparse.attention import key_block_attention, triton_backend
 from kvmux.policies.sparse.selection import KeyBlockSelection, SparseGeometry, slice_bytes
 
@@ -124,6 +130,9 @@ class HipParams(PolicyParams):
     )
     score_mode: ScoreMode = Field("auto", description="branch scoring: gathered representatives or a score table")
     kernel: Kernel = Field("auto", description="implementation: auto, fast, reference or triton (see module doc)")
+    retrieval_heads: int = Field(
+        0, ge=0, le=4096, description="the N best heads of the model's retrieval-head profile attend densely (0: off)"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> HipParams:
@@ -165,6 +174,8 @@ class HipSession(PolicySession):
         # sparse calls: [sum, max] of keys attended per row, kept on the device (no sync per call)
         self.sparse_totals: torch.Tensor | None = None
         self.rounds = 0
+        mask = retrieval_head_mask(self.info, self.params.retrieval_heads, "hip")
+        self.dense_heads = heads_per_layer(mask, self.info.num_layers)  # per layer: retrieval heads kept dense
 
     def prefill_chunk_tokens(self, runner) -> int:
         """The runner's chunk rounded down to whole query blocks (at least one): query blocks are tiled
@@ -249,14 +260,24 @@ class HipSession(PolicySession):
             block_q, mask = p.block_size_q, None
             geo = self._geometry(call, block_q, lookahead=0)
             sel = self.select(call, geo, min(p.block_stride_q, p.block_size_q), kernel)
+        heads = self.dense_heads[call.layer_idx]
         if kernel == "triton":
             out = self._try_triton(lambda: self._triton_attention(call, sel, mask, block_q))
             if out is not None:
-                return out
+                return self._with_dense_heads(out, call, heads)
             kernel = "fast"
         geo = geo or self._geometry(call, block_q, lookahead=0)
         out, counts = key_block_attention(call.query, call.key, call.value, sel, geo, call.scaling, kernel)
+        if heads is not None:
+            counts = counts.index_fill(1, heads, 0)  # counted as dense below
         self._count_sparse(counts)
+        return self._with_dense_heads(out, call, heads)
+
+    def _with_dense_heads(self, out: torch.Tensor, call: AttentionCall, heads: torch.Tensor | None) -> torch.Tensor:
+        """The layer's retrieval heads (if any) replaced by their dense attention."""
+        if heads is not None:
+            dense_heads_into(out, call, heads)
+            self.attended_sum += visible_keys(call, heads.numel())
         return out
 
     def _triton_attention(self, call: AttentionCall, sel: KeyBlockSelection, mask: DecodeMask | None, block_q: int):
@@ -341,6 +362,9 @@ class HipPolicy(Policy):
     Params = HipParams
     session_class = HipSession
     summary = "hierarchically pruned top-k key blocks + sinks + window (compute only; full KV kept)"
+
+    def check_prompt(self, params, info, request, prompt_ids) -> None:
+        retrieval_head_mask(info, params.retrieval_heads, self.name)  # a profile exists when heads are asked for
 
     def prefix_reuse(self, params, info, chunk: int) -> PrefixReuse:
         # a query block's selection reads its own queries and the keys before them: the state after a

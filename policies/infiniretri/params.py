@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Annotated, Literal
+
 from pydantic import Field
 
 from kvmux.policies.base import PolicyParams
@@ -17,8 +19,10 @@ class InfiniRetriParams(PolicyParams):
     window: int = Field(
         8, ge=1, le=256, description="phrase window: token scores summed over this many (paper: 8; at most 256)"
     )
-    layer: int | None = Field(
-        None, ge=-1024, le=1023, description="scoring layer (negative from the end; -1 = last, the paper)"
+    layer: Annotated[int, Field(ge=-1024, le=1023)] | Literal["calibrated"] | None = Field(
+        None,
+        description="scoring layer (negative from the end; -1 = last, the paper; 'calibrated' = the layer of "
+        "highest retrieval score in the model's retrieval-head profile; unset = layer_depth)",
     )
     layer_depth: float = Field(0.62, ge=0.0, le=1.0, description="when layer is unset: fraction of the layer stack")
     sink_tokens: int = Field(

@@ -32,7 +32,9 @@ Deviations from the reference, and why:
   sink positions left out). On small models the last layer is a poor retriever
   (docs/results/infiniretri.md, "Choice of the scoring layer"), so the layer is configurable
   (`layer`, negative counts from the end; -1 = the paper); unset (the parameters' default, preset
-  `infiniretri_62`) it is taken at `layer_depth` of the stack (0.62, tuned on the embedded model).
+  `infiniretri_62`) it is taken at `layer_depth` of the stack (0.62, tuned on the embedded model);
+  `layer: calibrated` (preset `infiniretri_calibrated`) takes the layer whose heads have the highest
+  mean retrieval score in the model's retrieval-head profile (`kvmux calibrate`).
 - Attention sinks: the first `sink_tokens` positions of each scoring input are left out of the
   ranking (their attention is zeroed before smoothing), so sink mass does not spill into
   neighbouring tokens' phrase scores.
@@ -73,7 +75,7 @@ from kvmux.policies.base import FP32_BYTES, Policy, dense_step_bytes, pass_bytes
 from kvmux.policies.infiniretri.params import InfiniRetriParams
 from kvmux.policies.infiniretri.prompt_layout import prompt_layout
 from kvmux.policies.infiniretri.scoring import ROW_PIECE_ELEMENTS
-from kvmux.policies.infiniretri.session import InfiniRetriSession
+from kvmux.policies.infiniretri.session import InfiniRetriSession, scoring_layer
 from kvmux.policies.registry import register
 
 
@@ -87,6 +89,7 @@ class InfiniRetriPolicy(Policy):
     summary = "reads the context in sentence chunks, keeps sentences the question attends to"
 
     def check_prompt(self, params, info, request, prompt_ids: list[int]) -> None:
+        scoring_layer(params, info)  # e.g. 'calibrated' on a model without a retrieval-head profile
         prompt_layout(params, info, request, prompt_ids)
 
     def step_bytes_needed(self, params, info, num_tokens: int, chunk: int, query_tokens: int = 0) -> int:

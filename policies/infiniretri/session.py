@@ -40,23 +40,12 @@ class InfiniRetriSession(PolicySession):
 
     def __init__(self, policy, params, info, request):
         super().__init__(policy, params, info, request)
-        self.scoring_layer = self._resolve_layer()
+        self.scoring_layer = scoring_layer(self.params, self.info)
         self._probe: _Probe | None = None
         self._row_weights: torch.Tensor | None = None
         self._report: dict = {}
         self.retained: list[Span] = []  # token spans of the prompt kept after the last chunk
         self.piece_rows = 0  # question rows scored at once (0: sized by ROW_PIECE_ELEMENTS)
-
-    def _resolve_layer(self) -> int:
-        n = self.info.num_layers
-        if self.params.layer is None:
-            return round(self.params.layer_depth * (n - 1))
-        layer = self.params.layer + n if self.params.layer < 0 else self.params.layer
-        if not 0 <= layer < n:
-            raise PolicyInputError(
-                f"layer {self.params.layer} is out of range for a {n}-layer model", "kv_policy.layer"
-            )
-        return layer
 
     def next_position_ids(self, num_tokens: int) -> torch.Tensor:
         start = self.cache.get_seq_length()  # the rebuilt prompt is shorter than the tokens seen
@@ -149,3 +138,22 @@ class InfiniRetriSession(PolicySession):
             stats.tokens_retained = span_length(self.retained)
         stats.extra.update(self._report)
         return stats
+
+
+def scoring_layer(params: InfiniRetriParams, info) -> int:
+    """The layer whose attention scores the context (PolicyInputError if the model cannot give it)."""
+    n = info.num_layers
+    if params.layer is None:
+        return round(params.layer_depth * (n - 1))
+    if params.layer == "calibrated":
+        if info.retrieval_heads is None:
+            raise PolicyInputError(
+                f"infiniretri: layer 'calibrated' needs a retrieval-head profile of {info.served_name}, and none "
+                "was found for these weights; run `kvmux calibrate` for this model, or give a layer number",
+                "kv_policy.layer",
+            )
+        return info.retrieval_heads.best_layer()
+    layer = params.layer + n if params.layer < 0 else params.layer
+    if not 0 <= layer < n:
+        raise PolicyInputError(f"layer {params.layer} is out of range for a {n}-layer model", "kv_policy.layer")
+    return layer

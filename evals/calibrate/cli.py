@@ -1,0 +1,149 @@
+"""`kvmux calibrate`: measure the retrieval-head profile of a model and write it where loading finds it.
+
+For every synthetic needle prompt (`prompts.py`: the shipped prose corpus as haystack, several
+lengths and depths), greedy decoding with dense attention records which heads copy the needle
+(`probe.py`, the copy-paste score of Retrieval Heads, arXiv 2404.15574). A head's score is its mean
+over the prompts. The profile (JSON, keyed by the model id and a hash of the weights) goes to the
+cache directory, `$KVMUX_CACHE_DIR/retrieval_heads/`, where loading the same weights finds it
+(`--out` writes a copy too, e.g. into configs/retrieval_heads/ to ship it). Each prompt's result is
+appended to a `.partial.jsonl` next to it as soon as it is measured, so an interrupted run resumes
+where it stopped; `--plot` writes the heat-map.
+
+Examples:
+  kvmux calibrate
+  kvmux calibrate --model Qwen/Qwen2.5-7B-Instruct --lengths 4K,16K,32K --samples 2
+  kvmux calibrate --out configs/retrieval_heads/SmolLM2-135M-Instruct.json --plot docs/results/retrieval_heads.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from kvmux import cli_args
+
+METHOD = "copy-paste retrieval score (Retrieval Heads, arXiv 2404.15574), greedy decoding, dense attention"
+
+
+def add_calibrate_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `calibrate` on an argparse subparsers object; returns the new parser."""
+    p = cli_args.add_subcommand(subparsers, "calibrate", "measure a model's retrieval-head profile", __doc__)
+    cli_args.add_model_flags(p)
+    cli_args.add_run_flags(p)
+    p.add_argument("--lengths", type=cli_args.token_counts, default=[1024, 2048, 4096, 8192], help="prompt tokens")
+    p.add_argument("--depths", type=cli_args.comma_list(float), default=[10, 30, 50, 70, 90], help="needle depths, %%")
+    p.add_argument("--samples", type=int, default=1, help="prompts per length and depth")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--out", type=Path, default=None, help="also write the profile here")
+    p.add_argument("--plot", type=Path, default=None, help="write the heat-map of the scores (PNG)")
+    p.set_defaults(func=cmd_calibrate)
+    return p
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from kvmux.models.loader import load_model, model_id
+    from kvmux.models.retrieval_profile import (
+        RetrievalProfile,
+        profile_dirs,
+        profile_file_name,
+        weights_sha256,
+        write_profile,
+    )
+
+    cli_args.apply_threads(args.threads)
+    spec = cli_args.model_spec(args)
+    loaded = load_model(spec)
+    info, name, weights = loaded.info, model_id(spec), weights_sha256(loaded.model)
+    target = profile_dirs()[0] / profile_file_name(name, weights)
+    lengths = [n for n in args.lengths if n <= info.max_context]
+    if len(lengths) < len(args.lengths):
+        print(f"calibrate: lengths over the model's {info.max_context}-token context skipped")
+    chat = bool(getattr(loaded.tokenizer, "chat_template", None))
+    partial = target.with_suffix(".partial.jsonl")
+    runner = loaded.runner(args.prefill_chunk)
+    data = calibrate(loaded, runner, lengths, args.depths, args.samples, args.seed, chat, partial)
+    data = {"model": name, "weights_sha256": weights, **data}
+    for path in [target] + ([args.out] if args.out else []):
+        write_profile(path, data)
+        print(f"calibrate: profile written to {path}")
+    profile = RetrievalProfile.from_dict(data)
+    top = ", ".join(f"L{layer}H{head}" for layer, head in profile.top_heads(8))
+    print(f"calibrate: {data['prompts']} prompts in {data['seconds']:.0f} s; best heads {top}; best layer "
+          f"{profile.best_layer()}")  # fmt: skip
+    if args.plot:
+        from kvmux.evals.calibrate.plot import plot_profile
+
+        plot_profile(profile, args.plot)
+        print(f"calibrate: plot written to {args.plot}")
+    return 0
+
+
+def calibrate(
+    loaded, runner, lengths: list[int], depths: list[float], samples: int, seed: int, chat: bool, partial: Path
+) -> dict:
+    """Measure every prompt not yet in `partial` (appending each result); returns the profile's fields."""
+    from tqdm import tqdm
+
+    from kvmux.evals.calibrate.probe import probe_prompt
+    from kvmux.evals.calibrate.prompts import needle_prompts
+
+    prompts = needle_prompts(loaded.tokenizer, lengths, depths, samples, seed, chat)
+    done = read_partial(partial)
+    todo = [p for p in prompts if done.get(p.key, {}).get("prompt_sha256") != p.sample.prompt_sha256]
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    with partial.open("a", encoding="utf-8") as out:
+        for prompt in tqdm(todo, desc="calibrate", unit="prompt", initial=len(prompts) - len(todo), total=len(prompts)):
+            start = time.perf_counter()
+            result = probe_prompt(runner, loaded.info, prompt.ids, prompt.value_positions)
+            answer = loaded.tokenizer.decode(result.generated)
+            record = {
+                "key": prompt.key,
+                "prompt_sha256": prompt.sample.prompt_sha256,
+                "prompt_tokens": len(prompt.ids),
+                "correct": prompt.value in answer,
+                "seconds": round(time.perf_counter() - start, 2),
+                "scores": [[round(x, 4) for x in row] for row in result.scores().tolist()],
+            }
+            out.write(json.dumps(record) + "\n")
+            out.flush()
+            done[prompt.key] = record
+    records = [done[p.key] for p in prompts]
+    return aggregate(records, lengths, depths, samples, seed, chat)
+
+
+def read_partial(path: Path) -> dict[str, dict]:
+    """Per-prompt results of earlier runs (the last line of a key wins; a torn last line is ignored)."""
+    found: dict[str, dict] = {}
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+                found[record["key"]] = record
+            except (ValueError, KeyError, TypeError):
+                continue
+    return found
+
+
+def aggregate(records: list[dict], lengths, depths, samples: int, seed: int, chat: bool) -> dict:
+    """The profile's fields: every head's mean score over the prompts, and how they were made."""
+    layers = len(records[0]["scores"])
+    heads = len(records[0]["scores"][0])
+    scores = [
+        [round(sum(r["scores"][layer][head] for r in records) / len(records), 4) for head in range(heads)]
+        for layer in range(layers)
+    ]
+    return {
+        "method": METHOD,
+        "haystack": "niah_single_book (the shipped Pride and Prejudice), 7-digit needle values",
+        "prompt_format": "chat" if chat else "raw",
+        "lengths": lengths,
+        "depths": depths,
+        "samples": samples,
+        "seed": seed,
+        "prompts": len(records),
+        "answers_correct": sum(bool(r["correct"]) for r in records),
+        "seconds": round(sum(r["seconds"] for r in records), 1),
+        "scores": scores,
+    }

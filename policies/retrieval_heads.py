@@ -1,0 +1,65 @@
+"""Retrieval heads for the sparse policies: which heads a request keeps dense, and their attention.
+
+Retrieval Heads (Wu et al., 2024, https://arxiv.org/abs/2404.15574) shows that a few model-specific
+heads do the copying from far context; DuoAttention (arXiv 2410.10819) and RazorAttention (arXiv
+2407.15891) keep those heads whole and compress the rest. HiP and FlexPrefill take a parameter
+`retrieval_heads` = N: the N best-scored heads of the model's retrieval-head profile (over all layers,
+`ModelInfo.retrieval_heads`, measured by `kvmux calibrate`) attend densely; 0 turns it off. A request
+that asks for them on a model without a profile gets a 400 naming the parameter.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from kvmux.errors import PolicyInputError
+from kvmux.policies.attention_call import AttentionCall
+from kvmux.policies.dense import sdpa
+
+if TYPE_CHECKING:
+    from kvmux.models.info import ModelInfo
+
+PARAM = "kv_policy.retrieval_heads"
+
+
+def retrieval_head_mask(info: ModelInfo, count: int, policy: str) -> torch.Tensor | None:
+    """bool [layers, query heads] of the `count` best retrieval heads (None for 0); PolicyInputError when
+    the model has no profile or fewer heads."""
+    if count <= 0:
+        return None
+    profile = info.retrieval_heads
+    if profile is None:
+        raise PolicyInputError(
+            f"{policy}: retrieval_heads {count} needs a retrieval-head profile of {info.served_name}, and none "
+            "was found for these weights; run `kvmux calibrate` for this model, or set retrieval_heads to 0",
+            PARAM,
+        )
+    total = profile.num_layers * profile.num_heads
+    if count > total:
+        raise PolicyInputError(f"{policy}: retrieval_heads {count} exceeds the model's {total} heads", PARAM)
+    return profile.head_mask(count).to(info.device)
+
+
+def heads_per_layer(mask: torch.Tensor | None, num_layers: int) -> list[torch.Tensor | None]:
+    """Per layer: the long indices of its dense query heads, or None where it has none."""
+    out: list[torch.Tensor | None] = [None] * num_layers
+    if mask is not None:
+        for layer in range(num_layers):
+            heads = mask[layer].nonzero()[:, 0]
+            out[layer] = heads if heads.numel() else None
+    return out
+
+
+def dense_heads_into(out: torch.Tensor, call: AttentionCall, heads: torch.Tensor) -> None:
+    """Overwrite `out` [B, Tq, Hq, D] at query heads `heads` with their dense causal attention."""
+    kv = heads // call.num_kv_groups
+    out[:, :, heads] = sdpa(call.query[:, heads], call.key[:, kv], call.value[:, kv], call.mask, call.scaling)
+
+
+def visible_keys(call: AttentionCall, num_heads: int) -> float:
+    """Keys dense causal attention reads for `num_heads` query heads of this call, summed over rows."""
+    b, _, tq = call.query.shape[:3]
+    tk = call.key.shape[2]
+    return float(b * num_heads * (tq * (tk - tq) + tq * (tq + 1) / 2))
