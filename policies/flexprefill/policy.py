@@ -43,7 +43,9 @@ Deviations from the reference code:
 - The Jensen-Shannon distance uses x*log(x/m) with 0*log 0 = 0, so an underflowed block
   probability cannot turn the distance into NaN (which silently made the head vertical-slash).
 - Any Tq <= Tk (chunks, a cached prefix) is accepted; the reference asserts Tq == Tk. Batch > 1
-  (or a padded mask) falls back to dense attention rather than failing.
+  (or a padded mask) falls back to dense attention rather than failing. A forward of at most one
+  query block after cached keys (a question after a prefix served by the prefix cache) runs dense:
+  its pattern estimate would come from a partial block, and its dense cost is one block row.
 - Runs in fp32 on CPU and bf16 on CUDA through the sparse layer's exact eager back-end or
   `torch.nn.attention.flex_attention`; the reference requires bf16 Triton kernels with head_dim
   and bs in {16, 32, 64, 128}.
@@ -115,7 +117,7 @@ class FlexPrefillSession(PolicySession):
         tk = call.key.shape[2]
         if call.is_decode:
             return dense_attention(call)
-        if b > 1 or self.is_short(tk):
+        if b > 1 or self.is_short(tk) or (tq <= self.params.block_size < tk):
             self.dense_calls += 1
             cells = int(causal_blocks(tq, tk, self.params.block_size).sum()) * hq * b
             self.kept_cells += cells

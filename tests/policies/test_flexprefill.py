@@ -200,3 +200,16 @@ def test_decode_and_short_prompts_are_dense(tiny_llama):
     ref = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), k.repeat_interleave(2, 1))
     torch.testing.assert_close(out, ref.transpose(1, 2))
     assert session.stats().extra["dense_calls"] == info.num_layers  # decode is not a prefill call
+
+
+def test_one_block_after_cached_keys_is_dense(tiny_llama):
+    """A question of at most one query block after a cached prefix: dense, exactly full attention."""
+    model, info, runner = tiny_llama
+    session = new_session("flexprefill", info, block_size=16, gamma=0.5, min_budget=0, backend="eager")
+    ids = torch.randint(0, 256, (1, 212))
+    run_prefill(session, runner, ids[:, :200])
+    sparse_before = session.stats().extra["sparse_calls"]
+    got = runner.forward(session, ids[:, 200:], all_logits=True)[0]
+    assert session.stats().extra["sparse_calls"] == sparse_before
+    assert session.stats().extra["dense_calls"] == info.num_layers
+    assert torch.isfinite(got).all()
