@@ -58,6 +58,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     info, name, weights = loaded.info, model_id(spec), weights_sha256(loaded.model)
     target = profile_dirs()[0] / profile_file_name(name, weights)
     lengths = [n for n in args.lengths if n <= info.max_context]
+    if not lengths:
+        raise SystemExit(f"calibrate: no --lengths fit the model's {info.max_context}-token context")
     if len(lengths) < len(args.lengths):
         print(f"calibrate: lengths over the model's {info.max_context}-token context skipped")
     chat = bool(getattr(loaded.tokenizer, "chat_template", None))
