@@ -254,7 +254,11 @@ def run_prefill(session: PolicySession, runner: Runner, input_ids: torch.Tensor)
     """Drive a session's prefill to its end in the calling thread; returns the last logits [vocab].
 
     (`prefill` is a generator so that a scheduler can interleave requests between chunks.)"""
-    steps = session.prefill(runner, input_ids)
+    return drive_to_end(session.prefill(runner, input_ids))
+
+
+def drive_to_end(steps: Generator[None, None, Any]) -> Any:
+    """Run a step generator (one that yields None between units of work) to its end; its return value."""
     while True:
         try:
             next(steps)

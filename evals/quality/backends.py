@@ -100,14 +100,7 @@ class EngineBackend:
             result = self.engine.generate(prompt=list(sample.prompt_ids), sampling=sampling, kv_policy=kv_policy)
         except KvmuxError as exc:  # presets, policies and the engine all raise these
             raise Rejected(exc.message) from None
-        return Generation(
-            text=result.text,
-            prompt_tokens=result.prompt_tokens,
-            completion_tokens=result.completion_tokens,
-            finish_reason=result.finish_reason,
-            seconds=time.perf_counter() - started,
-            kv=dict(result.kv),
-        )
+        return _generation(result, started)
 
     def _ask_decoy(self, sample: Sample, kv_policy: dict[str, Any] | None) -> None:
         """Another question about the same context (the prompt up to the end of its haystack), whose state
@@ -130,18 +123,11 @@ class EngineBackend:
             result = self.engine.generate(prompt, turn.messages, sampling=sampling, kv_policy=kv_policy)
         except KvmuxError as exc:
             raise Rejected(exc.message) from None
-        kv = dict(result.kv)
-        return Generation(
-            text=result.text,
-            prompt_tokens=result.prompt_tokens,
-            completion_tokens=result.completion_tokens,
-            finish_reason=result.finish_reason,
-            seconds=time.perf_counter() - started,
-            kv=kv,
-            token_ids=list(result.token_ids),
-            ttft_ms=kv.get("prefill_ms"),
-            cached_tokens=int(kv.get("cached_tokens") or 0),
-        )
+        generation = _generation(result, started)
+        generation.token_ids = list(result.token_ids)
+        generation.ttft_ms = generation.kv.get("prefill_ms")
+        generation.cached_tokens = int(generation.kv.get("cached_tokens") or 0)
+        return generation
 
     def clear_prefix_cache(self) -> None:
         """Drop every cached prefix, so the next context's first turn starts cold."""
@@ -164,6 +150,18 @@ class EngineBackend:
 
     def close(self) -> None:
         pass
+
+
+def _generation(result: Any, started: float) -> Generation:
+    """A Generation from an engine result (`GenerationResult`) of a request started at `started`."""
+    return Generation(
+        text=result.text,
+        prompt_tokens=result.prompt_tokens,
+        completion_tokens=result.completion_tokens,
+        finish_reason=result.finish_reason,
+        seconds=time.perf_counter() - started,
+        kv=dict(result.kv),
+    )
 
 
 class HTTPBackend:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvmux.policies.base import SessionRequest, run_prefill
+from kvmux.policies.base import SessionRequest, drive_to_end, run_prefill
 from kvmux.policies.presets import Preset
 from kvmux.policies.registry import get_policy
 from kvmux.server.prefix_cache import PrefixCache
@@ -33,13 +33,7 @@ def run(preset: Preset, info, runner, cache: PrefixCache | None, ids: list[int],
     """Prefill (through the cache when given) then greedy-decode; (tokens restored, logits of every step, tokens)."""
     session = preset.policy.new_session(preset.params, info, SessionRequest())
     plan = plan_prefix(cache, session, preset, runner, ids)
-    steps = prefill_with_prefix(session, runner, ids, plan, cache)
-    while True:
-        try:
-            next(steps)
-        except StopIteration as stop:
-            logits = stop.value
-            break
+    logits = drive_to_end(prefill_with_prefix(session, runner, ids, plan, cache))
     all_logits, tokens = [logits], []
     for _ in range(new_tokens):
         tokens.append(int(all_logits[-1].argmax()))
