@@ -45,6 +45,7 @@ class RunSample:
     kv_bytes_kept_peak: int
     kv_bytes_full: int
     tokens_kept_peak: int
+    kv_bytes_kept_end: int = 0  # what the cache holds after the last token (bounded policies: after evicting)
     tokens: list[int] = field(default_factory=list)
     sparsity: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -79,6 +80,7 @@ class RunSample:
             "kv_bytes_kept_peak": float(self.kv_bytes_kept_peak),
             "kv_ratio": self.kv_bytes_kept_peak / self.kv_bytes_full if self.kv_bytes_full else None,
             "tokens_kept_peak": float(self.tokens_kept_peak),
+            "kv_bytes_kept_end": float(self.kv_bytes_kept_end),
             "attention_sparsity": self.sparsity,
         }
 
@@ -178,6 +180,7 @@ def run_session(
         kv_bytes_kept_peak=max(kv_peak, stats.kv_bytes_kept),
         kv_bytes_full=stats.kv_bytes_full,
         tokens_kept_peak=max(tokens_peak, stats.tokens_kept),
+        kv_bytes_kept_end=stats.kv_bytes_kept,
         tokens=tokens,
         sparsity=attention_sparsity(stats.extra),
         extra=_plain_extras(stats.extra),
@@ -253,5 +256,6 @@ def run_generate(
         kv_bytes_kept_peak=kept_bytes,
         kv_bytes_full=info.kv_bytes_per_token * seen,
         tokens_kept_peak=kept_tokens,
+        kv_bytes_kept_end=kept_bytes,
         tokens=generated,
     )

@@ -52,6 +52,8 @@ def bench_markdown(doc: dict[str, Any]) -> str:
         f"{settings['repeats']} measured round(s), median [min–max]; prefill chunk {settings['prefill_chunk_tokens']}",
         f"- baseline: {settings['baseline']}; ratios (×) are to its median in the same run",
         f"- memory: {settings['memory_measure']} (Δ = growth over the start of the run); prompt: {settings['prompt']}",
+        "- KV peak: the most the cache held during the run (KV % full: of a full cache at the end); KV end: what it "
+        "holds after the last token (a bounded policy's budget once it has evicted)",
     ]
     if roof := doc.get("roofline"):
         lines.append(
@@ -64,15 +66,15 @@ def bench_markdown(doc: dict[str, Any]) -> str:
         lines.append(f"- command: `{doc['command']}`")
     lines += [
         "",
-        "| length | preset | policy | TTFT ms | TTFT × | prompt tok/s | decode tok/s | decode × | KV kept MiB "
-        "| KV % full | peak mem MiB | Δ mem MiB | Δ mem × | sparsity | tokens = baseline "
+        "| length | preset | policy | TTFT ms | TTFT × | prompt tok/s | decode tok/s | decode × | KV peak MiB "
+        "| KV end MiB | KV % full | peak mem MiB | Δ mem MiB | Δ mem × | sparsity | tokens = baseline "
         "| MiB / token | roofline tok/s | % roofline | note |",
-        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in doc["results"]:
         s, r = row["summary"], row.get("ratios") or {}
         if row["status"] != "ok" or not s:
-            lines.append(f"| {row['length']} | {row['preset']} | {row['policy']} |" + " – |" * 15 + f" {row['note']} |")
+            lines.append(f"| {row['length']} | {row['preset']} | {row['policy']} |" + " – |" * 16 + f" {row['note']} |")
             continue
         kv_ratio = s["kv_ratio"]["median"]
         match = row.get("tokens_match_baseline")
@@ -82,6 +84,7 @@ def bench_markdown(doc: dict[str, Any]) -> str:
             f"| {_ratio(r.get('ttft_s'))} | {_prompt_rate(row['length'], s['ttft_s'])} "
             f"| {_spread(s['decode_tokens_per_s'], '.3g')} "
             f"| {_ratio(r.get('decode_tokens_per_s'))} | {_fmt(s['kv_bytes_kept_peak']['median'], '.1f', 1 / MIB)} "
+            f"| {_fmt(s.get('kv_bytes_kept_end', {}).get('median'), '.1f', 1 / MIB)} "
             f"| {_fmt(kv_ratio, '.1f', 100)} | {_fmt(s['peak_mem_bytes']['median'], '.0f', 1 / MIB)} "
             f"| {_fmt(s['peak_mem_delta_bytes']['median'], '.1f', 1 / MIB)} | {_ratio(r.get('peak_mem_delta_bytes'))} "
             f"| {_fmt(s['attention_sparsity']['median'], '.2f')} | {_fmt(match, '.0%', missing='–')} "

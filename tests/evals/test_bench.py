@@ -119,9 +119,12 @@ def test_bench_measures_every_preset_against_generate(tiny_bench):
     kv_per_token = doc["model"]["kv_bytes_per_token"]
     assert full["summary"]["kv_bytes_kept_peak"]["median"] == base["summary"]["kv_bytes_kept_peak"]["median"]
     assert full["summary"]["kv_bytes_kept_peak"]["median"] == (96 + 3) * kv_per_token
+    assert full["summary"]["kv_bytes_kept_end"]["median"] == (96 + 3) * kv_per_token  # nothing evicted
     assert full["tokens_match_baseline"] == 1.0  # fp32, same computation, same greedy tokens
     # StreamingLLM keeps 4 sinks + 28 recent tokens (+ one chunk in flight at most)
     assert stream["summary"]["tokens_kept_peak"]["median"] <= 4 + 28 + 32
+    # after the last token the ring holds exactly its sinks + window
+    assert stream["summary"]["kv_bytes_kept_end"]["median"] == (4 + 28) * kv_per_token
     assert stream["summary"]["kv_ratio"]["median"] < 0.7
     assert stream["ratios"]["kv_bytes_kept_peak"] < 0.7
 
