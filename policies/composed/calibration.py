@@ -51,8 +51,8 @@ class PromptCalibration:
         first_row = max(0, self.first - tokens_before)
         if first_row < call.query.shape[2]:
             done = max(0, tokens_before - self.first)  # rows observed by earlier forwards
-            self.session._observe(self.states[call.layer_idx], call, first_row, done + 1, with_output=False)
+            self.session.observe_rows(self.states[call.layer_idx], call, first_row, done + 1, with_output=False)
 
     def finish(self) -> None:
         """Set the session's W from what was observed (left pending when nothing was)."""
-        self.session._set_window(self.states, "prefill")
+        self.session.set_window_from(self.states, "prefill")

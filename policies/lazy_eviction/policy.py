@@ -149,15 +149,16 @@ class LazyEvictionSession(PolicySession):
                 first_row = max(0, self._calib_from - self.tokens_seen)
                 if first_row < call.query.shape[2]:
                     done = max(0, self.tokens_seen - self._calib_from)  # prompt rows observed so far
-                    self._observe(self._calib[call.layer_idx], call, first_row, done + 1, with_output=False)
+                    self.observe_rows(self._calib[call.layer_idx], call, first_row, done + 1, with_output=False)
             return out
-        return self._observe(self.state[call.layer_idx], call, 0, self.steps + 1, with_output=True)
+        return self.observe_rows(self.state[call.layer_idx], call, 0, self.steps + 1, with_output=True)
 
-    def _observe(
+    def observe_rows(
         self, state: RecurrenceState, call: AttentionCall, first_row: int, first_step: int, with_output: bool
     ) -> torch.Tensor | None:
-        """Record query rows first_row.. of `call` as steps first_step.. . With `with_output`, return
-        the attention output [1, Tq, Hq, D] (from the same probabilities for a single row)."""
+        """Record query rows first_row.. of `call` as steps first_step.. into `state`. With `with_output`,
+        return the attention output [1, Tq, Hq, D] (from the same probabilities for a single row).
+        Public so that a composed preset's prefill part can feed LazyEviction's prompt calibration."""
         tq, length = call.query.shape[2], call.key.shape[2]
         base = length - tq  # cache index of the call's first token
         device = call.key.device
@@ -191,7 +192,7 @@ class LazyEvictionSession(PolicySession):
         finally:
             self._in_prefill = False
             if calibrate:
-                self._set_window(self._calib, "prefill")
+                self.set_window_from(self._calib, "prefill")
                 self._calib = None
         return logits
 
@@ -205,13 +206,13 @@ class LazyEvictionSession(PolicySession):
         if length <= budget:
             return
         if self.window is None:
-            self._set_window(self.state, "decode")
+            self.set_window_from(self.state, "decode")
             if self.window is None:
                 return
         if self.steps // self.window > before // self.window:
             self.evict(budget)
 
-    def _set_window(self, states: list[RecurrenceState], source: str) -> None:
+    def set_window_from(self, states: list[RecurrenceState], source: str) -> None:
         """W = the configured percentile of the observed MRIs (tokens attended at least once)."""
         observed = torch.cat([state.mri[state.mri > 0].flatten().long().cpu() for state in states])
         window = percentile_from_counts(torch.bincount(observed), self.params.window_percentile)

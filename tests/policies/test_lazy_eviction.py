@@ -246,13 +246,13 @@ def test_prefill_calibration_observes_prompt_tail_like_decode_steps(tiny_llama):
     model, info, runner = tiny_llama
     ids = torch.randint(0, 256, (1, 150))
     calibrated = new_session("lazy_eviction", info, window="auto", alpha=0.008, calibration_rows=100)
-    seen, set_window = [], calibrated._set_window
+    seen, set_window = [], calibrated.set_window_from
 
     def spy(states, source):
         seen.append([s.mri.clone() for s in states])
         set_window(states, source)
 
-    calibrated._set_window = spy
+    calibrated.set_window_from = spy
     run_prefill(calibrated, runner, ids)
     decoded = new_session("lazy_eviction", info, window=1000, alpha=0.008)
     run_prefill(decoded, runner, ids[:, :50])
@@ -260,7 +260,7 @@ def test_prefill_calibration_observes_prompt_tail_like_decode_steps(tiny_llama):
     for layer, mri in enumerate(seen[0]):
         assert torch.equal(mri, decoded.state[layer].mri)
     assert any(bool((mri > 1).any()) for mri in seen[0])  # varied recurrences were observed
-    decoded._set_window(decoded.state, "decode")
+    decoded.set_window_from(decoded.state, "decode")
     assert calibrated.window == decoded.window and calibrated.window_source == "prefill"
 
 
