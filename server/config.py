@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kvmux.models.loader import ModelSpec
 
@@ -44,6 +44,12 @@ class ReplicasConfig(BaseModel):
     )
     affinity_prefix_chars: int = Field(512, ge=1, description="characters of the prompt's first block that are hashed")
     ingress_replicas: int = Field(1, ge=1, description="replicas of the light HTTP entry that routes to the models")
+
+    @field_validator("affinity", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: object) -> object:
+        """YAML 1.1 reads an unquoted `affinity: off` as false: take it as "off"."""
+        return "off" if value is False else value
 
     @property
     def distributed(self) -> bool:

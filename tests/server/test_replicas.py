@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import kvmux.evals
 from kvmux.cli import _config_from_args, build_parser
 from kvmux.models.loader import ModelSpec
-from kvmux.server.config import ServerConfig
+from kvmux.server.config import ServerConfig, load_server_config
 from kvmux.server.metrics import Metrics
 from kvmux.server.replicas.affinity import affinity_key
 from kvmux.server.replicas.forwarding import ForwardedRequest, run_asgi
@@ -164,6 +164,14 @@ def test_serve_flags_choose_between_one_process_and_ray_serve():
     assert joined.distributed and joined.ray_address == "head:6379" and joined.num_replicas == 1
     with pytest.raises(ValueError, match="min_replicas"):
         ServerConfig(replicas={"autoscaling": {"min_replicas": 3, "max_replicas": 2}})
+
+
+def test_unquoted_yaml_off_means_affinity_off(tmp_path):
+    path = tmp_path / "server.yaml"
+    path.write_text("replicas: {num_replicas: 2, affinity: off}\n")  # YAML 1.1 reads `off` as false
+    assert load_server_config(path).replicas.affinity == "off"
+    with pytest.raises(ValueError, match="affinity"):
+        ServerConfig(replicas={"affinity": True})
 
 
 # -- with Ray ------------------------------------------------------------------------------------
