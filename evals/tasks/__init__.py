@@ -12,7 +12,7 @@ from __future__ import annotations
 from kvmux.evals.tasks.cwe import CommonWordsTask
 from kvmux.evals.tasks.decode_recall import DecodeRecallTask
 from kvmux.evals.tasks.niah import NIAH_TASKS, NiahTask
-from kvmux.evals.tasks.passkey import PasskeyTask
+from kvmux.evals.tasks.passkey import PASSKEY_TASKS, PasskeyTask
 from kvmux.evals.tasks.qa import DocumentQATask
 from kvmux.evals.tasks.shared_context import SHARED_CONTEXT_TASKS, SharedContextTask
 from kvmux.evals.tasks.stream_ppl import StreamPPLTask
@@ -32,7 +32,7 @@ Task = (
 TASKS: dict[str, Task] = {
     task.name: task
     for task in (
-        PasskeyTask(),
+        *PASSKEY_TASKS,
         *NIAH_TASKS,
         VariableTrackingTask(),
         CommonWordsTask(),

@@ -11,6 +11,7 @@ Variants (RULER's table; our haystacks are generated, see `haystack.py`):
 | niah_single | noise | 1 | 1 | 1 |
 | niah_single_book | book (natural prose) | 1 | 1 | 1 |
 | niah_multikey | needle (distractor needles) | 1 | 1 | 1 |
+| niah_multikey_book | book (natural prose) | 4 | 1 | 1 |
 | niah_multivalue | noise | 1 | 4 | 1 |
 | niah_multiquery | noise | 4 | 1 | 4 |
 
@@ -18,7 +19,8 @@ Deviations: RULER's multivalue/multiquery use the essay haystack (downloaded tex
 noise by default (the book haystack is available through `NiahTask(haystack="book")`). The
 answer-bearing needles sit together at the grid depth instead of at random depths, so the
 length x depth heat-map means what it says; needles of keys that are not asked about go to
-random places, as in RULER.
+random places, as in RULER. `niah_multikey_book` is RULER's niah_multikey_1 (essay haystack, 4 keys,
+3 of them distractors) with the shipped novel as the essay.
 """
 
 from __future__ import annotations
@@ -107,6 +109,7 @@ NIAH_TASKS = (
     NiahTask("niah_single", haystack="noise"),
     NiahTask("niah_single_book", haystack="book"),
     NiahTask("niah_multikey", haystack="needle"),
+    NiahTask("niah_multikey_book", haystack="book", num_keys=4),
     NiahTask("niah_multivalue", haystack="noise", num_values=4),
     NiahTask("niah_multiquery", haystack="noise", num_keys=4, num_queries=4),
 )

@@ -8,7 +8,9 @@ output must equal it.
 
 Deviations: the reference measures the garbage in characters and splits it at a random point;
 we fill to a token budget (RULER style) one sentence at a time and put the key line at the
-requested token depth, so a length x depth grid is exact.
+requested token depth, so a length x depth grid is exact. `passkey_book` puts the same key line
+in natural prose (the shipped novel, `haystack.py`) instead of the repeated garbage sentences,
+which sparse attention finds much harder to skip.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvmux.evals.tasks.common import Renderer, Sample, sample_rng
-from kvmux.evals.tasks.haystack import make_haystack
+from kvmux.evals.tasks.haystack import HaystackKind, make_haystack
 from kvmux.evals.tasks.placement import Frame, fit_haystack_sample
 
 TASK_DESCRIPTION = (
@@ -30,6 +32,7 @@ ANSWER_PREFIX = " The pass key is"
 @dataclass(frozen=True)
 class PasskeyTask:
     name: str = "passkey"
+    haystack: HaystackKind = "noise"
     metric: str = "passkey"
     max_new_tokens: int = 10
     uses_depth: bool = True
@@ -46,7 +49,7 @@ class PasskeyTask:
             length=length,
             depth=depth,
             renderer=renderer,
-            haystack=make_haystack("noise", rng, renderer),
+            haystack=make_haystack(self.haystack, rng, renderer),
             frame=Frame(before=TASK_DESCRIPTION + "\n", after="\n" + QUESTION, answer_prefix=ANSWER_PREFIX),
             needles=[line],
             answers=[key],
@@ -54,4 +57,8 @@ class PasskeyTask:
             max_new_tokens=max_new_tokens or self.max_new_tokens,
             query=QUESTION,
             rng=rng,
+            guess_tokens_per_unit=30 if self.haystack == "book" else 6,
         )
+
+
+PASSKEY_TASKS = (PasskeyTask(), PasskeyTask("passkey_book", haystack="book"))

@@ -214,3 +214,18 @@ def test_needle_token_indices_cover_the_needle_text(renderer, smol_tokenizer):
     needle = sample.prompt[slice(*sample.needle_spans[0])]
     assert needle.strip() in text and sample.answers[0] in text
     assert len(text) < len(needle) + 20  # only the tokens that overlap the needle
+
+
+def test_prose_variants_hide_their_needles_in_the_novel(renderer):
+    sentences = set(corpus_sentences())
+    passkey = get_task("passkey_book").make(renderer, 2048, 50.0, 0, seed=1)
+    hay = passkey.prompt[slice(*passkey.haystack_span)]
+    assert f"The pass key is {passkey.answers[0]}. Remember it." in hay
+    assert sum(s in sentences for s in re.split(r"(?<=[.!?”])\s+", hay)) >= 10
+    assert (
+        passkey.prompt_tokens <= 2048 and passkey.prompt != get_task("passkey").make(renderer, 2048, 50.0, 0, 1).prompt
+    )
+    multikey = get_task("niah_multikey_book").make(renderer, 2048, 50.0, 0, seed=1)
+    hay = multikey.prompt[slice(*multikey.haystack_span)]
+    assert len(re.findall(r"One of the special magic numbers? for \S+ is: \d+", hay)) == 4  # 1 asked + 3 distractors
+    assert multikey.answers[0] in hay and sum(s in sentences for s in re.split(r"(?<=[.!?”])\s+", hay)) >= 10
