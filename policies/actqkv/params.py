@@ -32,7 +32,15 @@ class ActQKVParams(PolicyParams):
     window: int = Field(
         256, ge=1, le=512, description="queries per retrieval window while reading (paper: 256; at most 512)"
     )
-    question_weight: float = Field(4.0, ge=0.0, le=100.0, description="weight of the kv_policy.query term (4)")
+    question_weight: float = Field(4.0, ge=0.0, le=100.0, description="weight of the question term (4)")
+    question: Literal["auto", "query", "off"] = Field(
+        "auto",
+        description="question vector from: 'auto': kv_policy.query, else the prompt's trailing paragraph; "
+        "'query': kv_policy.query only; 'off': none",
+    )
+    max_question_tokens: int = Field(
+        1024, ge=1, le=4096, description="longest question found in the prompt: its last tokens (1024; at most 4096)"
+    )
     entropy_history: int = Field(
         100, ge=1, le=100_000, description="entropy samples per layer for the split (100; at most 100000)"
     )

@@ -11,8 +11,8 @@ Algorithm (per layer, per request; the memory layout is in `context_memory.py`):
    Bias, mean_c (q_c - mu_c)^2 / (var_c + mean(var)/100), against running per-channel
    statistics of this request's windows; the probe is the weighted mean query.
 4. Retrieval: cosine between the probe and every block representative (plus `question_weight`
-   times the cosine with the question vector while reading the prompt, when `kv_policy.query`
-   is given). One selection per layer, shared by all heads.
+   times the cosine with the question vector while reading the prompt, when the request has a
+   question: see "The question" below). One selection per layer, shared by all heads.
 5. Dynamic cut-off: a pool of `topk * layers` blocks per window is shared by the layers in order.
    Layer l takes K_l = clip(round(w_l * pool_left), min(N, min_blocks), min(N, 2*topk)) where
    w_l = 1/(L-l) (equal split) or, while decoding once every layer has `entropy_history` samples,
@@ -50,15 +50,21 @@ Deviations from the reference, and why:
   overall, and the unit count is capped at `stats_horizon` (1000, as the reference). The
   statistics are folded with an equal-weight-per-window mean/variance merge (the reference's
   formula mixes unbiased and biased terms).
-- The question vector comes from `kv_policy.query`: the question is run alone (positions 0..n-1)
-  before the prompt and, per layer and head, the `repr_topk` question queries that received the
-  most attention are averaged (the reference string-matches a dataset-specific question inside
-  the prompt and uses in-context queries). As in the reference it only applies while the prompt
-  is read, not while decoding. The question's attention over
+- The question (`question`): `kv_policy.query` when the request gives it; otherwise, under
+  `auto` (the default), the prompt's trailing paragraph - the text after the last blank line of
+  the last user message (chat) or of the prompt (completions), or after its last line break when
+  that paragraph is longer than `max_question_tokens` (1024, the server's `max_query_tokens`),
+  and at most that many of its last tokens; a prompt without a line break has none. The rule is
+  InfiniRetri's (`policies/question_text.py`, shared). `query` reads `kv_policy.query` only,
+  `off` builds no question. The reference string-matches a dataset-specific question inside the
+  prompt and uses in-context queries; here the question's tokens are run alone (positions
+  0..n-1) before the prompt and, per layer and head, the `repr_topk` question queries that
+  received the most attention are averaged into the question vector. As in the reference it
+  only applies while the prompt is read, not while decoding. The question's attention over
   itself is computed in pieces of query rows, each against the keys up to its last row (at most
   `QUESTION_PIECE_ELEMENTS` fp32 scores per piece), and the attention each key received is summed
   over the pieces: the same result up to float rounding, in O(piece x n) memory instead of three
-  n x n copies per head. The server caps the question at `max_query_tokens` (1024 by default).
+  n x n copies per head. The server caps `kv_policy.query` at `max_query_tokens` (1024 by default).
 - Serving caps (the reference has none): window <= 512, n_local <= 4096, n_init <= 1024,
   block_size <= 256, topk and min_blocks <= 1024, and at most `MAX_ATTENDED_KEYS` (16384) keys per
   query (n_init + max(2*topk, min_blocks)*block_size + n_local + window), so one window's scores
@@ -75,8 +81,8 @@ Deviations from the reference, and why:
   (the chosen blocks are copied per step). Block-hit LRU scores are therefore not kept.
 
 Modules: `params.py` (parameters and caps), `session.py` (one request: windows, local and global
-attention, positions), `block_budget.py` (the dynamic cut-off), `question.py` (the question
-vector), `grouped_attention.py` (the softmax and its merge), `context_memory.py` (the memory and
+attention, positions), `block_budget.py` (the dynamic cut-off), `question.py` (the question and
+its vector), `grouped_attention.py` (the softmax and its merge), `context_memory.py` (the memory and
 the Activation-Bias statistics). Measurements: docs/results/actqkv.md.
 """
 
@@ -85,7 +91,7 @@ from __future__ import annotations
 import math
 
 from kvmux.policies.actqkv.params import ActQKVParams
-from kvmux.policies.actqkv.question import QUESTION_PIECE_ELEMENTS
+from kvmux.policies.actqkv.question import QUESTION_PIECE_ELEMENTS, question_tokens_bound
 from kvmux.policies.actqkv.session import ActQKVSession
 from kvmux.policies.base import FP32_BYTES, Policy, pass_bytes
 from kvmux.policies.registry import register
@@ -120,8 +126,8 @@ class ActQKVPolicy(Policy):
         # the block store of one layer is copied while it doubles
         growth = info.kv_bytes_per_token // max(info.num_layers, 1) * 2 * num_tokens
         question = 0
-        if query_tokens and params.question_weight > 0:
-            n = query_tokens
+        n = question_tokens_bound(params, num_tokens, query_tokens)
+        if n:
             rows = min(n, max(1, QUESTION_PIECE_ELEMENTS // (hq * n)))
             question = 3 * hq * rows * n * FP32_BYTES + 3 * hq * n * d * FP32_BYTES + pass_bytes(info, n, chunk)
         return max(window + growth, question)

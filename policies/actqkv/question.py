@@ -1,4 +1,10 @@
-"""ActQKV's question vector from `kv_policy.query` (arXiv 2502.13542; deviations: `policy.py`).
+"""ActQKV's question vector (arXiv 2502.13542; deviations: `policy.py`).
+
+Where the question comes from (`question_ids`, parameter `question`): `kv_policy.query` when the
+request gives it; under `auto` (the default) otherwise the prompt's trailing paragraph, found by
+the shared detector (`policies/question_text.py`: the text after the last blank line of the last
+user message or completion prompt, or after its last line break; at most its last
+`max_question_tokens` tokens); `query` reads `kv_policy.query` only; `off` builds no question.
 
 The question is run alone (positions 0..n-1) before the prompt; per layer and query head, the
 `repr_topk` question queries that received the most attention, rotated to the probe's position
@@ -15,10 +21,41 @@ import torch
 
 from kvmux.policies.actqkv.context_memory import top_attended_mean
 from kvmux.policies.actqkv.grouped_attention import grouped_probs, weighted_values
+from kvmux.policies.actqkv.params import ActQKVParams
+from kvmux.policies.base import PolicyInputError, SessionRequest
+from kvmux.policies.question_text import find_question
 from kvmux.policies.rope import rotate
 
 # fp32 score elements of one piece of question rows (x3 copies: logits, masked, softmax): 16 MB each
 QUESTION_PIECE_ELEMENTS = 1 << 22
+
+
+def question_tokens_bound(params: ActQKVParams, num_tokens: int, query_tokens: int) -> int:
+    """Most question tokens a request of `num_tokens` tokens runs (`query_tokens`: kv_policy.query's)."""
+    if params.question == "off" or params.question_weight <= 0:
+        return 0
+    if query_tokens or params.question == "query":
+        return query_tokens
+    return min(num_tokens, params.max_question_tokens)  # auto: a paragraph of the prompt
+
+
+def question_ids(
+    params: ActQKVParams, request: SessionRequest, tokenizer, prompt_ids: list[int]
+) -> tuple[list[int], str] | None:
+    """The question's token ids and their source ("query", or the detector's rule), None for no question."""
+    if params.question == "off" or params.question_weight <= 0:
+        return None
+    if request.query_text:
+        ids = request.query_ids  # tokenized (and its length checked) when the request was prepared
+        if ids is None:
+            if tokenizer is None:
+                raise PolicyInputError("actqkv: kv_policy.query needs the model's tokenizer", param="kv_policy.query")
+            ids = tokenizer.encode(request.query_text, add_special_tokens=False)
+        return (list(ids), "query") if ids else None
+    if params.question == "query" or tokenizer is None:
+        return None
+    span = find_question(tokenizer, prompt_ids, request, params.max_question_tokens)
+    return (prompt_ids[span.start : span.end], span.source) if span is not None else None
 
 
 def question_attention(

@@ -14,7 +14,7 @@ from kvmux.policies.actqkv.block_budget import BlockBudget
 from kvmux.policies.actqkv.context_memory import ActivationStats, ContextMemory
 from kvmux.policies.actqkv.grouped_attention import merged_attention
 from kvmux.policies.actqkv.params import ActQKVParams
-from kvmux.policies.actqkv.question import question_attention
+from kvmux.policies.actqkv.question import question_attention, question_ids
 from kvmux.policies.base import AttentionCall, KVStats, PolicyInputError, PolicySession
 from kvmux.policies.rope import rotate
 
@@ -33,6 +33,8 @@ class ActQKVSession(PolicySession):
         self.attended = [0] * num_layers  # (query, key) pairs computed, per layer
         self.queries = [0] * num_layers
         self.max_attended = 0  # most keys any one query attended
+        self.question_source = "none"  # where the question vector came from (`question.question_ids`)
+        self.question_tokens = 0
 
     def make_cache(self) -> Cache:
         p = self.params
@@ -60,19 +62,12 @@ class ActQKVSession(PolicySession):
 
     # -- question vector ------------------------------------------------------------------------
     def prefill(self, runner, input_ids):
-        text = self.request.query_text
-        if text and self.params.question_weight > 0:
-            ids = self.request.query_ids  # tokenized (and its length checked) when the request was prepared
-            if ids is None:
-                tokenizer = self.info.tokenizer
-                if tokenizer is None:
-                    raise PolicyInputError(
-                        "actqkv: kv_policy.query needs the model's tokenizer", param="kv_policy.query"
-                    )
-                ids = tokenizer.encode(text, add_special_tokens=False)
-            if ids:
-                self.encode_question(runner, torch.tensor([ids], device=self.info.device))
-                yield
+        found = question_ids(self.params, self.request, self.info.tokenizer, input_ids[0].tolist())
+        if found is not None:
+            ids, self.question_source = found
+            self.encode_question(runner, torch.tensor([ids], device=self.info.device))
+            self.question_tokens = len(ids)
+            yield
         self.prefilling = True
         try:
             return (yield from super().prefill(runner, input_ids))
@@ -211,6 +206,8 @@ class ActQKVSession(PolicySession):
             kv_bytes_full=self.info.kv_bytes_per_token * self.tokens_seen,
             extra={
                 "positions": p.positions,
+                "question": self.question_source,
+                "question_tokens": self.question_tokens,
                 "blocks": max((m.num_blocks for m in layers), default=0),
                 "kv_budget_tokens": p.n_init + p.n_local + p.topk * p.block_size,
                 "attended_keys_mean": round(sum(self.attended) / queries, 1) if queries else 0.0,

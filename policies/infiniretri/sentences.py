@@ -1,4 +1,4 @@
-"""Sentences and chunks over token ids, and character positions mapped to token boundaries.
+"""Sentences and chunks over token ids.
 
 Used by InfiniRetri (arXiv 2502.12962), which reads a long context in chunks of whole sentences
 and keeps whole sentences between chunks. Everything here works on the prompt's own token ids,
@@ -15,16 +15,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+# `decode` and `token_boundary` live with the question detector; re-exported for this package's users
+from kvmux.policies.question_text import decode as decode
+from kvmux.policies.question_text import token_boundary as token_boundary
+
 Span = tuple[int, int]  # [start, end) token indices into the prompt
 
 TERMINATORS = ".!?…。！？"
 CJK_TERMINATORS = "。！？"
 CLOSERS = "\"')]}»”’"
-
-
-def decode(tokenizer, ids: Sequence[int]) -> str:
-    """The exact text of `ids` (special tokens kept, no clean-up)."""
-    return tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
 def token_pieces(tokenizer, ids: Sequence[int]) -> list[str]:
@@ -91,27 +90,3 @@ def gather(ids: Sequence[int], spans: Sequence[Span]) -> list[int]:
     for s, e in spans:
         out.extend(ids[s:e])
     return out
-
-
-def token_boundary(tokenizer, ids: Sequence[int], char_pos: int, after: bool) -> int:
-    """A token index j such that the text of ids[:j] ends at `char_pos`, or the nearest one.
-
-    after=True: the first boundary at or after `char_pos` (a token straddling it goes before);
-    after=False: the last boundary at or before it (a straddling token goes after).
-    """
-    lo, hi = 0, len(ids)
-    if after:  # smallest j with len(text(ids[:j])) >= char_pos
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if len(decode(tokenizer, ids[:mid])) >= char_pos:
-                hi = mid
-            else:
-                lo = mid + 1
-        return lo
-    while lo < hi:  # largest j with len(text(ids[:j])) <= char_pos
-        mid = (lo + hi + 1) // 2
-        if len(decode(tokenizer, ids[:mid])) <= char_pos:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
