@@ -92,7 +92,12 @@ def markdown(data: dict[str, Any]) -> str:
         f"Model `{meta.get('model')}` via {meta.get('backend')}"
         + (f" ({meta['url']})" if meta.get("url") else "")
         + f", {meta.get('format')} prompts, seed {meta.get('seed')}, "
-        + f"question {'passed' if meta.get('query') else 'not passed'} to the policy, updated {meta.get('updated')}.",
+        + (
+            "question passed to the policy (kv_policy.query)"
+            if meta.get("query")
+            else "question not passed (query-aware policies find it in the prompt themselves)"
+        )
+        + f", updated {meta.get('updated')}.",
         "",
         "Scores are 0-100 (passkey: exact key; niah/vt/cwe: string_match_all; qa: string_match_part), "
         "averaged over depths and samples. KV kept = bytes kept / bytes of a full cache, at the end of each request.",
