@@ -12,7 +12,9 @@ overflows the window is compacted once (one copy of the window per chunk).
 `slot_positions()` gives each physical slot its place in the logical order (sinks first, then the
 window from oldest to newest), which the cache-position mode uses to rotate keys to their slot.
 When `inv_freq` is given, keys are stored un-rotated: they arrive rotated at their logical slot and
-are rotated back once.
+are rotated back once. `version` changes whenever live tokens change slots (a reordering, a compaction,
+a grown buffer, a restore or a load) and `last_slot` is where the latest one-token update went, so a
+per-slot copy of the buffer (`streaming_decode.py`) knows when it can be updated in place.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ class SinkWindowLayer(BufferedLayer):
         super().__init__()
         self.sinks, self.window, self.inv_freq = sinks, window, inv_freq
         self.state = _State()
+        self.version = 0  # bumped whenever live tokens change slots
+        self.last_slot = -1  # physical slot of the latest one-token update
 
     # -- what callers read -------------------------------------------------------------------------
     def get_seq_length(self) -> int:
@@ -85,16 +89,19 @@ class SinkWindowLayer(BufferedLayer):
         if st.dead is not None and n == 1:
             st.keys[..., st.dead : st.dead + 1, :] = key_states
             st.values[..., st.dead : st.dead + 1, :] = value_states
-            st.dead = None  # every slot is live; `oldest` still marks where the ring starts
+            self.last_slot, st.dead = st.dead, None  # every slot is live; `oldest` still marks where the ring starts
             return st.keys[..., : st.length, :], st.values[..., : st.length, :]
         self._put_in_order()
         needed = st.length + n
         if st.keys is None or needed > st.keys.shape[-2]:
             st.keys = _grown(st.keys, st.length, key_states, needed)
             st.values = _grown(st.values, st.length, value_states, needed)
+            self.version += 1
+        if n != 1:
+            self.version += 1
         st.keys[..., st.length : needed, :] = key_states
         st.values[..., st.length : needed, :] = value_states
-        st.length, st.oldest = needed, self.sinks
+        st.length, st.oldest, self.last_slot = needed, self.sinks, needed - 1
         return st.keys[..., :needed, :], st.values[..., :needed, :]
 
     def evict(self, window: int | None = None) -> None:
@@ -115,6 +122,7 @@ class SinkWindowLayer(BufferedLayer):
         for buffer in (st.keys, st.values):
             buffer[..., self.sinks : keep, :] = buffer[..., self.sinks + drop : st.length, :].clone()
         st.length, st.oldest = keep, self.sinks
+        self.version += 1
 
     # -- checkpoints (an undone decode step) -------------------------------------------------------
     def snapshot(self) -> _State:
@@ -123,6 +131,7 @@ class SinkWindowLayer(BufferedLayer):
 
     def restore(self, snapshot: _State) -> None:
         self.state = _State(snapshot.keys, snapshot.values, snapshot.length, snapshot.oldest, snapshot.dead)
+        self.version += 1
 
     def load(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Adopt a copy of live keys/values in logical order, as stored (the prefix cache's import)."""
@@ -133,6 +142,7 @@ class SinkWindowLayer(BufferedLayer):
         st.keys, st.values = _grown(None, 0, keys, n), _grown(None, 0, values, n)
         st.keys[..., :n, :], st.values[..., :n, :] = keys, values
         st.length, st.oldest = n, self.sinks
+        self.version += 1
 
     # -- helpers -----------------------------------------------------------------------------------
     def _order(self, device: torch.device) -> torch.Tensor:
@@ -161,6 +171,7 @@ class SinkWindowLayer(BufferedLayer):
         st.keys[..., : keys.shape[-2], :] = keys
         st.values[..., : values.shape[-2], :] = values
         st.length, st.oldest, st.dead = keys.shape[-2], self.sinks, None
+        self.version += 1
 
 
 def _grown(buffer: torch.Tensor | None, length: int, new: torch.Tensor, needed: int) -> torch.Tensor:

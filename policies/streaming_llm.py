@@ -10,10 +10,12 @@ size, so generation can run indefinitely.
 
 Positions (`positions`):
 - `cache` (default, the paper's scheme): positions are assigned inside the cache. Keys are
-  stored un-rotated and re-rotated to their slot index 0..L-1 at every step; the query sits at
-  slot L. Relative distances never exceed the cache size, so the model runs far past its
-  trained context (StreamingLLM's central result). Default because it is what the paper
-  measures and the only mode that streams past the model's context.
+  stored un-rotated and re-rotated to their slot index 0..L-1 for every prefill forward; the
+  query sits at slot L. A decode step gets the same distances from a per-layer copy of the
+  keys that is rotated once per key (`streaming_decode.py`). Relative distances never exceed
+  the cache size, so the model runs far past its trained context (StreamingLLM's central
+  result). Default because it is what the paper measures and the only mode that streams past
+  the model's context.
 - `original`: keys keep the absolute positions they were rotated with (kvpress,
   KVCache-Factory, LazyEviction's baseline). Cheaper (no re-rotation) but diverges once the
   absolute position passes the trained context.
@@ -50,6 +52,7 @@ from kvmux.policies.prefix import PrefixReuse, PrefixState
 from kvmux.policies.registry import register
 from kvmux.policies.rope import cos_sin, rotate_with
 from kvmux.policies.sink_window_cache import SinkWindowLayer
+from kvmux.policies.streaming_decode import RotatedKeys
 
 
 class StreamingLLMParams(PolicyParams):
@@ -66,6 +69,7 @@ class StreamingLLMParams(PolicyParams):
 class StreamingLLMSession(PolicySession):
     params: StreamingLLMParams
     _tables: tuple[tuple[int, int], torch.Tensor, torch.Tensor] | None = None  # slot cos/sin of the current slots
+    _rotated: RotatedKeys | None = None  # cache mode: the decode steps' rotated keys
 
     @property
     def cache_mode(self) -> bool:
@@ -85,6 +89,12 @@ class StreamingLLMSession(PolicySession):
     def attention(self, call: AttentionCall) -> torch.Tensor:
         if not self.cache_mode:
             return super().attention(call)
+        layer = self.cache.layers[call.layer_idx]
+        if call.query.shape[2] == 1 and call.mask is None:
+            if self._rotated is None:
+                self._rotated = RotatedKeys(self.info.inv_freq.to(call.key.device))
+            query, keys = self._rotated.decode_inputs(layer, call.layer_idx, call.query, call.key, self.tokens_seen)
+            return sdpa(query, keys, call.value, None, call.scaling)
         keys = rotate_with(call.key, *self._slot_tables(self.cache.layers[call.layer_idx], call.key.device))
         return sdpa(call.query, keys, call.value, call.mask, call.scaling)
 
@@ -159,9 +169,11 @@ class StreamingLLMPolicy(Policy):
         return PrefixReuse(granularity=prefill_chunk(params, chunk), truncatable=False)
 
     def kv_bytes_needed(self, params, info, num_tokens: int) -> int:
-        # the cache never holds more than sinks + window (+ a decode step's token before eviction)
+        # the cache never holds more than sinks + window (+ a decode step's token before eviction); in cache
+        # mode the decode steps keep a rotated copy of the keys (half of each token's K/V bytes)
         held = min(num_tokens, params.sink_tokens + params.window + 1)
-        return info.kv_bytes_per_token * held
+        copies = 1.5 if params.positions == "cache" else 1.0
+        return int(info.kv_bytes_per_token * held * copies)
 
     def step_bytes_needed(self, params, info, num_tokens: int, chunk: int, query_tokens: int = 0) -> int:
         # chunks of at most `window` tokens over at most sinks + window keys (+ 1 in a decode step); in cache
