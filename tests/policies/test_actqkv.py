@@ -25,19 +25,9 @@ from kvmux.server.engine import Engine
 from tests.policies.helpers import full_logits, new_session, run_prefill, stepwise_logits
 from tests.tiny_models import make_tiny
 
+pytestmark = pytest.mark.usefixtures("one_thread_for_tiny_models")
+
 SMALL = dict(n_init=8, n_local=32, block_size=8, window=16)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread_for_tiny_models(request):
-    """Tiny models are dominated by per-op overhead, which extra threads only add to."""
-    if request.node.get_closest_marker("model"):
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("positions", ["absolute", "ordered"])

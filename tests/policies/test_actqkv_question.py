@@ -18,23 +18,13 @@ from kvmux.policies.registry import get_policy
 from kvmux.server.engine import Engine
 from tests.policies.helpers import ByteTokenizer, new_session, run_prefill
 
+pytestmark = pytest.mark.usefixtures("one_thread_for_tiny_models")
+
 TOK = ByteTokenizer()
 SMALL = dict(n_init=8, n_local=32, block_size=8, window=16)
 HEAD, TAIL = "<sys>be brief</sys>\n<user>\n", "</user>\n<assistant>\n"
 DOCUMENT = "".join(f"Line {i} holds the value {i * 7}.\n" for i in range(8))
 QUESTION = "Which line holds 42?"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread_for_tiny_models(request):
-    """Tiny models are dominated by per-op overhead, which extra threads only add to."""
-    if request.node.get_closest_marker("model"):
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
