@@ -13,8 +13,8 @@ overflows the window is compacted once (one copy of the window per chunk).
 window from oldest to newest), which the cache-position mode uses to rotate keys to their slot.
 When `inv_freq` is given, keys are stored un-rotated: they arrive rotated at their logical slot and
 are rotated back once. `version` changes whenever live tokens change slots (a reordering, a compaction,
-a grown buffer, a restore or a load) and `last_slot` is where the latest one-token update went, so a
-per-slot copy of the buffer (`streaming_decode.py`) knows when it can be updated in place.
+a restore or a load; appending moves none) and `last_slot` is where the latest one-token update went, so
+a per-slot copy of the buffer (`streaming_decode.py`) knows when it can be updated in place.
 """
 
 from __future__ import annotations
@@ -96,9 +96,6 @@ class SinkWindowLayer(BufferedLayer):
         if st.keys is None or needed > st.keys.shape[-2]:
             st.keys = _grown(st.keys, st.length, key_states, needed)
             st.values = _grown(st.values, st.length, value_states, needed)
-            self.version += 1
-        if n != 1:
-            self.version += 1
         st.keys[..., st.length : needed, :] = key_states
         st.values[..., st.length : needed, :] = value_states
         st.length, st.oldest, self.last_slot = needed, self.sinks, needed - 1

@@ -10,29 +10,21 @@ up one; while the window fills, L grows with t), so it is rotated once, when it 
 slots (fixed, while t grows) and the new token are rotated in a step, and the query once.
 
 `RotatedKeys` keeps, per layer, a copy of the layer's physical buffer with keys rotated that way, and
-rebuilds it in full (one rotation, what every step cost before) whenever the layer's slots moved: a
-prefill chunk, a compaction, a grown buffer, a restored checkpoint or an imported state. Angles are
+rebuilds it in full (one rotation, what every step cost before) unless exactly one token arrived since
+its last step and no slot moved: after a prefill chunk (several tokens), a compaction, a grown buffer (a
+new shape), a restored checkpoint or an imported state (a new `version`). Angles are
 computed in float64, as stream indices grow without bound. The copy holds one more set of keys per
 layer: the policy's memory estimate counts it.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
-from kvmux.policies.rope import rotate_with
+from kvmux.policies.rope import exact_cos_sin, rotate_with
 from kvmux.policies.sink_window_cache import SinkWindowLayer
-
-
-def exact_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotation tables for integer positions [T] -> ([T, D], [T, D]) fp32, angles taken in float64."""
-    freqs = positions.double()[:, None] * inv_freq.double().to(positions.device)[None, :]
-    freqs = torch.remainder(freqs, 2 * math.pi)
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().float(), emb.sin().float()
 
 
 @dataclass(slots=True)
@@ -60,10 +52,6 @@ class RotatedKeys:
         self.inv_freq = inv_freq
         self.mirrors: dict[int, _Mirror] = {}
         self.tables: _StepTables | None = None
-
-    def reset(self) -> None:
-        self.mirrors.clear()
-        self.tables = None
 
     def decode_inputs(
         self, layer: SinkWindowLayer, layer_idx: int, query: torch.Tensor, keys: torch.Tensor, step: int

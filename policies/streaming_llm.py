@@ -95,7 +95,7 @@ class StreamingLLMSession(PolicySession):
                 self._rotated = RotatedKeys(self.info.inv_freq.to(call.key.device))
             query, keys = self._rotated.decode_inputs(layer, call.layer_idx, call.query, call.key, self.tokens_seen)
             return sdpa(query, keys, call.value, None, call.scaling)
-        keys = rotate_with(call.key, *self._slot_tables(self.cache.layers[call.layer_idx], call.key.device))
+        keys = rotate_with(call.key, *self._slot_tables(layer, call.key.device))
         return sdpa(call.query, keys, call.value, call.mask, call.scaling)
 
     def _slot_tables(self, layer: SinkWindowLayer, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -32,6 +32,9 @@ NOISE_SENTENCES = (
 )
 
 HaystackKind = Literal["noise", "needle", "book"]
+# typical tokens per unit of each haystack: the first guess of the fit to a token budget (its result
+# does not depend on it)
+TOKENS_PER_UNIT: dict[str, int] = {"noise": 5, "needle": 20, "book": 30}
 ValueKind = Literal["words", "numbers", "uuids"]
 
 

@@ -28,7 +28,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvmux.evals.tasks.common import Renderer, Sample, join_list, sample_rng
-from kvmux.evals.tasks.haystack import HaystackKind, ValueKind, distinct_values, make_haystack, needle_text
+from kvmux.evals.tasks.haystack import (
+    TOKENS_PER_UNIT,
+    HaystackKind,
+    ValueKind,
+    distinct_values,
+    make_haystack,
+    needle_text,
+)
 from kvmux.evals.tasks.placement import Frame, fit_haystack_sample
 
 TEMPLATE = (
@@ -37,8 +44,6 @@ TEMPLATE = (
 )
 QUESTION = "What are all the special magic {type_needle_v} for {query} mentioned in the provided text?"
 ANSWER_PREFIX = " The special magic {type_needle_v} for {query} mentioned in the provided text are"
-
-TOKENS_PER_UNIT = {"noise": 5, "needle": 20, "book": 30}
 
 
 def singular(text: str) -> str:

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvmux.evals.tasks.common import Renderer, Sample, sample_rng
-from kvmux.evals.tasks.haystack import HaystackKind, make_haystack
+from kvmux.evals.tasks.haystack import TOKENS_PER_UNIT, HaystackKind, make_haystack
 from kvmux.evals.tasks.placement import Frame, fit_haystack_sample
 
 TASK_DESCRIPTION = (
@@ -57,7 +57,7 @@ class PasskeyTask:
             max_new_tokens=max_new_tokens or self.max_new_tokens,
             query=QUESTION,
             rng=rng,
-            guess_tokens_per_unit=30 if self.haystack == "book" else 6,
+            guess_tokens_per_unit=TOKENS_PER_UNIT[self.haystack],
         )
 
 

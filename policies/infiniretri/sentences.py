@@ -15,9 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-# `decode` and `token_boundary` live with the question detector; re-exported for this package's users
-from kvmux.policies.question_text import decode as decode
-from kvmux.policies.question_text import token_boundary as token_boundary
+from kvmux.policies.question_text import decode
 
 Span = tuple[int, int]  # [start, end) token indices into the prompt
 

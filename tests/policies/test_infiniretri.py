@@ -15,9 +15,9 @@ from kvmux.policies.infiniretri.sentences import (
     ends_sentence,
     pack_chunks,
     sentence_spans,
-    token_boundary,
     token_pieces,
 )
+from kvmux.policies.question_text import token_boundary
 from tests.policies.helpers import ByteTokenizer, new_session, run_prefill
 from tests.tiny_models import make_tiny
 

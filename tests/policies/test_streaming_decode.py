@@ -6,8 +6,7 @@ from __future__ import annotations
 import torch
 
 from kvmux.policies.dense import sdpa
-from kvmux.policies.rope import rotate_with
-from kvmux.policies.streaming_decode import exact_cos_sin
+from kvmux.policies.rope import exact_cos_sin, rotate_with
 from tests.policies.helpers import new_session, run_prefill
 
 
