@@ -1,5 +1,5 @@
-"""LazyEviction: equivalence to full, the B + W bound, what eviction keeps and why, the TS/MRI
-recorder, GQA aggregation, session isolation and the `window: auto` calibration."""
+"""LazyEviction: equivalence to full, the B + W bound, what eviction keeps and why, GQA aggregation
+and session isolation (the TS/MRI recorder and `window: auto`: test_lazy_eviction_recurrence.py)."""
 
 from __future__ import annotations
 
@@ -10,27 +10,11 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from kvmux.policies.base import AttentionCall
-from kvmux.policies.lazy_eviction import policy as lazy_eviction
-from kvmux.policies.lazy_eviction.eviction import percentile_from_counts, reduce_groups, select_recent_and_top
+from kvmux.policies.lazy_eviction.eviction import reduce_groups, select_recent_and_top
 from kvmux.policies.lazy_eviction.policy import LazyEvictionParams
-from kvmux.policies.lazy_eviction.recurrence import record_steps, recurrence_score
 from tests.policies.helpers import full_logits, new_session, run_prefill, stepwise_logits
+from tests.policies.lazy_eviction_helpers import brute_force_score, prose, sharpen
 from tests.tiny_models import make_tiny
-
-
-def prose(chars: int) -> str:
-    """Natural English text shipped with the evals (a public-domain novel)."""
-    path = Path(__file__).resolve().parents[2] / "evals" / "corpus" / "pride_and_prejudice.txt"
-    return path.read_text(encoding="utf-8")[:chars]
-
-
-def sharpen(model, factor: float = 6.0):
-    """Scale q/k projections so a random model's attention is peaked (varied TS/MRI, few ties)."""
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(factor)
-            layer.self_attn.k_proj.weight.mul_(factor)
 
 
 def spy_evictions(session):
@@ -47,13 +31,6 @@ def spy_evictions(session):
 
     session.evict = spy
     return snapshots
-
-
-def brute_force_score(ts: int, mri: int, step: int) -> float:
-    """The reference code's score, written out for one token and head."""
-    h1 = 2.0 / (1.0 + math.exp(min(700.0, 1.0 + (step - ts) / (mri + 1e-5))))
-    h2 = 0.0 if mri == 0 else 2.0 / (1.0 + math.exp(min(700.0, mri - 1.0)))
-    return h1 + h2
 
 
 def check_selection(snapshot, window: int, groups: int, reduce=max):
@@ -187,108 +164,6 @@ def test_eviction_on_embedded_model(smollm):
     check_selection(sample, 16, groups)
 
 
-def test_record_steps_hand_made_pattern():
-    # tokens 0, 1 (prompt: TS 0); steps 1..6; token 2 arrives at step 1 (TS 0), token 3 at step 4 (TS 3)
-    pattern = {1: [0, 2], 2: [0], 3: [1], 4: [0, 3], 5: [], 6: [1, 3]}  # step -> tokens attended >= alpha
-    ts, mri = torch.zeros(1, 3, dtype=torch.int32), torch.zeros(1, 3, dtype=torch.int32)  # tokens 0-2
-    for step, hits in pattern.items():
-        if step == 4:
-            ts = torch.cat([ts, torch.tensor([[3]], dtype=torch.int32)], dim=1)
-            mri = torch.cat([mri, torch.zeros(1, 1, dtype=torch.int32)], dim=1)
-        active = torch.zeros(1, ts.shape[1], 1, dtype=torch.bool)
-        active[0, hits, 0] = True
-        ts, mri = record_steps(ts, mri, active, step)
-    # token 0: hits at 1, 2, 4 -> gaps 1, 1, 2; token 1: hits at 3, 6 -> gaps 3, 3
-    # token 2: hit at 1 (TS 0) -> gap 1; token 3: arrives TS 3, hits at 4, 6 -> gaps 1, 2
-    assert ts.tolist() == [[4, 6, 1, 6]] and mri.tolist() == [[2, 3, 1, 2]]
-
-
-def test_record_steps_block_equals_step_by_step():
-    torch.manual_seed(0)
-    ts, mri = torch.randint(0, 5, (3, 40), dtype=torch.int32), torch.randint(0, 3, (3, 40), dtype=torch.int32)
-    active = torch.rand(3, 40, 9) < 0.3
-    block = record_steps(ts, mri, active, 6)
-    seq_ts, seq_mri = ts, mri
-    for r in range(9):
-        seq_ts, seq_mri = record_steps(seq_ts, seq_mri, active[..., r : r + 1], 6 + r)
-    assert torch.equal(block[0], seq_ts) and torch.equal(block[1], seq_mri)
-
-
-def test_session_observes_hand_made_attention(tiny_llama):
-    """Keys aligned with one query head's direction get all of that head's attention: only they
-    are activated, in that query head only, and the recorder applies the update rule."""
-    model, info, runner = tiny_llama
-    session = new_session("lazy_eviction", info, budget=100, window=4, alpha=0.05)
-    hq, hkv, dim = info.num_heads, info.num_kv_heads, info.head_dim
-    key = torch.zeros(1, hkv, 6, dim)
-    key[0, 0, 2, 0] = 1.0  # token 2 of KV head 0 points along dim 0
-    key[0, 1, 4, 1] = 1.0  # token 4 of KV head 1 points along dim 1
-    query = torch.zeros(1, hq, 1, dim)
-    query[0, 0, 0, 0] = 60.0  # q head 0 (KV head 0) looks for dim 0
-    query[0, 3, 0, 1] = 60.0  # q head 3 (KV head 1) looks for dim 1
-    value = torch.randn(1, hkv, 6, dim)
-    call = AttentionCall(layer_idx=0, query=query, key=key, value=value, mask=None, scaling=1.0)
-    session.steps = 9  # this is decode step 10; tokens 0..4 arrived unobserved
-    out = session.attention(call)
-    torch.testing.assert_close(out[0, 0, 0], value[0, 0, 2], atol=1e-4, rtol=0)
-    state = session.state[0]
-    assert state.ts[0].tolist() == [9, 9, 10, 9, 9, 9]  # prompt tokens and the new token start at t-1
-    assert state.mri[0].tolist() == [0, 0, 1, 0, 0, 0]
-    assert state.ts[3].tolist() == [9, 9, 9, 9, 10, 9] and state.mri[3].tolist() == [0, 0, 0, 0, 1, 0]
-    # q heads 1 and 2 attend uniformly (zero query): 1/6 >= alpha everywhere
-    assert state.ts[1].tolist() == [10] * 6 and state.mri[1].tolist() == [1] * 6
-
-
-def test_prefill_calibration_observes_prompt_tail_like_decode_steps(tiny_llama):
-    """Calibration replays the prompt's last rows through the decode recorder: its MRIs equal those
-    of a session that prefilled the head of the prompt and decoded the tail, even when the tail
-    straddles prefill chunks (the tiny runner prefills 64 tokens per forward)."""
-    model, info, runner = tiny_llama
-    ids = torch.randint(0, 256, (1, 150))
-    calibrated = new_session("lazy_eviction", info, window="auto", alpha=0.008, calibration_rows=100)
-    seen, set_window = [], calibrated.set_window_from
-
-    def spy(states, source):
-        seen.append([s.mri.clone() for s in states])
-        set_window(states, source)
-
-    calibrated.set_window_from = spy
-    run_prefill(calibrated, runner, ids)
-    decoded = new_session("lazy_eviction", info, window=1000, alpha=0.008)
-    run_prefill(decoded, runner, ids[:, :50])
-    stepwise_logits(decoded, runner, ids[:, 50:], chunk=7)
-    for layer, mri in enumerate(seen[0]):
-        assert torch.equal(mri, decoded.state[layer].mri)
-    assert any(bool((mri > 1).any()) for mri in seen[0])  # varied recurrences were observed
-    decoded.set_window_from(decoded.state, "decode")
-    assert calibrated.window == decoded.window and calibrated.window_source == "prefill"
-
-
-def test_observation_blocks_do_not_change_the_record(tiny_llama, monkeypatch):
-    model, info, runner = tiny_llama
-    ids = torch.randint(0, 256, (1, 60))
-    sessions = []
-    for block_elements in (1 << 22, 1):  # one block per forward vs one query row per block
-        monkeypatch.setattr(lazy_eviction, "BLOCK_ELEMENTS_DEFAULT", block_elements)
-        session = new_session("lazy_eviction", info, window=1000, alpha=0.03)
-        run_prefill(session, runner, ids[:, :20])
-        sessions.append((stepwise_logits(session, runner, ids[:, 20:], chunk=20), session))
-    torch.testing.assert_close(sessions[0][0], sessions[1][0])
-    for a, b in zip(sessions[0][1].state, sessions[1][1].state, strict=True):
-        assert torch.equal(a.ts, b.ts) and torch.equal(a.mri, b.mri)
-
-
-def test_recurrence_score_prefers_short_recent_rhythms():
-    ts = torch.tensor([[10, 10, 4, 3]], dtype=torch.int32)
-    mri = torch.tensor([[1, 5, 1, 0]], dtype=torch.int32)
-    score = recurrence_score(ts, mri, 10)[0].tolist()
-    for j in range(4):
-        assert score[j] == pytest.approx(brute_force_score(int(ts[0, j]), int(mri[0, j]), 10), abs=1e-6)
-    # attended every step and just now > a 1-step rhythm quiet for 6 steps (H2 dominates) > a 5-step
-    # rhythm attended just now > never attended (goes first)
-    assert score[0] > score[2] > score[1] > score[3] == pytest.approx(0.0, abs=1e-6)
-
-
 def test_gqa_selection_aggregates_only_its_own_query_heads(tiny_llama):
     model, info, runner = tiny_llama  # 4 query heads, 2 KV heads: q 0,1 -> kv 0; q 2,3 -> kv 1
     session = new_session("lazy_eviction", info, budget=6, window=2)
@@ -356,43 +231,6 @@ def test_batched_decode_matches_decoding_alone(tiny_llama):
     for a, b in zip(alone, batched, strict=True):
         assert torch.equal(a.kept_positions(1), b.kept_positions(1)) and a.stats().extra == b.stats().extra
     assert alone[0].stats().extra["evictions"] > 0
-
-
-def test_percentile_from_counts():
-    counts = torch.bincount(torch.tensor([1, 1, 2, 3, 3, 3, 5, 8, 8, 9]))
-    assert percentile_from_counts(counts, 80) == 8  # 8 of 10 values are <= 8
-    assert percentile_from_counts(counts, 50) == 3
-    assert percentile_from_counts(counts, 100) == 9
-    assert percentile_from_counts(torch.zeros(4, dtype=torch.long), 80) is None
-
-
-def test_auto_window_from_prompt_tail_and_from_decode_stream():
-    model, info, runner = make_tiny("llama", seed=1)
-    sharpen(model, 4.0)
-    ids = torch.randint(0, 256, (1, 120))
-    session = new_session("lazy_eviction", info, budget=50, window="auto", alpha=0.02, calibration_rows=40)
-    run_prefill(session, runner, ids)
-    extra = session.stats().extra
-    assert extra["window_source"] == "prefill" and 1 <= extra["window"] <= 40
-    assert session._calib is None
-    # a stream with no prompt calibrates from the decode state when the cache first exceeds B
-    stream = new_session("lazy_eviction", info, budget=50, window="auto", alpha=0.02)
-    for t in range(120):
-        runner.forward(stream, ids[:, t : t + 1])
-    extra = stream.stats().extra
-    assert extra["window_source"] == "decode" and 1 <= extra["window"] <= 51 and extra["evictions"] > 0
-    assert stream.stats().tokens_kept <= 50 + extra["window"]
-
-
-@pytest.mark.model
-def test_auto_window_on_embedded_model_is_sensible(smollm):
-    runner = smollm.runner(1024)
-    ids = smollm.tokenizer(prose(8000), return_tensors="pt").input_ids[:, :768]
-    session = new_session("lazy_eviction", smollm.info, window="auto", calibration_rows=256)
-    run_prefill(session, runner, ids)
-    extra = session.stats().extra
-    # natural text: recurrences span tens of steps (neither every step nor never)
-    assert extra["window_source"] == "prefill" and 8 <= extra["window"] <= 256
 
 
 def test_params_validation():
