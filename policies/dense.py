@@ -7,7 +7,8 @@ function hands None for it; see `hook.causal_or_none`). A chunk of queries after
 and itself causally, and the two partial results are merged by their log-sum-exp (exact up to
 rounding); elsewhere SDPA gets a lower-right `CausalBias`, which the fused CUDA kernels take as is.
 A decode row with GQA folds each KV head's query heads into one block of rows, so each cached key is
-read once per step instead of once per query head.
+read once per step instead of once per query head; on CPU its keys are also split into windows
+when the KV heads alone would leave threads idle (`split_decode`, Flash-Decoding).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
+
+from kvmux.policies.split_decode import split_decode, split_parts
 
 if TYPE_CHECKING:
     from kvmux.policies.attention_call import AttentionCall
@@ -56,7 +59,11 @@ def sdpa(
         # one decode row per query head: a KV head's query heads become one block of rows over its keys,
         # so each key is read once (not once per query head, as a per-head kernel reads it)
         folded = query.reshape(b, hkv, hq // hkv, d)
-        out = F.scaled_dot_product_attention(folded, key, value, scale=scaling)
+        parts = split_parts(hkv, tk, torch.get_num_threads()) if b == 1 and query.device.type == "cpu" else 1
+        if parts > 1:
+            out = split_decode(folded, key, value, scaling, parts)
+        else:
+            out = F.scaled_dot_product_attention(folded, key, value, scale=scaling)
         return out.reshape(b, 1, hq, d)
     is_causal = False
     if mask is None and tq > 1:

@@ -46,3 +46,29 @@ def test_session_prefill_and_decode_match_transformers_generate(tiny_llama):
         model.set_attn_implementation("kvmux")
     assert tokens == out[0, 40:].tolist()
     assert session.stats().tokens_seen == 40 + 12  # each generated token was fed back
+
+
+def test_split_kv_decode_generates_what_transformers_does(tiny_llama, monkeypatch):
+    """Decode rows split into key windows (forced on the tiny model) keep the greedy tokens of stock generate."""
+    import kvmux.policies.dense as dense
+    import kvmux.policies.split_decode as split
+
+    model, info, runner = tiny_llama
+    monkeypatch.setattr(split, "MIN_KEYS_PER_PART", 8)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)  # 2 KV heads on 4 threads: 2 windows each
+    used = []
+    monkeypatch.setattr(dense, "split_decode", lambda *a: used.append(a[-1]) or split.split_decode(*a))
+    ids = torch.randint(0, 256, (1, 45))
+    session = new_session("full", info)
+    logits, tokens = run_prefill(session, runner, ids), []
+    for _ in range(8):
+        tokens.append(int(logits.argmax()))
+        logits = session.decode(runner, tokens[-1])
+    assert used and set(used) == {2}
+    model.set_attn_implementation("sdpa")
+    try:
+        with torch.inference_mode():
+            out = model.generate(ids, max_new_tokens=8, do_sample=False, min_new_tokens=8, pad_token_id=0)
+    finally:
+        model.set_attn_implementation("kvmux")
+    assert tokens == out[0, 45:].tolist()
