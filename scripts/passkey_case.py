@@ -1,6 +1,6 @@
 """Shared setup of the `diagnose_*` scripts: one seeded passkey prompt, built as `kvmux eval` builds
-it (task passkey, raw format), the embedded model, per-layer parameter overrides on a policy's
-session, and one greedy generation through the engine.
+it (task passkey, or passkey_book for the prose haystack; raw format), the embedded model,
+per-layer parameter overrides on a policy's session, and one greedy generation through the engine.
 """
 
 from __future__ import annotations
@@ -20,7 +20,10 @@ ONE_PASS = 1 << 20  # a prefill chunk longer than any prompt: the prompt in one 
 
 
 def add_case_arguments(parser: argparse.ArgumentParser, policy: str, length: int, depth: float) -> None:
-    """--length, --depth, --index, --seed, --overrides (for `policy`'s preset), --threads."""
+    """--task, --length, --depth, --index, --seed, --overrides (for `policy`'s preset), --threads."""
+    parser.add_argument(
+        "--task", choices=("passkey", "passkey_book"), default="passkey", help="haystack: filler or prose"
+    )
     parser.add_argument("--length", type=int, default=length)
     parser.add_argument("--depth", type=float, default=depth)
     parser.add_argument("--index", type=int, default=0, help="sample index (as in kvmux eval)")
@@ -33,7 +36,7 @@ def load_case(args: argparse.Namespace, prefill_chunk: int = ONE_PASS) -> tuple[
     """The model, the passkey sample of `args` and the prompt indices of its needle's tokens."""
     apply_threads(args.threads)
     loaded = load_model(ModelSpec(prefill_chunk_tokens=prefill_chunk))
-    sample = get_task("passkey").make(Renderer(loaded.tokenizer), args.length, args.depth, args.index, args.seed, 0)
+    sample = get_task(args.task).make(Renderer(loaded.tokenizer), args.length, args.depth, args.index, args.seed, 0)
     needle = sample.needle_token_indices(loaded.tokenizer)
     print(f"prompt {sample.prompt_tokens} tokens, needle tokens {needle[0]}-{needle[-1]}, answer {sample.answers}")
     return loaded, sample, needle
