@@ -66,6 +66,11 @@ class RetrievalProfile:
         """The layer whose heads score highest on average (ties: the lower layer)."""
         return int(torch.argmax(self.tensor().mean(dim=1)))
 
+    def top_layers(self, count: int) -> list[int]:
+        """The `count` layers whose heads score highest on average, best first (ties: the lower layer)."""
+        means = self.tensor().mean(dim=1).tolist()
+        return sorted(range(len(means)), key=lambda layer: (-means[layer], layer))[:count]
+
     def as_dict(self) -> dict:
         return {"model": self.model, "weights_sha256": self.weights_sha256, "scores": [list(r) for r in self.scores]}
 

@@ -5,7 +5,9 @@ heads do the copying from far context; DuoAttention (arXiv 2410.10819) and Razor
 2407.15891) keep those heads whole and compress the rest. HiP and FlexPrefill take a parameter
 `retrieval_heads` = N: the N best-scored heads of the model's retrieval-head profile (over all layers,
 `ModelInfo.retrieval_heads`, measured by `kvmux calibrate`) attend densely; 0 turns it off. A request
-that asks for them on a model without a profile gets a 400 naming the parameter.
+that asks for them on a model without a profile gets a 400 naming the parameter. ActQKV, which
+selects one block set per layer, takes `retrieval_layers` = N instead: the N layers whose heads score
+highest on average attend every block.
 """
 
 from __future__ import annotations
@@ -40,6 +42,25 @@ def retrieval_head_mask(info: ModelInfo, count: int, policy: str) -> torch.Tenso
     if count > total:
         raise PolicyInputError(f"{policy}: retrieval_heads {count} exceeds the model's {total} heads", PARAM)
     return profile.head_mask(count).to(info.device)
+
+
+def retrieval_layer_set(info: ModelInfo, count: int, policy: str) -> frozenset[int]:
+    """The `count` layers of best mean retrieval score (empty for 0); PolicyInputError as above."""
+    if count <= 0:
+        return frozenset()
+    param = "kv_policy.retrieval_layers"
+    profile = info.retrieval_heads
+    if profile is None:
+        raise PolicyInputError(
+            f"{policy}: retrieval_layers {count} needs a retrieval-head profile of {info.served_name}, and none "
+            "was found for these weights; run `kvmux calibrate` for this model, or set retrieval_layers to 0",
+            param,
+        )
+    if count > profile.num_layers:
+        raise PolicyInputError(
+            f"{policy}: retrieval_layers {count} exceeds the model's {profile.num_layers} layers", param
+        )
+    return frozenset(profile.top_layers(count))
 
 
 def heads_per_layer(mask: torch.Tensor | None, num_layers: int) -> list[torch.Tensor | None]:

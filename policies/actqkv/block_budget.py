@@ -5,7 +5,9 @@ takes K_l = clip(round(w_l * pool_left), min(N, min_blocks), min(N, 2*topk)), wh
 (equal split) or, once every layer has a full history of entropy samples and the split is
 entropy-driven (decoding), w_l = H_l / sum_{m>=l} H_m with H the mean normalised entropy of
 softmax(block scores) of each layer's last samples. A layer with fewer than 2 blocks takes them
-all without recording a sample or drawing from the pool.
+all without recording a sample or drawing from the pool. Layers outside the pool (`dense`: the
+retrieval layers that attend every block) neither draw from it nor take part in the split; the pool
+is `topk` times the other layers.
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ import torch
 class BlockBudget:
     """The per-window pool of `topk * layers` blocks shared by the layers in order (entropy-driven)."""
 
-    def __init__(self, num_layers: int, topk: int, min_blocks: int, history: int):
+    def __init__(self, num_layers: int, topk: int, min_blocks: int, history: int, dense: frozenset[int] = frozenset()):
         self.num_layers, self.topk, self.min_blocks = num_layers, topk, min_blocks
-        self.pool_size = float(topk * num_layers)
+        self.dense = dense
+        self.pooled = [layer for layer in range(num_layers) if layer not in dense]
+        self.pool_size = float(topk * len(self.pooled))
         self.cap = 2 * topk
         self.history: list[deque[float]] = [deque(maxlen=history) for _ in range(num_layers)]
         self.pools: list[float] = []
@@ -31,18 +35,19 @@ class BlockBudget:
         self.pools = [self.pool_size] * num_windows
 
     def weight(self, layer: int, entropy_split: bool) -> float:
-        full = all(len(h) == h.maxlen for h in self.history)
+        later = [m for m in self.pooled if m >= layer]  # this layer and the pooled ones after it
+        full = all(len(self.history[m]) == self.history[m].maxlen for m in self.pooled)
         if entropy_split and full:
-            means = [sum(h) / len(h) for h in self.history]
-            rest = sum(means[layer:])
+            means = {m: sum(self.history[m]) / len(self.history[m]) for m in later}
+            rest = sum(means.values())
             if rest > 0:
                 return means[layer] / rest
-        return 1.0 / (self.num_layers - layer)
+        return 1.0 / len(later)
 
     def take(self, layer: int, window_idx: int, scores: torch.Tensor, entropy_split: bool) -> int:
         """Blocks for `layer` in window `window_idx` given its block scores [N]."""
         n = scores.shape[0]
-        if n < 2:
+        if layer in self.dense or n < 2:
             self.last[layer] = n
             return n
         p = torch.softmax(scores.float(), dim=0)

@@ -56,6 +56,13 @@ class ActQKVParams(PolicyParams):
         "consecutive slots in their order; 'absolute': true positions",
     )
     offload: bool = Field(False, description="keep blocks in CPU memory, copy the chosen ones per step")
+    retrieval_layers: int = Field(
+        0,
+        ge=0,
+        le=1024,
+        description="the N layers of best calibrated retrieval score attend every block (needs the model's "
+        "retrieval-head profile; 0: off)",
+    )
 
     @model_validator(mode="after")
     def _window_fits(self):

@@ -77,6 +77,13 @@ Deviations from the reference, and why:
   drawing from the pool (the reference records a 0 sample when it has no block).
 - Each query sees its exact local window and, globally, only remainder tokens older than it;
   the reference's offset makes one token per window visible in both parts.
+- Retrieval layers (`retrieval_layers` = N, an extension; preset `actqkv_rh`): the N layers whose heads
+  have the best mean retrieval score in the model's calibrated profile (Retrieval Heads, arXiv
+  2404.15574; `kvmux calibrate`) attend every block instead of a selection, outside the pool, as
+  DuoAttention keeps its retrieval heads' full KV. Why: on prose haystacks the layer holding the
+  embedded model's best retrieval heads (18) ranks the needle's block below its share of the pool
+  while the other layers retrieve it (docs/results/actqkv.md, "Prose"). Such a layer reads every key
+  of the request, so its window's scores grow with the prompt (the step estimate counts it).
 - No on-device LRU block cache: blocks live on the compute device, or on CPU with `offload`
   (the chosen blocks are copied per step). Block-hit LRU scores are therefore not kept.
 
@@ -95,6 +102,7 @@ from kvmux.policies.actqkv.question import QUESTION_PIECE_ELEMENTS, question_tok
 from kvmux.policies.actqkv.session import ActQKVSession
 from kvmux.policies.base import FP32_BYTES, Policy, pass_bytes
 from kvmux.policies.registry import register
+from kvmux.policies.retrieval_heads import retrieval_layer_set
 
 
 @register
@@ -105,6 +113,9 @@ class ActQKVPolicy(Policy):
     session_class = ActQKVSession
     extends_context = True
     summary = "InfLLM-style block memory, activation-weighted probe retrieval, entropy-driven per-layer budget"
+
+    def check_prompt(self, params, info, request, prompt_ids) -> None:
+        retrieval_layer_set(info, params.retrieval_layers, self.name)  # a profile exists when layers are asked for
 
     def context_limit(self, params, info):
         return None if params.positions != "absolute" else info.max_context
@@ -119,7 +130,8 @@ class ActQKVPolicy(Policy):
     def step_bytes_needed(self, params, info, num_tokens: int, chunk: int, query_tokens: int = 0) -> int:
         hq, hkv, d = info.num_heads, info.num_kv_heads, info.head_dim
         w = params.window
-        keys = min(num_tokens, params.attended_keys) + w
+        # a retrieval layer (`retrieval_layers`) attends every block: its window reads every key
+        keys = (num_tokens if params.retrieval_layers else min(num_tokens, params.attended_keys)) + w
         # one window: local + global logits, their concatenation, the softmax and a sliced copy (fp32);
         # the gathered and rotated keys and values
         window = 4 * hq * w * keys * FP32_BYTES + 4 * hkv * keys * d * FP32_BYTES

@@ -16,6 +16,7 @@ from kvmux.policies.actqkv.grouped_attention import merged_attention
 from kvmux.policies.actqkv.params import ActQKVParams
 from kvmux.policies.actqkv.question import question_attention, question_ids
 from kvmux.policies.base import AttentionCall, KVStats, PolicyInputError, PolicySession
+from kvmux.policies.retrieval_heads import retrieval_layer_set
 from kvmux.policies.rope import rotate
 
 
@@ -25,7 +26,8 @@ class ActQKVSession(PolicySession):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         p = self.params
-        self.budget = BlockBudget(self.info.num_layers, p.topk, p.min_blocks, p.entropy_history)
+        dense = retrieval_layer_set(self.info, p.retrieval_layers, "actqkv")
+        self.budget = BlockBudget(self.info.num_layers, p.topk, p.min_blocks, p.entropy_history, dense)
         self.inv_freq = self.info.inv_freq.to(self.info.device)
         self.capturing = False
         self.prefilling = False  # the prompt is being read (question term, no entropy split), whatever the chunk size

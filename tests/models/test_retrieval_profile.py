@@ -21,6 +21,7 @@ def test_ranking_mask_and_best_layer():
     assert profile.top_heads(3) == [(0, 1), (2, 0), (1, 0)]  # ties: lower layer, then head
     assert profile.head_mask(2).tolist() == [[False, True, False], [False, False, False], [True, False, False]]
     assert profile.best_layer() == 1  # the best mean, not the best single head
+    assert profile.top_layers(2) == [1, 0]  # means 0.5, 0.33, 0.3
     with pytest.raises(ValueError, match="layers"):
         RetrievalProfile.from_dict(profile_data("x", [[0.1, 0.2], [0.3]]))
 

@@ -320,3 +320,56 @@ def test_embedded_model_retrieves_a_passkey_beyond_the_local_window(smollm):
     out = EngineBackend(engine).generate(sample, {"preset": "actqkv", "query": sample.query, **params})
     assert sample.answers[0] in out.text
     assert out.kv["attended_keys_max"] <= 32 + 256 + 8 * 32 + 32 + 128 < sample.prompt_tokens
+
+
+def test_dense_layers_sit_outside_the_pool():
+    budget = BlockBudget(4, topk=5, min_blocks=0, history=2, dense=frozenset({1}))
+    flat = torch.zeros(40)
+    budget.start_forward(1)
+    ks = [budget.take(layer, 0, flat, entropy_split=False) for layer in range(4)]
+    assert ks == [5, 40, 5, 5] and budget.pools[0] == 0  # layer 1 takes every block; 3 layers share 15
+    for _ in range(2):  # the entropy split waits for the pooled layers' history only
+        budget.start_forward(1)
+        for layer in range(4):
+            budget.take(layer, 0, flat, entropy_split=True)
+    assert len(budget.history[1]) == 0
+    budget.start_forward(1)
+    assert [budget.take(layer, 0, flat, entropy_split=True) for layer in range(4)] == [5, 40, 5, 5]
+
+
+def test_retrieval_layers_come_from_the_profile_and_attend_every_block(tiny_llama):
+    from tests.policies.test_retrieval_heads import with_profile
+
+    _, info, runner = tiny_llama
+    ids = torch.randint(0, 256, (1, 160))
+    params = dict(SMALL, topk=1, min_blocks=1)
+    profiled = with_profile(info, [(1, 0), (1, 3), (0, 2)])  # layer 1 has the best mean score
+    session = new_session("actqkv", profiled, retrieval_layers=1, **params)
+    picked: dict[int, list[list[int]]] = {0: [], 1: []}
+    for layer in (0, 1):
+        mem = session.cache.layers[layer]
+        mem.gather_blocks = lambda idx, mem=mem, got=picked[layer]: (
+            got.append(idx.tolist()) or type(mem).gather_blocks(mem, idx)
+        )
+    run_prefill(session, runner, ids)
+    assert len(picked[1][-1]) > 2 and all(idx == list(range(len(idx))) for idx in picked[1])  # every block
+    assert {len(idx) for idx in picked[0]} == {1}
+    plain = new_session("actqkv", profiled, **params)
+    run_prefill(plain, runner, ids)
+    assert plain.stats().extra["blocks_last_step"][1] == 1
+    with pytest.raises(PolicyInputError, match="kvmux calibrate") as error:
+        new_session("actqkv", info, retrieval_layers=1, **params)
+    assert error.value.param == "kv_policy.retrieval_layers" and error.value.status == 400
+    pol = get_policy("actqkv")
+    with pytest.raises(PolicyInputError):
+        pol.check_prompt(pol.Params(retrieval_layers=1), info, SessionRequest(), [1, 2, 3])
+    with pytest.raises(PolicyInputError, match="exceeds the model's"):
+        new_session("actqkv", profiled, retrieval_layers=info.num_layers + 1, **params)
+
+
+def test_a_retrieval_layer_counts_every_key_in_the_step_estimate(tiny_llama):
+    _, info, _ = tiny_llama
+    pol = get_policy("actqkv")
+    plain = pol.step_bytes_needed(pol.Params(), info, 50_000, 2048)
+    dense = pol.step_bytes_needed(pol.Params(retrieval_layers=1), info, 50_000, 2048)
+    assert dense > 5 * plain  # a window reads all 50K keys in that layer, not ~2K
