@@ -29,22 +29,28 @@ def test_kvmux_attention_equals_sdpa(tiny_llama):
     torch.testing.assert_close(ours, stock, atol=1e-5, rtol=1e-5)
 
 
-def test_session_prefill_and_decode_match_transformers_generate(tiny_llama):
-    """The whole session path (runner, cache, hook, decode) generates what stock transformers does."""
+def greedy_session_and_stock(tiny_llama, prompt_tokens: int, steps: int):
+    """A `full` session's greedy tokens after a random prompt, and stock transformers' for the same prompt."""
     model, info, runner = tiny_llama
-    ids = torch.randint(0, 256, (1, 40))
+    ids = torch.randint(0, 256, (1, prompt_tokens))
     session = new_session("full", info)
     logits, tokens = run_prefill(session, runner, ids), []
-    for _ in range(12):
+    for _ in range(steps):
         tokens.append(int(logits.argmax()))
         logits = session.decode(runner, tokens[-1])
     model.set_attn_implementation("sdpa")
     try:
         with torch.inference_mode():
-            out = model.generate(ids, max_new_tokens=12, do_sample=False, min_new_tokens=12, pad_token_id=0)
+            out = model.generate(ids, max_new_tokens=steps, do_sample=False, min_new_tokens=steps, pad_token_id=0)
     finally:
         model.set_attn_implementation("kvmux")
-    assert tokens == out[0, 40:].tolist()
+    return session, tokens, out[0, prompt_tokens:].tolist()
+
+
+def test_session_prefill_and_decode_match_transformers_generate(tiny_llama):
+    """The whole session path (runner, cache, hook, decode) generates what stock transformers does."""
+    session, tokens, stock = greedy_session_and_stock(tiny_llama, 40, 12)
+    assert tokens == stock
     assert session.stats().tokens_seen == 40 + 12  # each generated token was fed back
 
 
@@ -53,22 +59,10 @@ def test_split_kv_decode_generates_what_transformers_does(tiny_llama, monkeypatc
     import kvmux.policies.dense as dense
     import kvmux.policies.split_decode as split
 
-    model, info, runner = tiny_llama
     monkeypatch.setattr(split, "MIN_KEYS_PER_PART", 8)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 4)  # 2 KV heads on 4 threads: 2 windows each
     used = []
     monkeypatch.setattr(dense, "split_decode", lambda *a: used.append(a[-1]) or split.split_decode(*a))
-    ids = torch.randint(0, 256, (1, 45))
-    session = new_session("full", info)
-    logits, tokens = run_prefill(session, runner, ids), []
-    for _ in range(8):
-        tokens.append(int(logits.argmax()))
-        logits = session.decode(runner, tokens[-1])
+    _, tokens, stock = greedy_session_and_stock(tiny_llama, 45, 8)
     assert used and set(used) == {2}
-    model.set_attn_implementation("sdpa")
-    try:
-        with torch.inference_mode():
-            out = model.generate(ids, max_new_tokens=8, do_sample=False, min_new_tokens=8, pad_token_id=0)
-    finally:
-        model.set_attn_implementation("kvmux")
-    assert tokens == out[0, 45:].tolist()
+    assert tokens == stock
