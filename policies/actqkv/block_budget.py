@@ -6,8 +6,8 @@ takes K_l = clip(round(w_l * pool_left), min(N, min_blocks), min(N, 2*topk)), wh
 entropy-driven (decoding), w_l = H_l / sum_{m>=l} H_m with H the mean normalised entropy of
 softmax(block scores) of each layer's last samples. A layer with fewer than 2 blocks takes them
 all without recording a sample or drawing from the pool. Layers outside the pool (`dense`: the
-retrieval layers that attend every block) neither draw from it nor take part in the split; the pool
-is `topk` times the other layers.
+retrieval layers that attend every block; the session never asks for them) neither draw from it nor
+take part in the split; the pool is `topk` times the other layers.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ class BlockBudget:
     def take(self, layer: int, window_idx: int, scores: torch.Tensor, entropy_split: bool) -> int:
         """Blocks for `layer` in window `window_idx` given its block scores [N]."""
         n = scores.shape[0]
-        if layer in self.dense or n < 2:
+        if n < 2:
             self.last[layer] = n
             return n
         p = torch.softmax(scores.float(), dim=0)

@@ -204,10 +204,16 @@ class ContextMemory(CacheLayerMixin):
         return top_attended_mean(expanded, scores, self.repr_topk).reshape(-1)
 
     def gather_blocks(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys/values of the chosen blocks, concatenated: [Hkv, len(idx)*bs, D] on the compute device."""
-        idx = idx.to(self.store_device)
-        keys = self.blk_k.index_select(1, idx).reshape(self.kv_heads, -1, self.head_dim)
-        values = self.blk_v.index_select(1, idx).reshape(self.kv_heads, -1, self.head_dim)
+        """Keys/values of the chosen blocks (sorted, distinct), concatenated: [Hkv, len(idx)*bs, D] on the
+        compute device. Every block chosen (a retrieval layer, a short prompt): views, no copy."""
+        n = self.num_blocks
+        if idx.numel() == n:
+            keys = self.blk_k[:, :n].reshape(self.kv_heads, -1, self.head_dim)
+            values = self.blk_v[:, :n].reshape(self.kv_heads, -1, self.head_dim)
+        else:
+            idx = idx.to(self.store_device)
+            keys = self.blk_k.index_select(1, idx).reshape(self.kv_heads, -1, self.head_dim)
+            values = self.blk_v.index_select(1, idx).reshape(self.kv_heads, -1, self.head_dim)
         return keys.to(self.device, non_blocking=True), values.to(self.device, non_blocking=True)
 
     def block_scores(self, probe: torch.Tensor) -> torch.Tensor:

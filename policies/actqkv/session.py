@@ -114,7 +114,11 @@ class ActQKVSession(PolicySession):
         return out.to(call.query.dtype).transpose(0, 1).unsqueeze(0).contiguous()
 
     def _select(self, mem: ContextMemory, layer: int, window_idx: int, probe_q: torch.Tensor, decoding: bool):
-        """Indices (sorted) of the blocks this window attends; updates the activation statistics."""
+        """Indices (sorted) of the blocks this window attends; updates the activation statistics. A retrieval
+        layer (`retrieval_layers`) attends every block: no probe, no scores, nothing drawn from the pool."""
+        if layer in self.budget.dense:
+            self.budget.last[layer] = mem.num_blocks
+            return torch.arange(mem.num_blocks, device=probe_q.device) if mem.num_blocks else None
         h = probe_q.float().transpose(0, 1).reshape(probe_q.shape[1], -1)  # [w, Hq*D]
         weights = mem.stats.weights(h)
         if mem.num_blocks == 0:

@@ -122,6 +122,11 @@ def test_memory_layout_after_feeding_tokens(tiny_llama):
     blocks_k = mem.blk_k[:, :7].reshape(keys.shape[0], -1, keys.shape[-1])
     torch.testing.assert_close(torch.cat([mem.init_v, blocks_v, mem.rec_v], dim=1), values)
     torch.testing.assert_close(torch.cat([mem.init_k, blocks_k, mem.rec_k], dim=1), keys, atol=1e-5, rtol=1e-4)
+    every_k, every_v = mem.gather_blocks(torch.arange(7))  # all blocks: views of the store
+    torch.testing.assert_close(every_k, blocks_k)
+    torch.testing.assert_close(every_v, blocks_v)
+    some_k, _ = mem.gather_blocks(torch.tensor([1, 4]))
+    torch.testing.assert_close(some_k, torch.cat([blocks_k[:, 8:16], blocks_k[:, 32:40]], dim=1))
     stats = session.stats()
     assert stats.tokens_seen == stats.tokens_kept == 100 and stats.extra["blocks"] == 7
     assert stats.kv_bytes_kept >= stats.kv_bytes_full  # nothing is evicted, representatives come on top
@@ -326,15 +331,16 @@ def test_dense_layers_sit_outside_the_pool():
     budget = BlockBudget(4, topk=5, min_blocks=0, history=2, dense=frozenset({1}))
     flat = torch.zeros(40)
     budget.start_forward(1)
-    ks = [budget.take(layer, 0, flat, entropy_split=False) for layer in range(4)]
-    assert ks == [5, 40, 5, 5] and budget.pools[0] == 0  # layer 1 takes every block; 3 layers share 15
+    pooled = [0, 2, 3]  # layer 1 attends every block and is never asked
+    ks = [budget.take(layer, 0, flat, entropy_split=False) for layer in pooled]
+    assert ks == [5, 5, 5] and budget.pools[0] == 0  # the 3 pooled layers share 3 * topk
     for _ in range(2):  # the entropy split waits for the pooled layers' history only
         budget.start_forward(1)
-        for layer in range(4):
+        for layer in pooled:
             budget.take(layer, 0, flat, entropy_split=True)
     assert len(budget.history[1]) == 0
     budget.start_forward(1)
-    assert [budget.take(layer, 0, flat, entropy_split=True) for layer in range(4)] == [5, 40, 5, 5]
+    assert [budget.take(layer, 0, flat, entropy_split=True) for layer in pooled] == [5, 5, 5]
 
 
 def test_retrieval_layers_come_from_the_profile_and_attend_every_block(tiny_llama):
