@@ -17,6 +17,7 @@ import torch
 from transformers.cache_utils import Cache
 
 if TYPE_CHECKING:
+    from kvmux.models.lean_decode import LeanDecoder
     from kvmux.policies.base import PolicySession
 
 
@@ -63,24 +64,31 @@ class RowSplitCache(Cache):
         return 0
 
 
-def batched_decode_forward(model: torch.nn.Module, sessions: list[PolicySession], tokens: list[int], cache_kw: str):
-    """Feed one token per session in a single forward; returns logits [B, V]."""
-    device = next(model.parameters()).device
-    ids = torch.tensor(tokens, device=device)[:, None]
+def batched_decode_forward(
+    model: torch.nn.Module,
+    sessions: list[PolicySession],
+    ids: torch.Tensor,
+    cache_kw: str,
+    lean: LeanDecoder | None = None,
+) -> torch.Tensor:
+    """Feed one token per session (`ids` [B, 1]) in a single forward; returns logits [B, V]."""
     positions = torch.cat([s.next_position_ids(1) for s in sessions], dim=0)
     cache = RowSplitCache(sessions)
-    # a 4-D mask is passed through untouched; each row's attention runs in its own session
-    mask = torch.ones(len(sessions), 1, 1, 1, dtype=torch.bool, device=device)
-    out = model(
-        input_ids=ids,
-        position_ids=positions,
-        attention_mask=mask,
-        use_cache=True,
-        logits_to_keep=1,
-        kvmux_batch=cache,
-        **{cache_kw: cache},
-    )
-    logits = out.logits[:, -1].float()
+    if lean is not None:
+        logits = lean.decode(ids, positions, cache, kvmux_batch=cache)[:, -1].float()
+    else:
+        # a 4-D mask is passed through untouched; each row's attention runs in its own session
+        mask = torch.ones(len(sessions), 1, 1, 1, dtype=torch.bool, device=ids.device)
+        out = model(
+            input_ids=ids,
+            position_ids=positions,
+            attention_mask=mask,
+            use_cache=True,
+            logits_to_keep=1,
+            kvmux_batch=cache,
+            **{cache_kw: cache},
+        )
+        logits = out.logits[:, -1].float()
     failures: dict[int, BaseException] = {}
     for row, session in enumerate(sessions):
         try:

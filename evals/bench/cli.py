@@ -74,6 +74,13 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
         help="instead of timing: profile K decode steps per preset and generate (torch.profiler) at each "
         "length (default 1K) and write decode_profile.{json,md}: ms per token by op category",
     )
+    bench.add_argument(
+        "--no-lean-decode",
+        dest="lean_decode",
+        action="store_false",
+        help="run kvmux's decode steps through the model's own forward instead of the lean layer loop "
+        "(models/lean_decode.py), for before/after comparisons",
+    )
     bench.add_argument("--policy-overrides", default=None, help="JSON: {param: value} for all, or {preset: {...}}")
     bench.add_argument("--out", type=Path, default=Path("runs/bench"), help="output folder")
     load = bench.add_argument_group("serving load (against a running OpenAI-compatible server)")
@@ -152,6 +159,7 @@ def run_in_process(args: argparse.Namespace) -> dict[str, Any]:
         baseline_max_tokens=args.baseline_max_tokens,
         peers=tuple(args.peers),
         bandwidth_mib=args.bandwidth_mib,
+        lean_decode=args.lean_decode,
     )
     loaded, source = _load_model(args)
     _say(
@@ -213,7 +221,15 @@ def run_decode_profile(args: argparse.Namespace) -> dict[str, Path]:
     loaded, source = _load_model(args)
     lengths = args.lengths or [1024]
     doc = run_profile(
-        loaded.model, loaded.info, presets, lengths, args.profile_decode, loaded.tokenizer, args.prefill_chunk, _say
+        loaded.model,
+        loaded.info,
+        presets,
+        lengths,
+        args.profile_decode,
+        loaded.tokenizer,
+        args.prefill_chunk,
+        _say,
+        args.lean_decode,
     )
     doc["model"]["source"], doc["command"] = source, command_line("bench")
     return write_profile(doc, args.out)

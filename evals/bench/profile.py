@@ -178,7 +178,9 @@ def profile_markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_profile(model, info, presets, lengths, steps: int, tokenizer=None, prefill_chunk: int = 2048, progress=None):
+def run_profile(
+    model, info, presets, lengths, steps: int, tokenizer=None, prefill_chunk: int = 2048, progress=None, lean=True
+):
     """Profile `generate` and every preset at every length; returns the document (kind kvmux-decode-profile)."""
     from kvmux.evals.bench.measure import end_of_sequence_ids
     from kvmux.evals.bench.prompts import prompt_ids
@@ -187,7 +189,7 @@ def run_profile(model, info, presets, lengths, steps: int, tokenizer=None, prefi
     from kvmux.policies.base import SessionRequest
 
     say = progress or (lambda message: None)
-    runner, suppressed = Runner(model, info, prefill_chunk), end_of_sequence_ids(model)
+    runner, suppressed = Runner(model, info, prefill_chunk, lean), end_of_sequence_ids(model)
     vocab = int(getattr(info.config, "vocab_size", 0) or model.get_input_embeddings().num_embeddings)
     rows = []
     for length in lengths:

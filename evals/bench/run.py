@@ -60,6 +60,7 @@ class BenchSettings:
     # transformers peer rows run beside the baseline (peers.STATIC_PEERS), same length limit
     peers: tuple[str, ...] = ()
     bandwidth_mib: int | None = None  # tensor measured for the roofline (None: roofline.py's default)
+    lean_decode: bool = True  # decode steps through kvmux's lean layer loop (False: the model's forward)
 
     def __post_init__(self):
         if not self.lengths or min(self.lengths) < 1:
@@ -193,6 +194,7 @@ def _document(
             "seed": settings.seed,
             "baseline_max_tokens": settings.baseline_max_tokens,
             "peers": list(settings.peers),
+            "lean_decode": settings.lean_decode,
             "memory_measure": memory_measure,
             "baseline": f"{BASELINE_NAME}: transformers model.generate, greedy, attn_implementation=sdpa",
             "prompt": TEXT_PROMPT if text_prompts else "seeded random token ids",
@@ -221,7 +223,7 @@ def run_bench(
     receives the document of the lengths finished so far, after each length.
     """
     say = progress or (lambda message: None)
-    runner = Runner(model, info, settings.prefill_chunk_tokens)
+    runner = Runner(model, info, settings.prefill_chunk_tokens, settings.lean_decode)
     probe = MemoryProbe(info.device)
     suppressed = end_of_sequence_ids(model)  # as generate's min_new_tokens does
     vocab = int(getattr(info.config, "vocab_size", 0) or model.get_input_embeddings().num_embeddings)
