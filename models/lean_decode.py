@@ -1,16 +1,17 @@
 """A lean decode step for the Llama family: transformers' arithmetic without its per-call machinery.
 
-A one-token step through the model's own forward spends several milliseconds per token on this
-CPU (about 5 of 55 ms at 4K for the embedded model) in nn.Module calls, decorators, keyword
-plumbing, config lookups and mask building that a decode row does not need. `LeanDecoder` runs the
-same operations on the same weights directly, layer by layer: RMSNorm, the q/k/v projections (with
-Qwen2's biases and Qwen3's per-head q/k norms), the model's own rotary module, the cache's `update`,
-kvmux's attention function (so every policy, interrupt and batched-row rule applies unchanged), the
-output projection and the gated MLP, then the final norm and the LM head on the last position.
+A one-token step through the model's own forward spends a noticeable share of its time in
+nn.Module calls, decorators, keyword plumbing, config lookups and mask building that a decode row
+does not need (measured in docs/results/fast_core.md). `LeanDecoder` runs the same operations on
+the same weights directly, layer by layer: RMSNorm, the q/k/v projections (with Qwen2's biases and
+Qwen3's per-head q/k norms), the model's own rotary module, the cache's `update`, kvmux's attention
+function (so every policy, interrupt and batched-row rule applies unchanged), the output projection
+and the gated MLP, then the final norm and the LM head on the last position.
 
-It serves decode steps (one token per row); prefill and every model it does not recognise
-(another architecture, sliding-window layers, unexpected module layout) go through the model's
-forward. Tests hold it to the stock forward: logits within fp32 rounding, greedy tokens equal.
+It serves decode steps (one token per row). Prefill, and every model it does not recognise (another
+architecture, sliding-window layers, an unexpected module layout, quantized or wrapped projections,
+a model sharded over devices), go through the model's forward. Tests hold it to that forward:
+logits within fp32 rounding, bf16 bit-equal, greedy tokens equal.
 """
 
 from __future__ import annotations
@@ -66,12 +67,28 @@ class _Layer:
     down_proj: nn.Linear
 
 
-def _has(module: nn.Module, dotted: str) -> bool:
-    for part in dotted.split("."):
-        module = getattr(module, part, None)
+def _part(module: nn.Module, dotted: str) -> nn.Module | None:
+    for name in dotted.split("."):
+        module = getattr(module, name, None)
         if module is None:
-            return False
-    return True
+            return None
+    return module
+
+
+def _has(module: nn.Module, dotted: str) -> bool:
+    return _part(module, dotted) is not None
+
+
+def _plain_layer(layer: nn.Module) -> bool:
+    """Every part present, and the projections plain `nn.Linear` (not quantized or wrapped ones)."""
+    parts = [_part(layer, name) for name in _LAYER_PARTS]
+    return all(p is not None for p in parts) and all(type(p) is nn.Linear for p in parts[2:])
+
+
+def _one_device(model: nn.Module) -> bool:
+    """False for a model sharded over devices (accelerate's hooks move activations between layers)."""
+    device_map = getattr(model, "hf_device_map", None) or {}
+    return len({str(device) for device in device_map.values()}) <= 1
 
 
 def _silu_mlp(config) -> bool:
@@ -119,7 +136,7 @@ class LeanDecoder:
             return None
         if not _has(model, "lm_head") or len(inner.layers) != config.num_hidden_layers:
             return None
-        if not all(_has(layer, part) for layer in inner.layers for part in _LAYER_PARTS):
+        if not _one_device(model) or not all(_plain_layer(layer) for layer in inner.layers):
             return None
         return cls(model)
 

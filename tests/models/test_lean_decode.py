@@ -100,3 +100,18 @@ def test_a_mistral_with_a_sliding_window_keeps_its_forward():
     unwindowed = AutoModelForCausalLM.from_config(MistralConfig(**common, sliding_window=None))
     assert LeanDecoder.for_model(windowed) is None
     assert LeanDecoder.for_model(unwindowed) is not None
+
+
+def test_quantized_or_sharded_models_keep_their_forward():
+    class WrappedLinear(torch.nn.Linear):  # what a quantization library puts in place of nn.Linear
+        pass
+
+    model, _, _ = make_tiny("llama")
+    assert LeanDecoder.for_model(model) is not None
+    model.hf_device_map = {"model.layers.0": 0, "model.layers.1": 1}
+    assert LeanDecoder.for_model(model) is None
+    model.hf_device_map = {"": 0}
+    assert LeanDecoder.for_model(model) is not None
+    old = model.model.layers[1].mlp.up_proj
+    model.model.layers[1].mlp.up_proj = WrappedLinear(old.in_features, old.out_features, bias=False)
+    assert LeanDecoder.for_model(model) is None
