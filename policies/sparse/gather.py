@@ -5,7 +5,9 @@ and each key once, to the `sinks` first tokens, the tokens of its query block's 
 that lie at or before (position - window), and its last `window` tokens. Two implementations with
 one meaning: `reference` gathers every attended key per query block and head and takes one masked
 softmax; `fast` reads sinks and window as shared slices per KV head (a strided view, no copy per
-query head) and gathers only the selected blocks. Query blocks are processed in slices that bound
+query head) and gathers only the selected blocks. Neither copies the cache: keys are read in place
+from a view into a larger buffer (the session's growable cache) as long as each token's values are
+contiguous (`dense_rows`). Query blocks are processed in slices that bound
 the working memory. `key_block_attention` is the selection's entry point (re-exported by
 `attention.py`); the CUDA back-end with the same meaning is `triton_attention.attention`.
 """
@@ -52,15 +54,35 @@ def segments(geo: SparseGeometry, sel: KeyBlockSelection, first: int, last: int)
     return Segments(sink_mask, tokens, sel_mask, win_tokens, win_mask)
 
 
+def dense_rows(x: torch.Tensor) -> bool:
+    """True when each token's D values of x [B, H, T, D] are contiguous and tokens follow each other, so
+    a head's tokens can be read at token strides (a view into a larger cache buffer qualifies)."""
+    b, h, t, d = x.shape
+    s_b, s_h, s_t, s_d = x.stride()
+    return (s_d == 1 or d == 1) and (s_t == d or t == 1) and s_h % d == 0 and s_b % d == 0
+
+
+def _row_table(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """x [B, H, T, D] as a table of D-wide rows [N, D] over its own storage, without copying it when its
+    rows are dense (`dense_rows`), and the row strides of a batch and of a head in that table."""
+    b, h, t, d = x.shape
+    if not dense_rows(x):
+        x = x.contiguous()
+    row_b, row_h = x.stride(0) // d, x.stride(1) // d
+    rows = (b - 1) * row_b + (h - 1) * row_h + t
+    return x.as_strided((rows, d), (d, 1)), row_b, row_h
+
+
 def _gather_rows(x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """x [B, Hkv, T, D], tokens [B, H, ...] with H a multiple of Hkv (head h reads KV head h // (H / Hkv),
     or tokens [B, Hkv, ...] directly) -> [B, H, ..., D]."""
     b, hkv, t, d = x.shape
     heads = tokens.shape[1]
+    table, row_b, row_h = _row_table(x)
     kv_head = torch.arange(heads, device=x.device) // (heads // hkv)
-    base = (torch.arange(b, device=x.device)[:, None] * hkv + kv_head[None, :]) * t
+    base = torch.arange(b, device=x.device)[:, None] * row_b + kv_head[None, :] * row_h
     flat = tokens.clamp(0, t - 1) + base.view(b, heads, *([1] * (tokens.dim() - 2)))
-    return x.reshape(-1, d).index_select(0, flat.reshape(-1)).view(*tokens.shape, d)
+    return table.index_select(0, flat.reshape(-1)).view(*tokens.shape, d)
 
 
 def _softmax(scores: torch.Tensor, mask: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -87,16 +109,22 @@ def _reference_slice(qb, key, value, seg: Segments, scaling: float) -> torch.Ten
     return torch.matmul(probs.to(values.dtype), values)
 
 
+def _windows(x: torch.Tensor, start: int, count: int, width: int, step: int) -> torch.Tensor:
+    """`count` windows of `width` tokens, the first at token `start`, each `step` tokens after the last:
+    a strided view of x [B, H, T, D] (rows dense) -> [B, H, count, width, D]."""
+    s_b, s_h, s_t, s_d = x.stride()
+    size = (x.shape[0], x.shape[1], count, width, x.shape[3])
+    return x.as_strided(size, (s_b, s_h, step * s_t, s_t, s_d), x.storage_offset() + start * s_t)
+
+
 def _fast_slice(qg, key, value, padded, seg: Segments, scaling: float) -> torch.Tensor:
     """Grouped layout [B, Hkv, c, G, b_q, D]: sinks and window are shared per KV head (the window a
     strided view, no copy per query head); only the selected blocks are gathered."""
     b, hkv, c, g, bq, d = qg.shape
     sinks, nsel, width = seg.sink_mask.shape[-1], seg.sel_tokens.shape[-1], seg.win_tokens.shape[-1]
     kpad, vpad, offset = padded
-    start, tpad = int(seg.win_tokens[0, 0]) + offset, kpad.shape[2]
-    size, stride = (b, hkv, c, width, d), (hkv * tpad * d, tpad * d, bq * d, d, 1)
-    kwin = kpad.as_strided(size, stride, kpad.storage_offset() + start * d)
-    vwin = vpad.as_strided(size, stride, vpad.storage_offset() + start * d)
+    start = int(seg.win_tokens[0, 0]) + offset
+    kwin, vwin = _windows(kpad, start, c, width, bq), _windows(vpad, start, c, width, bq)
     tokens = seg.sel_tokens.view(b, hkv, g, c, nsel).transpose(2, 3)  # [B, Hkv, c, G, n]
     ksel, vsel = _gather_rows(key, tokens), _gather_rows(value, tokens)
     flat_q = qg.view(b, hkv, c * g * bq, d)
@@ -149,7 +177,7 @@ def key_block_attention(
         # pad the cache only where a window runs before key 0 or past the last key (prefill edges)
         front = max(0, geo.window - 1 - (geo.num_keys - tq))
         back = geo.num_blocks * geo.block_q - tq
-        if front or back or not (key.is_contiguous() and value.is_contiguous()):
+        if front or back or not (dense_rows(key) and dense_rows(value)):
             pad = (0, 0, front, back)
             padded = (torch.nn.functional.pad(key, pad), torch.nn.functional.pad(value, pad), front)
         else:

@@ -195,6 +195,31 @@ def test_selection_backends_match_the_token_mask_oracle(tq, tk, bq, bk, sinks, w
         sparse.key_block_attention(q, k, v, sel, geo, SCALE, backend="eager")
 
 
+@pytest.mark.parametrize("tq,tk,bq", [(1, 180, 1), (40, 300, 8)])
+def test_selection_reads_a_cache_view_in_place(tq, tk, bq, monkeypatch):
+    """Keys and values that are views into a larger buffer (as a growable cache hands them) give the same
+    result as contiguous copies, without the cache being padded or copied."""
+    q, k, v = qkv(tq, tk, hq=6, hkv=3, batch=2, seed=7)
+    buffers = [torch.zeros(2, 3, tk + 50, k.shape[-1]) for _ in range(2)]
+    for buffer, x in zip(buffers, (k, v), strict=True):
+        buffer[:, :, :tk] = x
+    k_view, v_view = (buffer[:, :, :tk] for buffer in buffers)
+    assert not k_view.is_contiguous() and sparse.gather.dense_rows(k_view)
+    geo = SparseGeometry.build(tq, tk, bq, 2, 4, 20, lookahead=0, device=q.device)
+    sel = random_selection(geo, 2, 6, width=6, seed=3)
+    want, _ = sparse.key_block_attention(q, k, v, sel, geo, SCALE, backend="fast")
+    copies = []
+    monkeypatch.setattr(torch.nn.functional, "pad", lambda *a, **kw: copies.append("pad") or torch.constant_pad_nd(*a))
+    got, _ = sparse.key_block_attention(q, k_view, v_view, sel, geo, SCALE, backend="fast")
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    if tq == 1:
+        assert copies == []  # a decode row pads nothing
+    strided = k.transpose(2, 3).contiguous().transpose(2, 3)  # token values not contiguous: copied first
+    assert not sparse.gather.dense_rows(strided)
+    again, _ = sparse.key_block_attention(q, strided, v, sel, geo, SCALE, backend="fast")
+    torch.testing.assert_close(again, want, atol=1e-6, rtol=1e-5)
+
+
 def grid_through_selection(q, k, v, blocks, bs, backend: str) -> torch.Tensor:
     """A grid converted to the selection form and run by one of the selection's back-ends."""
     b, hq, tq, _ = q.shape
