@@ -25,17 +25,8 @@ from torch import nn
 from kvmux.policies.hook import kvmux_attention
 
 LEAN_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
-_LAYER_PARTS = (
-    "input_layernorm",
-    "post_attention_layernorm",
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-)
+_NORMS = ("input_layernorm", "post_attention_layernorm")
+_PROJECTIONS = tuple(f"self_attn.{p}_proj" for p in "qkvo") + tuple(f"mlp.{p}_proj" for p in ("gate", "up", "down"))
 
 
 def rms_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
@@ -80,19 +71,15 @@ def _has(module: nn.Module, dotted: str) -> bool:
 
 
 def _plain_layer(layer: nn.Module) -> bool:
-    """Every part present, and the projections plain `nn.Linear` (not quantized or wrapped ones)."""
-    parts = [_part(layer, name) for name in _LAYER_PARTS]
-    return all(p is not None for p in parts) and all(type(p) is nn.Linear for p in parts[2:])
+    """Both norms present, and every projection a plain `nn.Linear` (not a quantized or wrapped one)."""
+    norms_present = all(_has(layer, name) for name in _NORMS)
+    return norms_present and all(type(_part(layer, name)) is nn.Linear for name in _PROJECTIONS)
 
 
 def _one_device(model: nn.Module) -> bool:
     """False for a model sharded over devices (accelerate's hooks move activations between layers)."""
     device_map = getattr(model, "hf_device_map", None) or {}
     return len({str(device) for device in device_map.values()}) <= 1
-
-
-def _silu_mlp(config) -> bool:
-    return getattr(config, "hidden_act", None) == "silu" and not getattr(config, "mlp_bias", False)
 
 
 class LeanDecoder:
@@ -132,7 +119,9 @@ class LeanDecoder:
             return None
         if "sliding_attention" in (getattr(config, "layer_types", None) or ()):
             return None
-        if not _silu_mlp(config) or not all(_has(inner, name) for name in ("embed_tokens", "norm", "rotary_emb")):
+        if getattr(config, "hidden_act", None) != "silu" or not all(
+            _has(inner, name) for name in ("embed_tokens", "norm", "rotary_emb")
+        ):
             return None
         if not _has(model, "lm_head") or len(inner.layers) != config.num_hidden_layers:
             return None
@@ -166,6 +155,7 @@ class LeanDecoder:
             out, _ = kvmux_attention(attn, q, k, v, None, attn.scaling, position_ids=position_ids, **attention_kwargs)
             hidden = hidden + F.linear(out.reshape(*hidden.shape[:2], -1), layer.o_proj.weight, layer.o_proj.bias)
             x = rms_norm(hidden, layer.post_norm)
-            gate = F.silu(F.linear(x, layer.gate_proj.weight))
-            hidden = hidden + F.linear(gate * F.linear(x, layer.up_proj.weight), layer.down_proj.weight)
+            gate = F.silu(F.linear(x, layer.gate_proj.weight, layer.gate_proj.bias))
+            up = F.linear(x, layer.up_proj.weight, layer.up_proj.bias)
+            hidden = hidden + F.linear(gate * up, layer.down_proj.weight, layer.down_proj.bias)
         return self.model.lm_head(rms_norm(hidden, self.inner.norm))

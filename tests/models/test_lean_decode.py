@@ -34,12 +34,14 @@ def test_lean_decode_logits_equal_the_model_forward(tiny, preset, params):
     assert lean_session.stats().tokens_kept == stock_session.stats().tokens_kept
 
 
-def test_lean_decode_applies_qwen2_projection_biases():
-    model, info, runner = make_tiny("qwen2")
+@pytest.mark.parametrize(("arch", "overrides"), [("qwen2", {}), ("llama", {"mlp_bias": True, "attention_bias": True})])
+def test_lean_decode_applies_projection_biases(arch, overrides):
+    model, info, runner = make_tiny(arch, **overrides)
+    assert runner.lean is not None
     with torch.no_grad():  # transformers initialises biases to zero; make them count
-        for layer in model.model.layers:
-            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                proj.bias.normal_(0, 0.5)
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                module.bias.normal_(0, 0.5)
     stock_runner = Runner(model, info, runner.prefill_chunk_tokens, lean_decode=False)
     prompt, tokens = torch.randint(0, 256, (1, 20)), [int(t) for t in torch.randint(0, 256, (6,))]
     lean, _ = _teacher_forced(runner, info, prompt, tokens)
@@ -83,7 +85,6 @@ def test_other_attention_implementations_use_the_model_forward(tiny_llama):
     [
         ("qwen2", {"layer_types": ["sliding_attention", "full_attention"], "sliding_window": 8}),
         ("llama", {"hidden_act": "gelu"}),
-        ("llama", {"mlp_bias": True}),
     ],
 )
 def test_models_it_does_not_reproduce_keep_their_forward(arch, overrides):
