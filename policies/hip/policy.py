@@ -12,7 +12,8 @@ the `sink_tokens` first tokens, the selected key blocks and its last `window` to
 a key in two of these sets counts once), so it sees at most `mask_k + sink_tokens + window` keys.
 The first `dense_layers` layers, and every call whose keys fit that budget, run dense attention.
 Decoding searches with the single query, keeps the selection per layer and re-searches every
-`refresh_interval` steps; between refreshes the new tokens are covered by the window. Every
+`refresh_interval` steps; between refreshes the new tokens are covered by the window. On the
+PyTorch path the selected tokens' keys and values are gathered once per refresh (`decode_keys.py`). Every
 token stays in the KV cache: HiP saves attention compute, not memory.
 
 The attention over the selection is the shared block-sparse layer's (`kvmux.policies.sparse`, its
@@ -68,6 +69,7 @@ from pydantic import Field, model_validator
 
 from kvmux.policies.base import FP32_BYTES, AttentionCall, Policy, PolicyInputError, PolicyParams, PolicySession
 from kvmux.policies.dense import dense_attention
+from kvmux.policies.hip.decode_keys import GatheredSelection, decode_attention, gather_selection
 from kvmux.policies.hip.search import ScoreMode, hip_search
 from kvmux.policies.prefix import PrefixReuse
 from kvmux.policies.registry import register
@@ -159,6 +161,7 @@ class DecodeMask:
     selection: KeyBlockSelection
     steps: int = 0
     packed: tuple[torch.Tensor, torch.Tensor] | None = None  # the selection as the Triton attention reads it
+    gathered: GatheredSelection | None = None  # its tokens' keys and values, for the PyTorch decode
 
 
 class HipSession(PolicySession):
@@ -253,6 +256,9 @@ class HipSession(PolicySession):
         b, hq = call.query.shape[:2]
         self.causal_sum += float(b * hq * (tq * (tk - tq) + tq * (tq + 1) / 2))
         geo = None
+        if call.is_decode and kernel == "fast":
+            out, counts = self._decode_fast(call)
+            return self._finish_sparse(out, counts, call)
         if call.is_decode:
             block_q, mask = 1, self._decode_mask(call, kernel)
             sel = mask.selection
@@ -268,6 +274,19 @@ class HipSession(PolicySession):
             kernel = "fast"
         geo = geo or self._geometry(call, block_q, lookahead=0)
         out, counts = key_block_attention(call.query, call.key, call.value, sel, geo, call.scaling, kernel)
+        return self._finish_sparse(out, counts, call)
+
+    def _decode_fast(self, call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
+        """A decode row on the PyTorch path: the refresh's selected keys are gathered once (`decode_keys.py`)."""
+        p = self.params
+        mask = self._decode_mask(call, "fast")
+        if mask.gathered is None:
+            mask.gathered = gather_selection(mask.selection, call.key, call.value, p.block_size_k, p.sink_tokens)
+        return decode_attention(call.query, call.key, call.value, mask.gathered, p.sink_tokens, p.window, call.scaling)
+
+    def _finish_sparse(self, out: torch.Tensor, counts: torch.Tensor, call: AttentionCall) -> torch.Tensor:
+        """Count a sparse call's keys per row and put the layer's retrieval heads (if any) back dense."""
+        heads = self.dense_heads[call.layer_idx]
         if heads is not None:
             counts = counts.index_fill(1, heads, 0)  # counted as dense below
         self._count_sparse(counts)

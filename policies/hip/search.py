@@ -12,7 +12,8 @@ Two ways to score the representatives, which select the same blocks:
 - `table`: one batched matmul scores every candidate block of a query block up front and each
   round reads its representatives from that table; it touches more keys but is a plain GEMM, which
   is faster than the gathers while the candidate range is short enough: on CPU up to 64 x `2 K_b`
-  blocks (32K tokens with the defaults), elsewhere up to 4 x `2 K_b`.
+  blocks (32K tokens with the defaults), elsewhere up to 4 x `2 K_b`. A decode row's table is one
+  matmul over the keys as they lie (`block_score_row`), without the per-offset key copies.
 """
 
 from __future__ import annotations
@@ -89,6 +90,19 @@ def block_score_table(queries: torch.Tensor, split_keys: list[torch.Tensor], num
     return table.view(b, hq, nqb, s, num_blocks).amax(dim=-2).float()
 
 
+def block_score_row(queries: torch.Tensor, key: torch.Tensor, num_blocks: int, block_k: int) -> torch.Tensor:
+    """`block_score_table` for a single query row (a decode step): one matmul over the keys as they lie
+    and a max over each block's b_k scores, with no per-offset copies of the keys. [B, Hq, 1, num_blocks]."""
+    b, hq, _, _, d = queries.shape
+    hkv, tk = key.shape[1], key.shape[2]
+    need = num_blocks * block_k
+    q = queries.reshape(b, hkv, hq // hkv, d)
+    scores = torch.matmul(q, key[:, :, : min(need, tk)].transpose(-1, -2))  # [B, Hkv, G, <=need]
+    if scores.shape[-1] < need:  # a block running past the cache repeats the last key
+        scores = torch.cat([scores, scores[..., -1:].expand(*scores.shape[:-1], need - scores.shape[-1])], dim=-1)
+    return scores.view(b, hq, 1, num_blocks, block_k).amax(dim=-1).float()
+
+
 # `auto` scores with the table while the candidate blocks are at most this many times the blocks
 # one gather round scores (2 K_b). On CPU gathers are memory-bound copies and the table's GEMM
 # wins up to long ranges (docs/results/hip.md, "Table scoring on CPU"); on CUDA the gathers are
@@ -132,9 +146,17 @@ def hip_search(
     else:
         per_block = 4 * b * hq * 2 * num_groups * block_k * (key.shape[-1] + queries.shape[3])
     step = max(1, slice_bytes(key.device.type) // per_block)
-    split = keys_by_offset(key, int(hi.max()), block_k) if mode == "table" and nqb and int(hi.max()) > 0 else None
+    max_hi = int(hi.max()) if nqb else 0
+    split, row_table = None, None
+    if mode == "table" and max_hi > 0:
+        if nqb == 1 and queries.shape[3] == 1:  # one query row: score the keys in place
+            row_table = block_score_row(queries, key, max_hi, block_k)
+        else:
+            split = keys_by_offset(key, max_hi, block_k)
     parts = [
-        _search_slice(queries[:, :, i : i + step], key, split, lo[i : i + step], hi[i : i + step], num_groups, block_k)
+        _search_slice(
+            queries[:, :, i : i + step], key, split, lo[i : i + step], hi[i : i + step], num_groups, block_k, row_table
+        )
         for i in range(0, nqb, step)
     ]
     return KeyBlockSelection(
@@ -152,13 +174,15 @@ def _search_slice(
     hi: torch.Tensor,
     num_groups: int,
     block_k: int,
+    table: torch.Tensor | None = None,
 ) -> KeyBlockSelection:
     b, hq, nqb = queries.shape[:3]
     starts, sizes = initial_groups(lo, hi, num_groups)
     starts = starts.expand(b, hq, nqb, num_groups).contiguous()
     sizes = sizes.expand(b, hq, nqb, num_groups).contiguous()
     max_hi = int(hi.max())
-    table = block_score_table(queries, split_keys, max_hi) if split_keys is not None and max_hi > 0 else None
+    if table is None and split_keys is not None and max_hi > 0:
+        table = block_score_table(queries, split_keys, max_hi)
     last_block = (hi - 1).clamp(min=0).view(1, 1, nqb, 1)
     rounds = 0
     while bool((sizes > 1).any()):

@@ -26,7 +26,8 @@ Algorithm (decode phase; the prompt is kept whole):
 
 Decode cost: one [Hq, 1, L] score row per layer, computed per KV-head group (keys are never
 repeated); the step's output is computed from the same fp32 probabilities (cast to the model dtype
-for the value product, as transformers' eager attention does), so K is read once. Every W steps:
+for the value product, as transformers' eager attention does), so K is read once. The step's
+threshold test is stored and TS/MRI are updated every few steps in one pass (`recurrence.py`). Every W steps:
 an fp32 score, a sort and a gather over B + W tokens per KV head. State: two int32 [Hq, L] per layer.
 
 Deviations from the paper / reference code:
@@ -165,9 +166,8 @@ class LazyEvictionSession(PolicySession):
         if state.length < base + first_row:  # tokens that arrived unobserved (the prompt)
             state.append(torch.full((base + first_row - state.length,), first_step - 1, device=device))
         if tq == 1 and first_row == 0:
-            state.append(torch.full((1,), first_step - 1, device=device))
             probs = grouped_probs(call.query, call.key, call.scaling)  # [Hq, 1, L]
-            state.record((probs >= self.params.alpha).transpose(1, 2), first_step)
+            state.observe_step(probs[:, 0], self.params.alpha, first_step)  # recorded in arrears
             return grouped_output(probs, call.value) if with_output else None
         block = max(1, BLOCK_ELEMENTS.get(device.type, BLOCK_ELEMENTS_DEFAULT) // (call.query.shape[1] * length))
         for start in range(first_row, tq, block):
@@ -201,6 +201,9 @@ class LazyEvictionSession(PolicySession):
         self.peak_tokens = max(self.peak_tokens, length)
         if self._in_prefill:
             return
+        for state in self.state:
+            if state.buffer_full:
+                state.flush()  # between steps, so that a step's `checkpoint` never spans a flush
         before, self.steps = self.steps, self.steps + num_tokens
         budget = self.budget()
         if length <= budget:
@@ -254,14 +257,14 @@ class LazyEvictionSession(PolicySession):
         return torch.cat([kept, recent[None, :].expand(heads, -1)], dim=1)
 
     def checkpoint(self):
-        # recurrence states are replaced, never mutated in place: keeping the references is enough
-        return super().checkpoint(), [(state.ts, state.mri) for state in self.state]
+        # recurrence states are replaced, never mutated in place: references and pending counts suffice
+        return super().checkpoint(), [state.mark() for state in self.state]
 
     def restore(self, checkpoint) -> None:
-        cache_lengths, states = checkpoint
+        cache_lengths, marks = checkpoint
         super().restore(cache_lengths)
-        for state, (ts, mri) in zip(self.state, states, strict=True):
-            state.ts, state.mri = ts, mri
+        for state, mark in zip(self.state, marks, strict=True):
+            state.rewind(mark)
 
     def stats(self):
         stats = super().stats()

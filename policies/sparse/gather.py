@@ -73,7 +73,7 @@ def _row_table(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     return x.as_strided((rows, d), (d, 1)), row_b, row_h
 
 
-def _gather_rows(x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+def gather_rows(x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """x [B, Hkv, T, D], tokens [B, H, ...] with H a multiple of Hkv (head h reads KV head h // (H / Hkv),
     or tokens [B, Hkv, ...] directly) -> [B, H, ..., D]."""
     b, hkv, t, d = x.shape
@@ -104,7 +104,7 @@ def _reference_slice(qb, key, value, seg: Segments, scaling: float) -> torch.Ten
     mask = torch.cat(
         [seg.sink_mask.expand(b, hq, *seg.sink_mask.shape), seg.sel_mask, seg.win_mask.expand(b, hq, -1, -1, -1)], -1
     )
-    keys, values = _gather_rows(key, tokens), _gather_rows(value, tokens)
+    keys, values = gather_rows(key, tokens), gather_rows(value, tokens)
     probs = _softmax(torch.matmul(qb, keys.transpose(-1, -2)), mask, scaling)
     return torch.matmul(probs.to(values.dtype), values)
 
@@ -126,7 +126,7 @@ def _fast_slice(qg, key, value, padded, seg: Segments, scaling: float) -> torch.
     start = int(seg.win_tokens[0, 0]) + offset
     kwin, vwin = _windows(kpad, start, c, width, bq), _windows(vpad, start, c, width, bq)
     tokens = seg.sel_tokens.view(b, hkv, g, c, nsel).transpose(2, 3)  # [B, Hkv, c, G, n]
-    ksel, vsel = _gather_rows(key, tokens), _gather_rows(value, tokens)
+    ksel, vsel = gather_rows(key, tokens), gather_rows(value, tokens)
     flat_q = qg.view(b, hkv, c * g * bq, d)
     scores = torch.cat(
         [

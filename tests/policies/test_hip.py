@@ -9,7 +9,13 @@ from kvmux.models.runner import Runner
 from kvmux.policies.base import AttentionCall
 from kvmux.policies.dense import sdpa
 from kvmux.policies.hip.policy import HipParams
-from kvmux.policies.hip.search import choose_score_mode, hip_search
+from kvmux.policies.hip.search import (
+    block_score_row,
+    block_score_table,
+    choose_score_mode,
+    hip_search,
+    keys_by_offset,
+)
 from kvmux.policies.sparse import SparseGeometry, key_block_attention
 from tests.policies.helpers import full_logits, new_session, run_prefill, stepwise_logits
 from tests.policies.test_sparse import selection_oracle
@@ -65,6 +71,22 @@ def test_gather_and_table_scoring_select_the_same_blocks():
     assert bool(a.valid.all())
     in_range = (a.blocks >= geo.lo.view(1, 1, -1, 1)) & (a.blocks < geo.hi.view(1, 1, -1, 1))
     assert bool(in_range.all())  # never a sink or window block
+
+
+@pytest.mark.parametrize("tk,bk,lookahead", [(901, 2, 7), (640, 4, 0), (300, 1, 3)])
+def test_a_decode_row_scores_its_table_in_place_and_selects_as_gathering(tk, bk, lookahead):
+    """One query row: the table from the keys as they lie (blocks past the cache repeat its last key)
+    equals the per-offset table, and the search selects what the gathering search selects."""
+    torch.manual_seed(tk)
+    q, k = torch.randn(2, 6, 1, 32), torch.randn(2, 3, tk, 32)
+    geo = SparseGeometry.build(1, tk, 1, bk, 16, 64, lookahead=lookahead, device=q.device)
+    queries, blocks = geo.query_blocks(q), tk // bk + 2  # the last blocks run past the cache
+    want = block_score_table(queries, keys_by_offset(k, blocks, bk), blocks)
+    torch.testing.assert_close(block_score_row(queries, k, blocks, bk), want, atol=1e-6, rtol=0)
+    a = hip_search(queries, k, geo.lo, geo.hi, 16, bk, query_stride=1, score_mode="gather")
+    b = hip_search(queries, k, geo.lo, geo.hi, 16, bk, query_stride=1, score_mode="table")
+    assert a.rounds == b.rounds > 0
+    assert torch.equal(a.blocks, b.blocks) and torch.equal(a.valid, b.valid)
 
 
 def test_auto_score_mode_prefers_the_table_on_cpu_for_longer_ranges():

@@ -151,3 +151,81 @@ def test_auto_window_on_embedded_model_is_sensible(smollm):
     extra = session.stats().extra
     # natural text: recurrences span tens of steps (neither every step nor never)
     assert extra["window_source"] == "prefill" and 8 <= extra["window"] <= 256
+
+
+def test_steps_in_arrears_equal_step_by_step():
+    """observe_step (recorded every few steps, tokens arriving each step, the hit buffer growing)
+    leaves the same TS/MRI as applying the reference update after every step."""
+    from kvmux.policies.lazy_eviction.recurrence import RecurrenceState
+
+    torch.manual_seed(1)
+    heads, prompt, steps = 2, 5, 300  # 300 > the hit buffer's first capacity: it grows once
+    lazy = RecurrenceState(heads, torch.device("cpu"), pending_rows=7)
+    lazy.append(torch.zeros(prompt, dtype=torch.int32))
+    ts, mri = lazy.ts.clone(), lazy.mri.clone()
+    for step in range(1, steps + 1):
+        probs = torch.rand(heads, prompt + step)
+        lazy.observe_step(probs, 0.6, step)
+        ts = torch.cat([ts, torch.full((heads, 1), step - 1, dtype=torch.int32)], dim=1)
+        mri = torch.cat([mri, torch.zeros(heads, 1, dtype=torch.int32)], dim=1)
+        ts, mri = record_steps(ts, mri, (probs >= 0.6)[..., None], step)
+        if step in (3, 150):  # a read in the middle of a pending run flushes it
+            assert torch.equal(lazy.ts, ts) and torch.equal(lazy.mri, mri)
+    assert lazy.length == prompt + steps and lazy.flushes > steps // 7
+    assert torch.equal(lazy.ts, ts) and torch.equal(lazy.mri, mri)
+
+
+def test_rewind_undoes_pending_steps_and_refuses_after_a_flush():
+    from kvmux.policies.lazy_eviction.recurrence import RecurrenceState
+
+    torch.manual_seed(2)
+    rows = [torch.rand(3, 4 + i) for i in range(1, 6)]
+    clean = RecurrenceState(3, torch.device("cpu"), pending_rows=4)
+    undone = RecurrenceState(3, torch.device("cpu"), pending_rows=4)
+    for state in (clean, undone):
+        state.append(torch.zeros(4, dtype=torch.int32))
+        state.observe_step(rows[0], 0.5, 1)
+    mark = undone.mark()
+    undone.observe_step(torch.ones(3, 6), 0.5, 2)  # a step that failed part-way
+    undone.rewind(mark)
+    for step, probs in enumerate(rows[1:], start=2):
+        clean.observe_step(probs, 0.5, step)
+        undone.observe_step(probs, 0.5, step)
+    assert torch.equal(clean.ts, undone.ts) and torch.equal(clean.mri, undone.mri)
+    mark = undone.mark()
+    undone.observe_step(torch.rand(3, 10), 0.5, 6)
+    undone.flush()  # the record moved on: the mark no longer describes it
+    with pytest.raises(RuntimeError, match="cannot be undone"):
+        undone.rewind(mark)
+
+
+def test_session_restore_undoes_a_step_that_failed_part_way(tiny_llama):
+    """A decode step that raises in its second layer is undone by checkpoint/restore: the session
+    then decodes (across the record's flushes and an eviction) exactly as one that never tried."""
+    model, info, runner = tiny_llama
+    ids = torch.randint(0, 256, (1, 40))
+    sessions = []
+    for fail in (False, True):
+        session = new_session("lazy_eviction", info, budget=24, window=8, alpha=0.03)
+        run_prefill(session, runner, ids[:, :20])
+        logits = [session.decode(runner, int(t)) for t in ids[0, 20:25]]
+        if fail:
+            mark, attention = session.checkpoint(), session.attention
+
+            def failing(call, attention=attention):
+                if call.layer_idx == 1:
+                    raise RuntimeError("boom")
+                return attention(call)
+
+            session.attention = failing
+            with pytest.raises(RuntimeError, match="boom"):
+                session.decode(runner, 7)
+            session.attention = attention
+            session.restore(mark)
+        logits += [session.decode(runner, int(t)) for t in ids[0, 25:]]
+        sessions.append((torch.stack(logits), session))
+    (clean_logits, clean), (logits, restored) = sessions
+    assert clean.evictions >= 1 and clean.evictions == restored.evictions
+    torch.testing.assert_close(logits, clean_logits, rtol=0, atol=0)
+    for a, b in zip(clean.state, restored.state, strict=True):
+        assert torch.equal(a.ts, b.ts) and torch.equal(a.mri, b.mri)
