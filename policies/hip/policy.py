@@ -176,6 +176,7 @@ class HipSession(PolicySession):
         self.causal_sum = 0.0  # keys dense causal attention would see, every call
         # sparse calls: [sum, max] of keys attended per row, kept on the device (no sync per call)
         self.sparse_totals: torch.Tensor | None = None
+        self._pending_counts: list[torch.Tensor] = []  # counts not yet added to sparse_totals
         self.rounds = 0
         mask = retrieval_head_mask(self.info, self.params.retrieval_heads, "hip")
         self.dense_heads = heads_per_layer(mask, self.info.num_layers)  # per layer: retrieval heads kept dense
@@ -282,7 +283,7 @@ class HipSession(PolicySession):
         mask = self._decode_mask(call, "fast")
         if mask.gathered is None:
             mask.gathered = gather_selection(mask.selection, call.key, call.value, p.block_size_k, p.sink_tokens)
-        return decode_attention(call.query, call.key, call.value, mask.gathered, p.sink_tokens, p.window, call.scaling)
+        return decode_attention(call.query, call.key, call.value, mask.gathered, p.window, call.scaling)
 
     def _finish_sparse(self, out: torch.Tensor, counts: torch.Tensor, call: AttentionCall) -> torch.Tensor:
         """Count a sparse call's keys per row and put the layer's retrieval heads (if any) back dense."""
@@ -344,6 +345,17 @@ class HipSession(PolicySession):
         return self.sparse_totals
 
     def _count_sparse(self, counts: torch.Tensor) -> None:
+        """Add a call's keys per row to the totals; a decode row's few counts wait to be added in bulk."""
+        self._pending_counts.append(counts.flatten())
+        if counts.numel() > 64 or len(self._pending_counts) >= 256:
+            self._add_pending_counts()
+
+    @torch.inference_mode()
+    def _add_pending_counts(self) -> None:
+        if not self._pending_counts:
+            return
+        counts = torch.cat(self._pending_counts)
+        self._pending_counts = []
         totals = self._totals(counts.device)
         totals[0] += counts.sum()
         totals[1] = torch.maximum(totals[1], counts.max())
@@ -351,10 +363,12 @@ class HipSession(PolicySession):
     @property
     def max_attended(self) -> int:
         """Most keys any query row attended on the sparse path."""
+        self._add_pending_counts()
         return int(self.sparse_totals[1]) if self.sparse_totals is not None else 0
 
     def stats(self):
         stats = super().stats()
+        self._add_pending_counts()
         attended = self.attended_sum + (float(self.sparse_totals[0]) if self.sparse_totals is not None else 0.0)
         rows = self.causal_sum and attended / max(self.causal_sum, 1.0)
         stats.attention_density = float(rows) if self.causal_sum else 1.0

@@ -7,9 +7,8 @@ code's formulas.
 
 Decode steps are recorded in arrears: a step writes only its test p >= alpha into a bool buffer
 of `pending_rows` rows, and TS/MRI catch up in one pass over those rows (`flush`) when the buffer
-is full or before anything reads them. The result equals updating after every step
-(`record_steps` over R rows is the R single-step updates), at a few tensor operations per step
-instead of a dozen.
+is full or before anything reads them, one step at a time in integer arithmetic (`record_step`),
+so a decode step costs one comparison and no copy of the record.
 """
 
 from __future__ import annotations
@@ -128,8 +127,10 @@ class RecurrenceState:
             self._mri = torch.cat([self._mri, torch.zeros_like(new)], dim=1)
             self._arrivals = []
         if self._rows:
-            active = self._hits[: self._rows, :, : self._ts.shape[1]].permute(1, 2, 0)  # [Hq, L, R]
-            self._ts, self._mri = record_steps(self._ts, self._mri, active, self._first_step)
+            length = self._ts.shape[1]
+            for row in range(self._rows):  # one pass of cheap arithmetic per step (see `record_step`)
+                hit = self._hits[row, :, :length]
+                self._ts, self._mri = record_step(self._ts, self._mri, hit, self._first_step + row)
             self._hits[: self._rows].zero_()
             self._rows = 0
         self.flushes += 1
@@ -155,15 +156,20 @@ def record_steps(
     """The reference's update for R consecutive steps at once: at step s, every token attended
     >= alpha gets MRI = max(MRI, s - TS) and TS = s. ts/mri [H, L]; active bool [H, L, R]."""
     if active.shape[2] == 1:
-        hit = active[..., 0]
-        gap = torch.where(hit, first_step - ts, 0)
-        return torch.where(hit, first_step, ts), torch.maximum(mri, gap)
+        return record_step(ts, mri, active[..., 0], first_step)
     steps = torch.arange(first_step, first_step + active.shape[2], dtype=ts.dtype, device=ts.device)
     # last activation at or before each step (TS itself when none yet; TS < every later step)
     latest = torch.cummax(torch.where(active, steps, ts[:, :, None]), dim=2).values
     inner = torch.where(active[..., 1:], steps[1:] - latest[..., :-1], 0).amax(dim=2)
     first = torch.where(active[..., 0], first_step - ts, 0)
     return latest[..., -1].contiguous(), torch.maximum(mri, torch.maximum(inner, first))
+
+
+def record_step(ts: torch.Tensor, mri: torch.Tensor, hit: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of `record_steps` (hit bool [H, L]) in arithmetic: gap = (step - TS) where hit, else 0; then
+    TS + gap and max(MRI, gap). Masked selects on CPU cost several times this product."""
+    gap = (step - ts) * hit
+    return ts + gap, torch.maximum(mri, gap)
 
 
 def recurrence_score(ts: torch.Tensor, mri: torch.Tensor, step: int) -> torch.Tensor:

@@ -27,7 +27,7 @@ def test_gathered_decode_rows_match_the_oracle_over_a_refresh(bk, sinks, window,
         length = first + step
         row = q[:, :, step : step + 1]
         keys, values = k[:, :, :length], v[:, :, :length]
-        out, counts = decode_attention(row, keys, values, gathered, sinks, window, 0.25)
+        out, counts = decode_attention(row, keys, values, gathered, window, 0.25)
         step_geo = SparseGeometry.build(1, length, 1, bk, sinks, window, lookahead=0, device=q.device)
         want, want_counts = selection_oracle(row, keys, values, sel, step_geo, 0.25)
         layer, layer_counts = key_block_attention(row, keys, values, sel, step_geo, 0.25, backend="fast")
