@@ -27,7 +27,7 @@ Algorithm (decode phase; the prompt is kept whole):
 Decode cost: one [Hq, 1, L] score row per layer, computed per KV-head group (keys are never
 repeated); the step's output is computed from the same fp32 probabilities (cast to the model dtype
 for the value product, as transformers' eager attention does), so K is read once. The step's
-threshold test is stored and TS/MRI are updated every few steps in one pass (`recurrence.py`). Every W steps:
+threshold test is stored and TS/MRI catch up every few steps (`recurrence.py`). Every W steps:
 an fp32 score, a sort and a gather over B + W tokens per KV head. State: two int32 [Hq, L] per layer.
 
 Deviations from the paper / reference code:

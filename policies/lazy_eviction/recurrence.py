@@ -6,8 +6,8 @@ Both are int32 (the reference keeps them in fp16). The score I = H1 + H2 follows
 code's formulas.
 
 Decode steps are recorded in arrears: a step writes only its test p >= alpha into a bool buffer
-of `pending_rows` rows, and TS/MRI catch up in one pass over those rows (`flush`) when the buffer
-is full or before anything reads them, one step at a time in integer arithmetic (`record_step`),
+of `pending_rows` rows, and TS/MRI catch up (`flush`) when the buffer is full or before anything
+reads them, one step at a time in integer arithmetic (`record_step`),
 so a decode step costs one comparison and no copy of the record.
 """
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from kvmux.policies.kv_buffer import capacity_for
 from kvmux.policies.lazy_eviction.eviction import gather_tokens
 
 PENDING_ROWS = 8  # decode steps recorded in arrears (the buffer holds this many [Hq, L] bool rows)
@@ -70,6 +71,9 @@ class RecurrenceState:
     def append(self, arrival_ts: torch.Tensor) -> None:
         """Add tokens whose initial TS is `arrival_ts` [n] (MRI 0)."""
         self.flush()
+        self._extend(arrival_ts)
+
+    def _extend(self, arrival_ts: torch.Tensor) -> None:
         new = arrival_ts.to(torch.int32)[None, :].expand(self.num_heads, -1)
         self._ts = torch.cat([self._ts, new], dim=1)
         self._mri = torch.cat([self._mri, torch.zeros_like(new)], dim=1)
@@ -107,7 +111,7 @@ class RecurrenceState:
 
     @torch.inference_mode()
     def _grow(self, length: int) -> None:
-        capacity = length + max(256, length // 4)  # grow in large steps: the copy is rare
+        capacity = capacity_for(length)  # room to spare, as the KV buffers grow: the copy is rare
         grown = torch.zeros(self._capacity_rows, self.num_heads, capacity, dtype=torch.bool, device=self.device)
         if self._hits is not None:
             grown[:, :, : self._hits.shape[2]] = self._hits
@@ -121,10 +125,7 @@ class RecurrenceState:
 
     def _catch_up(self) -> None:
         if self._arrivals:
-            new = torch.tensor(self._arrivals, dtype=torch.int32, device=self.device)[None, :]
-            new = new.expand(self.num_heads, -1)
-            self._ts = torch.cat([self._ts, new], dim=1)
-            self._mri = torch.cat([self._mri, torch.zeros_like(new)], dim=1)
+            self._extend(torch.tensor(self._arrivals, dtype=torch.int32, device=self.device))
             self._arrivals = []
         if self._rows:
             length = self._ts.shape[1]
