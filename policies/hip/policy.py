@@ -70,7 +70,7 @@ from pydantic import Field, model_validator
 from kvmux.policies.base import FP32_BYTES, AttentionCall, Policy, PolicyInputError, PolicyParams, PolicySession
 from kvmux.policies.dense import dense_attention
 from kvmux.policies.hip.decode_keys import GatheredSelection, decode_attention, gather_selection
-from kvmux.policies.hip.search import ScoreMode, hip_search
+from kvmux.policies.hip.search import ScoreMode, choose_score_mode, hip_search, search_row
 from kvmux.policies.prefix import PrefixReuse
 from kvmux.policies.registry import register
 from kvmux.policies.retrieval_heads import dense_heads_into, heads_per_layer, retrieval_head_mask, visible_keys
@@ -323,13 +323,29 @@ class HipSession(PolicySession):
             or cached.steps >= p.effective_refresh
             or cached.selection.blocks.shape[0] != call.query.shape[0]
         ):
-            geo = self._geometry(call, 1, lookahead=p.effective_refresh - 1)
-            cached = DecodeMask(self.select(call, geo, 1, kernel))
+            cached = DecodeMask(self._search_decode(call, kernel))
             self.decode_masks[call.layer_idx] = cached
         else:
             self.mask_reuses += 1
         cached.steps += 1
         return cached
+
+    def _search_decode(self, call: AttentionCall, kernel: ResolvedKernel) -> KeyBlockSelection:
+        """A refresh's search, with look-ahead for the steps that reuse it: the candidate range computed on
+        the host and `search_row` when the PyTorch kernel scores a table; else the general search."""
+        p = self.params
+        lookahead = p.effective_refresh - 1
+        groups = p.mask_k // p.block_size_k
+        num_keys, bk = call.key.shape[2], p.block_size_k
+        lo = p.sink_tokens // bk
+        hi = max(-(-min(num_keys - p.window + lookahead, num_keys) // bk), lo)
+        mode = choose_score_mode(p.score_mode, hi - lo, groups, call.key.device.type)
+        if kernel != "fast" or mode != "table":
+            return self.select(call, self._geometry(call, 1, lookahead=lookahead), 1, kernel)
+        sel = search_row(call.query, call.key, lo, hi, groups, bk)
+        self.searches += 1
+        self.rounds = max(self.rounds, sel.rounds)
+        return sel
 
     # -- accounting -------------------------------------------------------------------------
     def _count_dense(self, call: AttentionCall) -> None:

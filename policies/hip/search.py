@@ -203,3 +203,38 @@ def _search_slice(
     blocks = torch.where(valid, starts, torch.zeros_like(starts))
     order = torch.where(valid, blocks, torch.full_like(blocks, torch.iinfo(torch.int64).max)).argsort(dim=-1)
     return KeyBlockSelection(blocks=blocks.gather(-1, order), valid=valid.gather(-1, order), rounds=rounds)
+
+
+def search_row(
+    query: torch.Tensor, key: torch.Tensor, lo: int, hi: int, num_groups: int, block_k: int
+) -> KeyBlockSelection:
+    """`hip_search` for one decode row per sequence, with its candidate range [lo, hi) known on the host.
+
+    query [B, Hq, 1, D]; key [B, Hkv, Tk, D]. It scores the row's block table in place
+    (`block_score_row`) and keeps each group as a [start, end) pair, halved with shifts, so a round is a
+    dozen small operations with no geometry tensors. Selects the blocks `hip_search` selects (table
+    mode), in the order the last round left them rather than sorted.
+    """
+    b, hq = query.shape[:2]
+    if hi <= lo:
+        empty = torch.zeros(b, hq, 1, num_groups, dtype=torch.int64, device=query.device)
+        return KeyBlockSelection(blocks=empty, valid=empty.bool(), rounds=0)
+    table = block_score_row(query[:, :, :, None], key, hi, block_k)  # [B, Hq, 1, hi]
+    bounds = torch.arange(num_groups + 1, device=query.device).mul_(hi - lo)
+    bounds = bounds.div_(num_groups, rounding_mode="floor").add_(lo)
+    spans = torch.stack([bounds[:-1], bounds[1:]]).expand(b, hq, 1, 2, num_groups)  # [..., (start, end), K_b]
+    rounds = 0
+    while True:
+        starts, ends = spans[..., 0, :], spans[..., 1, :]
+        sizes = ends - starts
+        if not bool((sizes > 1).any()):
+            break
+        mids = starts + (sizes >> 1)  # the left half holds floor(size / 2) blocks
+        halves = torch.cat([starts, mids, mids, ends], dim=-1).view(b, hq, 1, 2, 2 * num_groups)
+        centers = (halves.sum(-2) >> 1).clamp_(max=hi - 1)  # each half's center block
+        scores = table.gather(-1, centers).masked_fill_(halves[..., 0, :] == halves[..., 1, :], float("-inf"))
+        keep = scores.topk(num_groups, dim=-1, sorted=False).indices
+        spans = halves.gather(-1, keep[..., None, :].expand(b, hq, 1, 2, num_groups))
+        rounds += 1
+    valid = sizes == 1
+    return KeyBlockSelection(blocks=torch.where(valid, starts, 0), valid=valid, rounds=rounds)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvmux.policies.hip.decode_keys import decode_attention, gather_selection
-from kvmux.policies.hip.search import hip_search
+from kvmux.policies.hip.decode_keys import MASK_STEPS, decode_attention, gather_selection
+from kvmux.policies.hip.search import hip_search, search_row
 from kvmux.policies.sparse import SparseGeometry, key_block_attention
 from tests.policies.helpers import new_session, run_prefill
 from tests.policies.test_sparse import selection_oracle
@@ -52,3 +52,40 @@ def test_decode_on_the_gathered_path_equals_the_reference_kernel(tiny_llama):
     torch.testing.assert_close(fast_logits, ref_logits, atol=2e-5, rtol=1e-4)
     assert fast_stats.extra == ref_stats.extra
     assert fast_stats.attention_density == pytest.approx(ref_stats.attention_density)
+
+
+def _block_sets(sel) -> torch.Tensor:
+    return torch.where(sel.valid, sel.blocks, -1).sort(-1).values
+
+
+@pytest.mark.parametrize(
+    "tk,lo,hi,groups,bk", [(400, 2, 180, 16, 2), (97, 0, 97, 8, 1), (64, 3, 10, 16, 4), (50, 5, 5, 4, 2)]
+)
+def test_row_search_selects_what_the_general_search_selects(tk, lo, hi, groups, bk):
+    """Host-side range, shifts and [start, end) pairs: the same blocks and rounds as `hip_search`,
+    including fewer candidates than groups and an empty range."""
+    torch.manual_seed(tk + groups)
+    q, k = torch.randn(2, 6, 1, 16), torch.randn(2, 3, tk, 16)
+    want = hip_search(q[:, :, :, None], k, torch.tensor([lo]), torch.tensor([hi]), groups, bk, score_mode="table")
+    got = search_row(q, k, lo, hi, groups, bk)
+    assert torch.equal(_block_sets(got), _block_sets(want)) and got.rounds == want.rounds
+    assert got.blocks.shape == want.blocks.shape
+
+
+def test_masks_are_recomputed_past_the_precomputed_steps():
+    """A refresh longer than `MASK_STEPS`: every step still equals the dense-mask oracle."""
+    torch.manual_seed(3)
+    bk, sinks, window, lookahead, tk = 2, 4, 24, MASK_STEPS + 5, 200
+    q, k, v = torch.randn(1, 4, lookahead + 1, 8), torch.randn(1, 2, tk, 8), torch.randn(1, 2, tk, 8)
+    first = tk - lookahead
+    geo = SparseGeometry.build(1, first, 1, bk, sinks, window, lookahead=lookahead, device=q.device)
+    sel = search_row(q[:, :, :1], k[:, :, :first], int(geo.lo[0]), int(geo.hi[0]), 10, bk)
+    gathered = gather_selection(sel, k[:, :, :first], v[:, :, :first], bk, sinks)
+    for step in range(lookahead + 1):
+        length = first + step
+        row, keys, values = q[:, :, step : step + 1], k[:, :, :length], v[:, :, :length]
+        out, counts = decode_attention(row, keys, values, gathered, window, 0.3)
+        step_geo = SparseGeometry.build(1, length, 1, bk, sinks, window, lookahead=0, device=q.device)
+        want, want_counts = selection_oracle(row, keys, values, sel, step_geo, 0.3)
+        torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-4)
+        assert torch.equal(counts, want_counts)
