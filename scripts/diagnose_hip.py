@@ -10,6 +10,7 @@ miss from a miss in reading what was selected.
     python scripts/diagnose_hip.py --length 4096 --depth 90 --index 0
     python scripts/diagnose_hip.py --length 4096 --depth 90 --overrides '{"mask_k": 2048}'
     python scripts/diagnose_hip.py --length 4096 --depth 90 --layer-mask-k 18=2048
+    python scripts/diagnose_hip.py --length 8192 --depth 70 --dense-heads 16=0,1,2
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 
+import torch
 from passkey_case import add_case_arguments, generate, layer_values, load_case, override_per_layer
 
 from kvmux.policies.hip import policy as hip
@@ -32,14 +34,36 @@ def covered_per_head(sel, block_k: int, needle: list[int]) -> list[int]:
     return counts
 
 
+def add_dense_heads(extra: dict[int, list[int]]) -> None:
+    """Patch new HiP sessions so the given query heads of each layer attend densely too."""
+    original = hip.HipSession.__init__
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        for layer, heads in extra.items():
+            kept = self.dense_heads[layer]
+            chosen = set(heads) | (set(kept.tolist()) if kept is not None else set())
+            self.dense_heads[layer] = torch.tensor(sorted(chosen), dtype=torch.long)
+
+    hip.HipSession.__init__ = init
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_case_arguments(parser, "hip", length=4096, depth=90.0)
     parser.add_argument(
         "--layer-mask-k", action="append", default=[], metavar="LAYER=K", help="a different mask_k on one layer"
     )
+    parser.add_argument(
+        "--dense-heads",
+        action="append",
+        default=[],
+        metavar="LAYER=H,H",
+        help="query heads of one layer attending densely, besides the preset's retrieval heads",
+    )
     args = parser.parse_args()
     loaded, sample, needle = load_case(args)
+    add_dense_heads(layer_values(args.dense_heads, lambda heads: [int(h) for h in heads.split(",")]))
 
     records: list[tuple[int, bool, list[int]]] = []
     original = hip.HipSession.select
