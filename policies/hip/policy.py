@@ -69,6 +69,7 @@ from pydantic import Field, model_validator
 
 from kvmux.policies.base import FP32_BYTES, AttentionCall, Policy, PolicyInputError, PolicyParams, PolicySession
 from kvmux.policies.dense import dense_attention
+from kvmux.policies.hip.accounting import AttendedKeys, causal_keys
 from kvmux.policies.hip.decode_keys import GatheredSelection, decode_attention, gather_selection
 from kvmux.policies.hip.search import ScoreMode, choose_score_mode, hip_search, search_row
 from kvmux.policies.prefix import PrefixReuse
@@ -172,11 +173,7 @@ class HipSession(PolicySession):
         self.decode_masks: dict[int, DecodeMask] = {}
         self.searches = 0  # (layer, forward) pairs that ran the branch-and-prune search
         self.mask_reuses = 0  # decode (layer, step) pairs that reused a cached selection
-        self.attended_sum = 0.0  # keys attended on dense calls, summed over query rows, heads and layers
-        self.causal_sum = 0.0  # keys dense causal attention would see, every call
-        # sparse calls: [sum, max] of keys attended per row, kept on the device (no sync per call)
-        self.sparse_totals: torch.Tensor | None = None
-        self._pending_counts: list[torch.Tensor] = []  # counts not yet added to sparse_totals
+        self.keys = AttendedKeys()
         self.rounds = 0
         mask = retrieval_head_mask(self.info, self.params.retrieval_heads, "hip")
         self.dense_heads = heads_per_layer(mask, self.info.num_layers)  # per layer: retrieval heads kept dense
@@ -251,11 +248,10 @@ class HipSession(PolicySession):
         if tq > 1:
             self.decode_masks.pop(call.layer_idx, None)  # new prompt tokens: the decode mask is stale
         if call.layer_idx < p.dense_layers or tk <= p.budget:
-            self._count_dense(call)
+            self.keys.add_dense_call(call)
             return dense_attention(call)
         kernel = self._kernel(call)
-        b, hq = call.query.shape[:2]
-        self.causal_sum += float(b * hq * (tq * (tk - tq) + tq * (tq + 1) / 2))
+        self.keys.causal_sum += causal_keys(call)
         geo = None
         if call.is_decode and kernel == "fast":
             out, counts = self._decode_fast(call)
@@ -290,14 +286,14 @@ class HipSession(PolicySession):
         heads = self.dense_heads[call.layer_idx]
         if heads is not None:
             counts = counts.index_fill(1, heads, 0)  # counted as dense below
-        self._count_sparse(counts)
+        self.keys.add_sparse_counts(counts)
         return self._with_dense_heads(out, call, heads)
 
     def _with_dense_heads(self, out: torch.Tensor, call: AttentionCall, heads: torch.Tensor | None) -> torch.Tensor:
         """The layer's retrieval heads (if any) replaced by their dense attention."""
         if heads is not None:
             dense_heads_into(out, call, heads)
-            self.attended_sum += visible_keys(call, heads.numel())
+            self.keys.dense_sum += visible_keys(call, heads.numel())
         return out
 
     def _triton_attention(self, call: AttentionCall, sel: KeyBlockSelection, mask: DecodeMask | None, block_q: int):
@@ -310,7 +306,7 @@ class HipSession(PolicySession):
         out, _ = kernels.attention(
             call.query, call.key, call.value, packed,
             block_q=block_q, block_k=p.block_size_k, sinks=p.sink_tokens, window=p.window,
-            scaling=call.scaling, totals=self._totals(call.query.device),
+            scaling=call.scaling, totals=self.keys.totals_on(call.query.device),
         )  # fmt: skip
         return out
 
@@ -347,51 +343,13 @@ class HipSession(PolicySession):
         self.rounds = max(self.rounds, sel.rounds)
         return sel
 
-    # -- accounting -------------------------------------------------------------------------
-    def _count_dense(self, call: AttentionCall) -> None:
-        b, hq, tq = call.query.shape[:3]
-        tk = call.key.shape[2]
-        visible = float(b * hq * (tq * (tk - tq) + tq * (tq + 1) / 2))
-        self.attended_sum += visible
-        self.causal_sum += visible
-
-    def _totals(self, device: torch.device) -> torch.Tensor:
-        if self.sparse_totals is None:
-            self.sparse_totals = torch.zeros(2, dtype=torch.int64, device=device)
-        return self.sparse_totals
-
-    def _count_sparse(self, counts: torch.Tensor) -> None:
-        """Add a call's keys per row to the totals; a decode row's few counts wait to be added in bulk."""
-        self._pending_counts.append(counts.flatten())
-        if counts.numel() > 64 or len(self._pending_counts) >= 256:
-            self._add_pending_counts()
-
-    @torch.inference_mode()
-    def _add_pending_counts(self) -> None:
-        if not self._pending_counts:
-            return
-        counts = torch.cat(self._pending_counts)
-        self._pending_counts = []
-        totals = self._totals(counts.device)
-        totals[0] += counts.sum()
-        totals[1] = torch.maximum(totals[1], counts.max())
-
-    @property
-    def max_attended(self) -> int:
-        """Most keys any query row attended on the sparse path."""
-        self._add_pending_counts()
-        return int(self.sparse_totals[1]) if self.sparse_totals is not None else 0
-
     def stats(self):
         stats = super().stats()
-        self._add_pending_counts()
-        attended = self.attended_sum + (float(self.sparse_totals[0]) if self.sparse_totals is not None else 0.0)
-        rows = self.causal_sum and attended / max(self.causal_sum, 1.0)
-        stats.attention_density = float(rows) if self.causal_sum else 1.0
+        stats.attention_density = self.keys.density()
         stats.extra.update(
             {
                 "hip_budget_per_query": self.params.budget,
-                "hip_max_keys_per_query": self.max_attended,
+                "hip_max_keys_per_query": self.keys.max_per_row,
                 "hip_searches": self.searches,
                 "hip_mask_reuses": self.mask_reuses,
                 "hip_rounds": self.rounds,
