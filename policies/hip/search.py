@@ -14,6 +14,9 @@ Two ways to score the representatives, which select the same blocks:
   is faster than the gathers while the candidate range is short enough: on CPU up to 64 x `2 K_b`
   blocks (32K tokens with the defaults), elsewhere up to 4 x `2 K_b`. A decode row's table is one
   matmul over the keys as they lie (`block_score_row`), without the per-offset key copies.
+
+A decode refresh searches one query row per sequence with `search_row`: the same selection, from a
+candidate range the caller computes on the host, with fewer and cheaper operations per round.
 """
 
 from __future__ import annotations
