@@ -12,16 +12,15 @@ from __future__ import annotations
 import torch
 
 from kvmux.policies.base import AttentionCall
+from kvmux.policies.retrieval_heads import visible_keys
 
 BULK_CALLS = 256  # decode calls whose counts wait before they are added
 SMALL_CALL_ROWS = 64  # a call with more counted rows than this is added at once
 
 
 def causal_keys(call: AttentionCall) -> float:
-    """Keys dense causal attention sees in a call, summed over its query rows and heads."""
-    b, hq, tq = call.query.shape[:3]
-    tk = call.key.shape[2]
-    return float(b * hq * (tq * (tk - tq) + tq * (tq + 1) / 2))
+    """Keys dense causal attention sees in a call, summed over its query rows and every head."""
+    return visible_keys(call, call.query.shape[1])
 
 
 class AttendedKeys:

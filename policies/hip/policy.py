@@ -75,7 +75,7 @@ from kvmux.policies.prefix import PrefixReuse
 from kvmux.policies.registry import register
 from kvmux.policies.retrieval_heads import dense_heads_into, heads_per_layer, retrieval_head_mask, visible_keys
 from kvmux.policies.sparse.attention import key_block_attention, triton_backend
-from kvmux.policies.sparse.selection import KeyBlockSelection, SparseGeometry, slice_bytes
+from kvmux.policies.sparse.selection import KeyBlockSelection, SparseGeometry, last_query_candidates, slice_bytes
 
 log = logging.getLogger(__name__)
 
@@ -288,13 +288,11 @@ class HipSession(PolicySession):
         p = self.params
         lookahead = p.effective_refresh - 1
         groups = p.mask_k // p.block_size_k
-        num_keys, bk = call.key.shape[2], p.block_size_k
-        lo = p.sink_tokens // bk
-        hi = max(-(-min(num_keys - p.window + lookahead, num_keys) // bk), lo)
+        lo, hi = last_query_candidates(call.key.shape[2], p.block_size_k, p.sink_tokens, p.window, lookahead)
         mode = choose_score_mode(p.score_mode, hi - lo, groups, call.key.device.type)
         if kernel != "fast" or mode != "table":
             return self.select(call, self._geometry(call, 1, lookahead=lookahead), 1, kernel)
-        sel = search_row(call.query, call.key, lo, hi, groups, bk)
+        sel = search_row(call.query, call.key, lo, hi, groups, p.block_size_k)
         self.searches += 1
         self.rounds = max(self.rounds, sel.rounds)
         return sel

@@ -40,6 +40,14 @@ class KeyBlockSelection:
     rounds: int = 0  # search rounds that produced it (HiP's branch-and-prune; 0 otherwise)
 
 
+def last_query_candidates(num_keys: int, block_k: int, sinks: int, window: int, lookahead: int) -> tuple[int, int]:
+    """The candidate key blocks [lo, hi) of the query at position num_keys - 1, on the host: what
+    `SparseGeometry.build` computes for the last query block (a decode row's only one)."""
+    lo = sinks // block_k
+    end = min(num_keys - window + lookahead, num_keys)  # exclusive token limit
+    return lo, max(-(-end // block_k), lo)
+
+
 @dataclass(frozen=True, slots=True)
 class SparseGeometry:
     """Where each query block of one attention call sits, what it always attends, and its candidate blocks.
@@ -80,9 +88,8 @@ class SparseGeometry:
         end = (last + 1 - window + lookahead).clamp(max=num_keys)  # exclusive token limit
         lo = torch.full((num_blocks,), sinks // block_k, dtype=torch.int64, device=device)
         hi = torch.maximum(torch.div(end + block_k - 1, block_k, rounding_mode="floor"), lo)
-        last_end = min(num_keys - window + lookahead, num_keys)  # the last query is at num_keys - 1
-        most = max(-(-last_end // block_k) - sinks // block_k, 0)
-        return cls(block_q, block_k, sinks, window, num_queries, num_keys, positions, lo, hi, most)
+        last_lo, last_hi = last_query_candidates(num_keys, block_k, sinks, window, lookahead)
+        return cls(block_q, block_k, sinks, window, num_queries, num_keys, positions, lo, hi, last_hi - last_lo)
 
     @property
     def num_blocks(self) -> int:

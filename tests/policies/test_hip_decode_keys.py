@@ -8,6 +8,7 @@ import torch
 from kvmux.policies.hip.decode_keys import MASK_STEPS, decode_attention, gather_selection
 from kvmux.policies.hip.search import hip_search, search_row
 from kvmux.policies.sparse import SparseGeometry, key_block_attention
+from kvmux.policies.sparse.selection import last_query_candidates
 from tests.policies.helpers import new_session, run_prefill
 from tests.policies.test_sparse import selection_oracle
 
@@ -89,3 +90,12 @@ def test_masks_are_recomputed_past_the_precomputed_steps():
         want, want_counts = selection_oracle(row, keys, values, sel, step_geo, 0.3)
         torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-4)
         assert torch.equal(counts, want_counts)
+
+
+@pytest.mark.parametrize(
+    "num_keys,bk,sinks,window,lookahead", [(240, 2, 5, 20, 3), (30, 4, 16, 40, 0), (97, 1, 0, 9, 7)]
+)
+def test_host_candidate_range_is_the_geometry_of_the_last_query(num_keys, bk, sinks, window, lookahead):
+    geo = SparseGeometry.build(1, num_keys, 1, bk, sinks, window, lookahead=lookahead, device=torch.device("cpu"))
+    lo, hi = last_query_candidates(num_keys, bk, sinks, window, lookahead)
+    assert (lo, hi) == (int(geo.lo[0]), int(geo.hi[0])) and geo.max_candidates == hi - lo
