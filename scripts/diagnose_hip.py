@@ -48,12 +48,7 @@ def add_dense_heads(extra: dict[int, list[int]]) -> None:
     hip.HipSession.__init__ = init
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_case_arguments(parser, "hip", length=4096, depth=90.0)
-    parser.add_argument(
-        "--layer-mask-k", action="append", default=[], metavar="LAYER=K", help="a different mask_k on one layer"
-    )
+def add_dense_heads_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dense-heads",
         action="append",
@@ -61,9 +56,23 @@ def main() -> None:
         metavar="LAYER=H,H",
         help="query heads of one layer attending densely, besides the preset's retrieval heads",
     )
+
+
+def apply_dense_heads(args: argparse.Namespace) -> None:
+    """Make the heads of `--dense-heads` dense in every HiP session created from now on."""
+    add_dense_heads(layer_values(args.dense_heads, lambda heads: [int(h) for h in heads.split(",")]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_case_arguments(parser, "hip", length=4096, depth=90.0)
+    parser.add_argument(
+        "--layer-mask-k", action="append", default=[], metavar="LAYER=K", help="a different mask_k on one layer"
+    )
+    add_dense_heads_argument(parser)
     args = parser.parse_args()
     loaded, sample, needle = load_case(args)
-    add_dense_heads(layer_values(args.dense_heads, lambda heads: [int(h) for h in heads.split(",")]))
+    apply_dense_heads(args)
 
     records: list[tuple[int, bool, list[int]]] = []
     original = hip.HipSession.select

@@ -22,8 +22,7 @@ import math
 from pathlib import Path
 
 import torch
-from diagnose_hip import add_dense_heads
-from passkey_case import layer_values
+from diagnose_hip import add_dense_heads_argument, apply_dense_heads
 
 from kvmux.cli_args import apply_threads, default_presets_dir
 from kvmux.evals.tasks import get_task
@@ -130,13 +129,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--preset", default="hip_rh")
     parser.add_argument("--top", type=int, default=16)
-    parser.add_argument(
-        "--dense-heads",
-        action="append",
-        default=[],
-        metavar="LAYER=H,H",
-        help="query heads of one layer attending densely, besides the preset's retrieval heads",
-    )
+    add_dense_heads_argument(parser)
     parser.add_argument(
         "--show",
         action="append",
@@ -154,7 +147,7 @@ def main() -> None:
         param.requires_grad_(False)
     presets = load_presets(default_presets_dir())
     search_without_gradients()
-    add_dense_heads(layer_values(args.dense_heads, lambda heads: [int(h) for h in heads.split(",")]))
+    apply_dense_heads(args)
     task, renderer = get_task(args.task), Renderer(loaded.tokenizer)
     total, count, rows = torch.zeros(loaded.info.num_layers, loaded.info.num_heads), 0, []
     original = hip.HipSession.attention
