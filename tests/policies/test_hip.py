@@ -82,7 +82,7 @@ def test_a_decode_row_scores_its_table_in_place_and_selects_as_gathering(tk, bk,
     geo = SparseGeometry.build(1, tk, 1, bk, 16, 64, lookahead=lookahead, device=q.device)
     queries, blocks = geo.query_blocks(q), tk // bk + 2  # the last blocks run past the cache
     want = block_score_table(queries, keys_by_offset(k, blocks, bk), blocks)
-    torch.testing.assert_close(block_score_row(queries, k, blocks, bk), want, atol=1e-6, rtol=0)
+    torch.testing.assert_close(block_score_row(queries, k, blocks, bk), want, atol=1e-5, rtol=1e-6)  # fp32 GEMMs round
     a = hip_search(queries, k, geo.lo, geo.hi, 16, bk, query_stride=1, score_mode="gather")
     b = hip_search(queries, k, geo.lo, geo.hi, 16, bk, query_stride=1, score_mode="table")
     assert a.rounds == b.rounds > 0
