@@ -28,10 +28,13 @@ from kvmux.cli_args import apply_threads, default_presets_dir
 from kvmux.evals.tasks import get_task
 from kvmux.evals.tasks.common import Renderer
 from kvmux.models.loader import ModelSpec, load_model
+from kvmux.models.runner import Runner
 from kvmux.policies.base import SessionRequest
 from kvmux.policies.dense import dense_attention
 from kvmux.policies.hip import policy as hip
 from kvmux.policies.presets import load_presets
+from kvmux.server.engine import Engine
+from kvmux.server.sampling import SamplingParams
 
 TAIL = 96  # prompt rows run with the gates (at least): the question and the answer prefix
 
@@ -61,28 +64,15 @@ def gated_attention(gates: torch.Tensor):
     return attention
 
 
-def forward(loaded, session, ids: torch.Tensor) -> torch.Tensor:
-    """One forward of `ids` [1, T] through the model with the session's cache; all logits."""
-    positions = session.next_position_ids(ids.shape[1])
-    out = loaded.model(
-        input_ids=ids,
-        position_ids=positions,
-        use_cache=True,
-        logits_to_keep=0,
-        kvmux_session=session,
-        past_key_values=session.cache,
-    )
-    session.forward_done(ids.shape[1])
-    return out.logits.float()
+def forward(runner: Runner, session, ids: torch.Tensor) -> torch.Tensor:
+    """`Runner.forward` (all logits) without its inference mode, so the gates can take gradients."""
+    return Runner.forward.__wrapped__(runner, session, ids, all_logits=True)
 
 
-def first_answer_token(loaded, preset, sample) -> tuple[int, str] | None:
+def first_answer_token(loaded, presets, sample) -> tuple[int, str] | None:
     """The first greedy token of `full` on the prompt and its three likeliest first tokens (None if
     `full` misses the passkey)."""
-    from kvmux.server.engine import Engine
-    from kvmux.server.sampling import SamplingParams
-
-    engine = Engine(loaded, preset, default_preset="full", prefill_chunk_tokens=1 << 20)
+    engine = Engine(loaded, presets, default_preset="full", prefill_chunk_tokens=1 << 20)
     result = engine.generate(
         prompt=list(sample.prompt_ids),
         sampling=SamplingParams(max_tokens=8, temperature=0.0, logprobs=3),
@@ -100,22 +90,26 @@ def top_tokens(tokenizer, alternatives: list[tuple[int, float]]) -> str:
 def head_gains(loaded, presets, sample, answer: int, preset: str) -> tuple[torch.Tensor, float, str]:
     """-dNLL/dg per (layer, head), the first answer token's NLL under the preset and its three likeliest
     first tokens."""
-    info = loaded.info
+    info, runner = loaded.info, loaded.runner()
     chosen = presets[preset]
     session = chosen.policy.new_session(chosen.params, info, SessionRequest())
     ids = torch.tensor([list(sample.prompt_ids)])
-    total = ids.shape[1]
-    tail = TAIL + (total - TAIL) % 32  # the prefix stays a whole number of query blocks
+    total, block = ids.shape[1], chosen.params.block_size_q
+    tail = TAIL + (total - TAIL) % block  # the prefix stays a whole number of query blocks
     gates = torch.zeros(info.num_layers, info.num_heads, requires_grad=True)
+    original = hip.HipSession.attention
     hip.HipSession.attention = gated_attention(gates)
-    with torch.no_grad():
-        forward(loaded, session, ids[:, : total - tail])
-    logits = forward(loaded, session, ids[:, total - tail :])
+    try:
+        with torch.no_grad():
+            forward(runner, session, ids[:, : total - tail])
+        logits = forward(runner, session, ids[:, total - tail :])
+    finally:
+        hip.HipSession.attention = original
+        session.close()
     nll = torch.nn.functional.cross_entropy(logits[0, -1:], torch.tensor([answer]))
     best = torch.topk(logits[0, -1].detach().log_softmax(-1), 3)
     tops = top_tokens(loaded.tokenizer, list(zip(best.indices.tolist(), best.values.tolist(), strict=True)))
     nll.backward()
-    session.close()
     return -gates.grad.detach(), nll.item(), tops
 
 
@@ -150,7 +144,6 @@ def main() -> None:
     apply_dense_heads(args)
     task, renderer = get_task(args.task), Renderer(loaded.tokenizer)
     total, count, rows = torch.zeros(loaded.info.num_layers, loaded.info.num_heads), 0, []
-    original = hip.HipSession.attention
     for depth in (float(d) for d in args.depths.split(",")):
         for index in range(args.first_sample, args.first_sample + args.samples):
             sample = task.make(renderer, args.length, depth, index, args.seed, 0)
@@ -160,7 +153,6 @@ def main() -> None:
                 continue
             answer, full_tops = first
             gains, nll, tops = head_gains(loaded, presets, sample, answer, args.preset)
-            hip.HipSession.attention = original
             total += gains
             count += 1
             best = torch.topk(gains.flatten(), 8)
