@@ -10,6 +10,10 @@ a hash of the weights, and found when the model is loaded: first in the cache di
 The weights hash covers every tensor's name and shape and a strided sample of at most 4096 of its
 values cast to bfloat16, so it is quick for any model size and the same whether the model is loaded in
 fp32 or bf16, on CPU or GPU.
+
+A profile may also hold gate gains per sparse policy (`gates`, written by `kvmux calibrate --gates`,
+`kvmux.evals.calibrate.gates`): per head, how much making it dense would lower the answer's loss under
+that policy; a policy's `gate_heads` reads them.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -36,6 +40,7 @@ class RetrievalProfile:
     weights_sha256: str
     scores: tuple[tuple[float, ...], ...]
     source: str = ""  # the file it was read from
+    gates: dict[str, tuple[tuple[float, ...], ...]] = field(default_factory=dict, compare=False)  # policy: gains
 
     @property
     def num_layers(self) -> int:
@@ -71,15 +76,40 @@ class RetrievalProfile:
         means = self.tensor().mean(dim=1).tolist()
         return sorted(range(len(means)), key=lambda layer: (-means[layer], layer))[:count]
 
+    def gate_mask(self, policy: str, count: int, exclude: torch.Tensor | None = None) -> torch.Tensor:
+        """bool [layers, heads]: the `count` heads of largest gate gain for `policy` that are not in `exclude`
+        (ties: lower layer, then head); KeyError when the profile has no gains for it."""
+        gains = torch.tensor(self.gates[policy], dtype=torch.float32).flatten()
+        skip = exclude.flatten().cpu() if exclude is not None else torch.zeros_like(gains, dtype=torch.bool)
+        order = sorted((i for i in range(gains.numel()) if not skip[i]), key=lambda i: (-float(gains[i]), i))
+        mask = torch.zeros(gains.numel(), dtype=torch.bool)
+        mask[order[:count]] = True
+        return mask.view(self.num_layers, self.num_heads)
+
     def as_dict(self) -> dict:
-        return {"model": self.model, "weights_sha256": self.weights_sha256, "scores": [list(r) for r in self.scores]}
+        return {
+            "model": self.model,
+            "weights_sha256": self.weights_sha256,
+            "scores": [list(r) for r in self.scores],
+            "gates": {policy: {"gains": [list(r) for r in table]} for policy, table in self.gates.items()},
+        }
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "") -> RetrievalProfile:
-        scores = tuple(tuple(float(x) for x in row) for row in data["scores"])
-        if not scores or len({len(row) for row in scores}) != 1:
-            raise ValueError(f"retrieval profile {source or data.get('model')}: scores must be a [layers][heads] table")
-        return cls(str(data["model"]), str(data["weights_sha256"]), scores, source)
+        name = source or data.get("model")
+        scores = _table(data["scores"], f"retrieval profile {name}: scores")
+        gates = {str(policy): _table(entry["gains"], f"retrieval profile {name}: {policy} gate gains")
+                 for policy, entry in data.get("gates", {}).items()}  # fmt: skip
+        if any(len(t) != len(scores) or len(t[0]) != len(scores[0]) for t in gates.values()):
+            raise ValueError(f"retrieval profile {name}: gate gains must have the scores' shape")
+        return cls(str(data["model"]), str(data["weights_sha256"]), scores, source, gates)
+
+
+def _table(rows, what: str) -> tuple[tuple[float, ...], ...]:
+    table = tuple(tuple(float(x) for x in row) for row in rows)
+    if not table or len({len(row) for row in table}) != 1:
+        raise ValueError(f"{what} must be a [layers][heads] table")
+    return table
 
 
 def weights_sha256(model: torch.nn.Module) -> str:

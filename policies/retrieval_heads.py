@@ -7,7 +7,9 @@ heads do the copying from far context; DuoAttention (arXiv 2410.10819) and Razor
 `ModelInfo.retrieval_heads`, measured by `kvmux calibrate`) attend densely; 0 turns it off. A request
 that asks for them on a model without a profile gets a 400 naming the parameter. ActQKV, which
 selects one block set per layer, takes `retrieval_layers` = N instead: the N layers whose heads score
-highest on average attend every block.
+highest on average attend every block. HiP also takes `gate_heads` = N: the N heads (besides the
+retrieval heads) whose sparse attention costs the answer most by the profile's gate gains for HiP
+(`kvmux calibrate --gates`, `kvmux.evals.calibrate.gates`, DuoAttention's gate in one gradient step).
 """
 
 from __future__ import annotations
@@ -42,6 +44,29 @@ def retrieval_head_mask(info: ModelInfo, count: int, policy: str) -> torch.Tenso
     if count > total:
         raise PolicyInputError(f"{policy}: retrieval_heads {count} exceeds the model's {total} heads", PARAM)
     return profile.head_mask(count).to(info.device)
+
+
+def dense_head_mask(info: ModelInfo, retrieval: int, gate: int, policy: str) -> torch.Tensor | None:
+    """bool [layers, query heads] a sparse policy keeps dense: the `retrieval` best retrieval heads and the
+    `gate` heads of largest gate gain among the rest (None when both are 0); PolicyInputError when the
+    profile lacks what is asked for."""
+    mask = retrieval_head_mask(info, retrieval, policy)
+    if gate <= 0:
+        return mask
+    param = "kv_policy.gate_heads"
+    profile = info.retrieval_heads
+    if profile is None or policy not in profile.gates:
+        raise PolicyInputError(
+            f"{policy}: gate_heads {gate} needs {policy} gate gains in the retrieval-head profile of "
+            f"{info.served_name}, and {'there is no profile' if profile is None else 'it has none'}; run "
+            f"`kvmux calibrate --gates <a {policy} preset>` for this model, or set gate_heads to 0",
+            param,
+        )
+    taken = int(mask.sum()) if mask is not None else 0
+    if taken + gate > profile.num_layers * profile.num_heads:
+        raise PolicyInputError(f"{policy}: retrieval_heads + gate_heads exceed the model's heads", param)
+    gated = profile.gate_mask(policy, gate, mask).to(info.device)
+    return gated if mask is None else mask | gated
 
 
 def retrieval_layer_set(info: ModelInfo, count: int, policy: str) -> frozenset[int]:

@@ -1,15 +1,9 @@
 """Which heads does HiP's sparse attention hurt? A first-order, per-head answer on passkey prompts.
 
-DuoAttention (Xiao et al., 2024, arXiv 2410.10819) gates every head between full and compressed
-attention and learns the gates by distillation. This script takes one gradient of that idea: in
-every sparse layer each query head's output is `sparse + g * (dense - sparse)` with g = 0 (the HiP
-run itself), and dNLL/dg for the first token of `full`'s correct answer estimates how much making
-that head dense would lower that token's loss. The prompt is prefilled with HiP without gradients;
-only its last rows (the question and the answer prefix) are run with the gates, so the estimate is
-for heads made dense at those rows. Only the first answer token is scored, from the prompt's last
-row: teacher-forcing more answer tokens in the same forward would change the prompt's last query
-block, and with it the keys HiP selects for every row of that block. Prints the heads that would
-help most and writes the mean gain per head as JSON (`--out`).
+The gains are those of `kvmux calibrate --gates` (`kvmux.evals.calibrate.gates`: DuoAttention's head
+gate, sparse + g * (dense - sparse), as one gradient at g = 0 for the first token of `full`'s correct
+answer), here on any eval task's prompts, printing per prompt the first tokens under `full` and under
+the preset, the heads that would help most, and (`--out`) the gains per head as JSON.
 
     python scripts/head_sensitivity.py --task passkey --length 8192 --depths 70 --samples 1
 """
@@ -25,48 +19,13 @@ import torch
 from diagnose_hip import add_dense_heads_argument, apply_dense_heads
 
 from kvmux.cli_args import apply_threads, default_presets_dir
+from kvmux.evals.calibrate.gates import gate_gains
 from kvmux.evals.tasks import get_task
 from kvmux.evals.tasks.common import Renderer
 from kvmux.models.loader import ModelSpec, load_model
-from kvmux.models.runner import Runner
-from kvmux.policies.base import SessionRequest
-from kvmux.policies.dense import dense_attention
-from kvmux.policies.hip import policy as hip
 from kvmux.policies.presets import load_presets
 from kvmux.server.engine import Engine
 from kvmux.server.sampling import SamplingParams
-
-TAIL = 96  # prompt rows run with the gates (at least): the question and the answer prefix
-
-
-def search_without_gradients() -> None:
-    """The branch-and-prune search picks blocks (no gradient through a choice); run it without autograd."""
-    original = hip.HipSession.select
-
-    def select(self, *args, **kwargs):
-        with torch.no_grad():
-            return original(self, *args, **kwargs)
-
-    hip.HipSession.select = select
-
-
-def gated_attention(gates: torch.Tensor):
-    """HipSession.attention with each sparse layer's heads mixed toward dense by `gates` [layers, Hq]."""
-    original = hip.HipSession.attention
-
-    def attention(self, call):
-        out = original(self, call)
-        if not torch.is_grad_enabled() or call.layer_idx < self.params.dense_layers:
-            return out
-        dense = dense_attention(call)  # [B, T, Hq, D]
-        return out + gates[call.layer_idx].view(1, 1, -1, 1) * (dense - out)
-
-    return attention
-
-
-def forward(runner: Runner, session, ids: torch.Tensor) -> torch.Tensor:
-    """`Runner.forward` (all logits) without its inference mode, so the gates can take gradients."""
-    return Runner.forward.__wrapped__(runner, session, ids, all_logits=True)
 
 
 def first_answer_token(loaded, presets, sample) -> tuple[int, str] | None:
@@ -90,27 +49,8 @@ def top_tokens(tokenizer, alternatives: list[tuple[int, float]]) -> str:
 def head_gains(loaded, presets, sample, answer: int, preset: str) -> tuple[torch.Tensor, float, str]:
     """-dNLL/dg per (layer, head), the first answer token's NLL under the preset and its three likeliest
     first tokens."""
-    info, runner = loaded.info, loaded.runner()
-    chosen = presets[preset]
-    session = chosen.policy.new_session(chosen.params, info, SessionRequest())
-    ids = torch.tensor([list(sample.prompt_ids)])
-    total, block = ids.shape[1], chosen.params.block_size_q
-    tail = TAIL + (total - TAIL) % block  # the prefix stays a whole number of query blocks
-    gates = torch.zeros(info.num_layers, info.num_heads, requires_grad=True)
-    original = hip.HipSession.attention
-    hip.HipSession.attention = gated_attention(gates)
-    try:
-        with torch.no_grad():
-            forward(runner, session, ids[:, : total - tail])
-        logits = forward(runner, session, ids[:, total - tail :])
-    finally:
-        hip.HipSession.attention = original
-        session.close()
-    nll = torch.nn.functional.cross_entropy(logits[0, -1:], torch.tensor([answer]))
-    best = torch.topk(logits[0, -1].detach().log_softmax(-1), 3)
-    tops = top_tokens(loaded.tokenizer, list(zip(best.indices.tolist(), best.values.tolist(), strict=True)))
-    nll.backward()
-    return -gates.grad.detach(), nll.item(), tops
+    found = gate_gains(loaded.runner(), loaded.info, presets[preset], list(sample.prompt_ids), answer)
+    return found.gains, found.nll, top_tokens(loaded.tokenizer, [(t, math.log(p)) for t, p in found.top])
 
 
 def main() -> None:
@@ -140,7 +80,6 @@ def main() -> None:
     for param in loaded.model.parameters():
         param.requires_grad_(False)
     presets = load_presets(default_presets_dir())
-    search_without_gradients()
     apply_dense_heads(args)
     task, renderer = get_task(args.task), Renderer(loaded.tokenizer)
     total, count, rows = torch.zeros(loaded.info.num_layers, loaded.info.num_heads), 0, []

@@ -7,12 +7,15 @@ over the prompts. The profile (JSON, keyed by the model id and a hash of the wei
 cache directory, `$KVMUX_CACHE_DIR/retrieval_heads/`, where loading the same weights finds it
 (`--out` writes a copy too, e.g. into configs/retrieval_heads/ to ship it). Each prompt's result is
 appended to a `.partial.jsonl` next to it as soon as it is measured, so an interrupted run resumes
-where it stopped; `--plot` writes the heat-map.
+where it stopped; `--plot` writes the heat-map. `--gates PRESET` also measures, for a HiP preset, each
+head's gate gain on the prompts of `--gate-lengths` (`gates.py`: DuoAttention's head gate as one
+gradient) and stores it in the profile, for HiP's `gate_heads`.
 
 Examples:
   kvmux calibrate
   kvmux calibrate --model Qwen/Qwen2.5-7B-Instruct --lengths 4K,16K,32K --samples 2
   kvmux calibrate --out configs/retrieval_heads/SmolLM2-135M-Instruct.json --plot docs/results/retrieval_heads.png
+  kvmux calibrate --gates hip_rh --gates-only --gate-lengths 8K --out configs/retrieval_heads/SmolLM2-135M-Instruct.json
 """
 
 from __future__ import annotations
@@ -38,6 +41,13 @@ def add_calibrate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--out", type=Path, default=None, help="also write the profile here")
     p.add_argument("--plot", type=Path, default=None, help="write the heat-map of the scores (PNG)")
+    p.add_argument("--gates", default=None, metavar="PRESET", help="also measure HiP gate gains for this preset")
+    p.add_argument(
+        "--gates-only", action="store_true", help="keep the model's profile, only add the gate gains of --gates"
+    )
+    p.add_argument(
+        "--gate-lengths", type=cli_args.token_counts, default=[8192], help="prompt tokens of the gate prompts"
+    )
     p.set_defaults(func=cmd_calibrate)
     return p
 
@@ -57,22 +67,27 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     loaded = load_model(spec)
     info, name, weights = loaded.info, model_id(spec), weights_sha256(loaded.model)
     target = profile_dirs()[0] / profile_file_name(name, weights)
-    lengths = [n for n in args.lengths if n <= info.max_context]
-    if not lengths:
-        raise SystemExit(f"calibrate: no --lengths fit the model's {info.max_context}-token context")
-    if len(lengths) < len(args.lengths):
-        print(f"calibrate: lengths over the model's {info.max_context}-token context skipped")
     chat = bool(getattr(loaded.tokenizer, "chat_template", None))
-    partial = target.with_suffix(".partial.jsonl")
     runner = loaded.runner(args.prefill_chunk)
-    data = calibrate(loaded, runner, lengths, args.depths, args.samples, args.seed, chat, partial)
-    data = {"model": name, "weights_sha256": weights, **data}
+    if args.gates_only:
+        data = found_profile_data(info, args.gates)
+    else:
+        lengths = [n for n in args.lengths if n <= info.max_context]
+        if not lengths:
+            raise SystemExit(f"calibrate: no --lengths fit the model's {info.max_context}-token context")
+        if len(lengths) < len(args.lengths):
+            print(f"calibrate: lengths over the model's {info.max_context}-token context skipped")
+        partial = target.with_suffix(".partial.jsonl")
+        data = calibrate(loaded, runner, lengths, args.depths, args.samples, args.seed, chat, partial)
+        data = {"model": name, "weights_sha256": weights, **data, "gates": kept_gates(target, weights)}
+    if args.gates:
+        data["gates"].update(gates_entry(args, loaded, runner, RetrievalProfile.from_dict(data), target, chat))
     for path in [target] + ([args.out] if args.out else []):
         write_profile(path, data)
         print(f"calibrate: profile written to {path}")
     profile = RetrievalProfile.from_dict(data)
     top = ", ".join(f"L{layer}H{head}" for layer, head in profile.top_heads(8))
-    print(f"calibrate: {data['prompts']} prompts in {data['seconds']:.0f} s; best heads {top}; best layer "
+    print(f"calibrate: {data['prompts']} copy-score prompts in {data['seconds']:.0f} s; best heads {top}; best layer "
           f"{profile.best_layer()}")  # fmt: skip
     if args.plot:
         from kvmux.evals.calibrate.plot import plot_profile
@@ -113,6 +128,57 @@ def calibrate(
             done[prompt.key] = record
     records = [done[p.key] for p in prompts]
     return aggregate(records, lengths, depths, samples, seed, chat)
+
+
+def found_profile_data(info, gates: str | None) -> dict:
+    """`--gates-only`: the JSON of the profile found for the loaded weights, to add gate gains to."""
+    profile = info.retrieval_heads
+    if not gates:
+        raise SystemExit("calibrate: --gates-only needs --gates PRESET")
+    if profile is None:
+        raise SystemExit("calibrate: --gates-only needs a retrieval-head profile of these weights; run without it")
+    data = json.loads(Path(profile.source).read_text(encoding="utf-8")) if profile.source else profile.as_dict()
+    return {**data, "gates": dict(data.get("gates", {}))}
+
+
+def kept_gates(target: Path, weights: str) -> dict:
+    """The gate gains of an earlier profile of these weights (kept when this run measures other ones)."""
+    try:
+        data = json.loads(target.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return dict(data.get("gates", {})) if data.get("weights_sha256") == weights else {}
+
+
+def gates_entry(args, loaded, runner, profile, target: Path, chat: bool) -> dict:
+    """{policy: gains} of `--gates`, measured with the profile just calibrated."""
+    import dataclasses
+
+    import torch
+
+    from kvmux.evals.calibrate.gates import check_gated, measure_gates, top_gains
+    from kvmux.evals.calibrate.prompts import needle_prompts
+    from kvmux.policies.presets import load_presets
+
+    presets = load_presets(cli_args.presets_dir(args))
+    if args.gates not in presets:
+        raise SystemExit(f"calibrate: unknown preset {args.gates!r}; available: {', '.join(sorted(presets))}")
+    preset = presets[args.gates]
+    try:
+        check_gated(preset)
+    except ValueError as exc:
+        raise SystemExit(f"calibrate: {exc}") from None
+    lengths = [n for n in args.gate_lengths if n <= loaded.info.max_context]
+    if not lengths:
+        raise SystemExit(f"calibrate: no --gate-lengths fit the model's {loaded.info.max_context}-token context")
+    prompts = needle_prompts(loaded.tokenizer, lengths, args.depths, args.samples, args.seed, chat)
+    info = dataclasses.replace(loaded.info, retrieval_heads=profile)
+    partial = target.with_suffix(f".gates-{preset.name}.partial.jsonl")
+    entry = measure_gates(loaded, runner, info, preset, prompts, partial)
+    entry.update(lengths=lengths, prompt_format="chat" if chat else "raw")
+    best = ", ".join(f"L{layer}H{head}" for layer, head, _ in top_gains(torch.tensor(entry["gains"]), 8))
+    print(f"calibrate: {preset.policy.name} gate gains of {preset.name} over {entry['prompts']} prompts; best {best}")
+    return {preset.policy.name: entry}
 
 
 def read_partial(path: Path) -> dict[str, dict]:

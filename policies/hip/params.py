@@ -38,6 +38,13 @@ class HipParams(PolicyParams):
     retrieval_heads: int = Field(
         0, ge=0, le=4096, description="the N best heads of the model's retrieval-head profile attend densely (0: off)"
     )
+    gate_heads: int = Field(
+        0,
+        ge=0,
+        le=4096,
+        description="N more heads attend densely: those of largest HiP gate gain in the profile (kvmux calibrate "
+        "--gates; 0: off)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> HipParams:

@@ -48,7 +48,9 @@ Deviations from the paper / reference code:
   model's retrieval-head profile (`kvmux.policies.retrieval_heads`) attend densely in the sparse
   layers, prefill and decode, as DuoAttention keeps its retrieval heads whole. Their keys count as
   dense in `attention_density` (on the Triton path their sparse keys are counted too, a small
-  overcount); `hip_max_keys_per_query` stays the sparse heads' bound.
+  overcount); `hip_max_keys_per_query` stays the sparse heads' bound. `gate_heads` N (off by
+  default) makes N more heads dense: those of largest HiP gate gain in the profile, DuoAttention's
+  head gate taken as one gradient on calibration prompts (`kvmux.evals.calibrate.gates`).
 - Chunked prefill: query blocks are tiled from each forward's first query, so the prompt is
   prefilled in chunks of whole query blocks (the server's chunk rounded down to a multiple of
   `block_size_q`, at least one block): the blocks then fall where one pass over the prompt puts
@@ -73,7 +75,7 @@ from kvmux.policies.hip.params import HipParams, Kernel, ResolvedKernel
 from kvmux.policies.hip.search import choose_score_mode, hip_search, search_row
 from kvmux.policies.prefix import PrefixReuse
 from kvmux.policies.registry import register
-from kvmux.policies.retrieval_heads import dense_heads_into, heads_per_layer, retrieval_head_mask, visible_keys
+from kvmux.policies.retrieval_heads import dense_head_mask, dense_heads_into, heads_per_layer, visible_keys
 from kvmux.policies.sparse.attention import key_block_attention, triton_backend
 from kvmux.policies.sparse.selection import KeyBlockSelection, SparseGeometry, last_query_candidates, slice_bytes
 
@@ -131,8 +133,9 @@ class HipSession(PolicySession):
         self.mask_reuses = 0  # decode (layer, step) pairs that reused a cached selection
         self.keys = AttendedKeys()
         self.rounds = 0
-        mask = retrieval_head_mask(self.info, self.params.retrieval_heads, "hip")
-        self.dense_heads = heads_per_layer(mask, self.info.num_layers)  # per layer: retrieval heads kept dense
+        p = self.params
+        mask = dense_head_mask(self.info, p.retrieval_heads, p.gate_heads, "hip")
+        self.dense_heads = heads_per_layer(mask, self.info.num_layers)  # per layer: retrieval (and gate) heads
 
     def prefill_chunk_tokens(self, runner) -> int:
         """The runner's chunk rounded down to whole query blocks (at least one): query blocks are tiled
@@ -325,7 +328,7 @@ class HipPolicy(Policy):
     summary = "hierarchically pruned top-k key blocks + sinks + window (compute only; full KV kept)"
 
     def check_prompt(self, params, info, request, prompt_ids) -> None:
-        retrieval_head_mask(info, params.retrieval_heads, self.name)  # a profile exists when heads are asked for
+        dense_head_mask(info, params.retrieval_heads, params.gate_heads, self.name)  # the profile has what is asked
 
     def prefix_reuse(self, params, info, chunk: int) -> PrefixReuse:
         # a query block's selection reads its own queries and the keys before them: the state after a

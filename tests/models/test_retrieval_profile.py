@@ -26,6 +26,19 @@ def test_ranking_mask_and_best_layer():
         RetrievalProfile.from_dict(profile_data("x", [[0.1, 0.2], [0.3]]))
 
 
+def test_gate_gains_rank_the_heads_left_after_an_exclusion_and_survive_a_round_trip():
+    data = {**profile_data("x", [[0.1, 0.2], [0.3, 0.4]]), "gates": {"hip": {"gains": [[0.5, -0.1], [0.5, 0.9]]}}}
+    profile = RetrievalProfile.from_dict(data)
+    assert profile.gate_mask("hip", 2).tolist() == [[True, False], [False, True]]  # ties: the lower layer
+    exclude = torch.tensor([[False, False], [False, True]])
+    assert profile.gate_mask("hip", 2, exclude).tolist() == [[True, False], [True, False]]
+    assert RetrievalProfile.from_dict(profile.as_dict()).gates == profile.gates
+    with pytest.raises(KeyError):
+        profile.gate_mask("flexprefill", 1)
+    with pytest.raises(ValueError, match="shape"):
+        RetrievalProfile.from_dict({**data, "gates": {"hip": {"gains": [[0.5, 0.1, 0.2], [0.5, 0.9, 0.0]]}}})
+
+
 def test_weights_hash_follows_the_weights_not_the_dtype():
     model, _, _ = make_tiny("llama", seed=0)
     same, _, _ = make_tiny("llama", seed=0)

@@ -30,6 +30,8 @@ def _complete(server, kv_policy) -> httpx.Response:
         ("hip_rh", "kv_policy.retrieval_heads"),
         ("flexprefill_rh", "kv_policy.retrieval_heads"),
         ({"preset": "hip", "retrieval_heads": 2}, "kv_policy.retrieval_heads"),
+        ({"preset": "hip", "gate_heads": 2}, "kv_policy.gate_heads"),
+        ("hip_rh_gate", "kv_policy.retrieval_heads"),
         ("infiniretri_calibrated", "kv_policy.layer"),
     ],
 )
