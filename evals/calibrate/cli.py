@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from kvmux import cli_args
+from kvmux.evals.calibrate.records import read_partial
 
 METHOD = "copy-paste retrieval score (Retrieval Heads, arXiv 2404.15574), greedy decoding, dense attention"
 
@@ -179,19 +180,6 @@ def gates_entry(args, loaded, runner, profile, target: Path, chat: bool) -> dict
     best = ", ".join(f"L{layer}H{head}" for layer, head, _ in top_gains(torch.tensor(entry["gains"]), 8))
     print(f"calibrate: {preset.policy.name} gate gains of {preset.name} over {entry['prompts']} prompts; best {best}")
     return {preset.policy.name: entry}
-
-
-def read_partial(path: Path) -> dict[str, dict]:
-    """Per-prompt results of earlier runs (the last line of a key wins; a torn last line is ignored)."""
-    found: dict[str, dict] = {}
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-                found[record["key"]] = record
-            except (ValueError, KeyError, TypeError):
-                continue
-    return found
 
 
 def aggregate(records: list[dict], lengths, depths, samples: int, seed: int, chat: bool) -> dict:

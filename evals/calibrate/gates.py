@@ -121,8 +121,8 @@ def measure_gates(loaded, runner: Runner, info: ModelInfo, preset: Preset, promp
     answers right, and how it was measured."""
     from tqdm import tqdm
 
-    from kvmux.evals.calibrate.cli import read_partial
     from kvmux.evals.calibrate.probe import probe_prompt
+    from kvmux.evals.calibrate.records import read_partial
 
     check_gated(preset)
     params = preset.params.model_dump(mode="json")
