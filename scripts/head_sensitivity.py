@@ -19,7 +19,7 @@ import torch
 from diagnose_hip import add_dense_heads_argument, apply_dense_heads
 
 from kvmux.cli_args import apply_threads, default_presets_dir
-from kvmux.evals.calibrate.gates import gate_gains
+from kvmux.evals.calibrate.gates import gate_gains, top_gains
 from kvmux.evals.tasks import get_task
 from kvmux.evals.tasks.common import Renderer
 from kvmux.models.loader import ModelSpec, load_model
@@ -77,8 +77,6 @@ def main() -> None:
     args = parser.parse_args()
     apply_threads(args.threads)
     loaded = load_model(ModelSpec(prefill_chunk_tokens=1 << 20))
-    for param in loaded.model.parameters():
-        param.requires_grad_(False)
     presets = load_presets(default_presets_dir())
     apply_dense_heads(args)
     task, renderer = get_task(args.task), Renderer(loaded.tokenizer)
@@ -94,11 +92,7 @@ def main() -> None:
             gains, nll, tops = head_gains(loaded, presets, sample, answer, args.preset)
             total += gains
             count += 1
-            best = torch.topk(gains.flatten(), 8)
-            heads = [
-                f"{i // gains.shape[1]}/{i % gains.shape[1]} {v:.3f}"
-                for v, i in zip(best.values, best.indices, strict=True)
-            ]
+            heads = [f"{layer}/{head} {gain:.3f}" for layer, head, gain in top_gains(gains, 8)]
             print(f"depth {depth:g} sample {index}: first token under full: {full_tops}", flush=True)
             print(f"  under {args.preset}: {tops}; NLL {nll:.3f}; best heads {', '.join(heads)}", flush=True)
             rows.append({"depth": depth, "index": index, "nll": nll, "gains": gains.tolist()})
@@ -108,10 +102,9 @@ def main() -> None:
     for layer, head in args.show:
         rank = int((mean.flatten() > mean[layer, head]).sum()) + 1
         print(f"layer {layer} head {head}: gain {mean[layer, head]:.4f}, rank {rank} of {mean.numel()}")
-    best = torch.topk(mean.flatten(), args.top)
     print(f"mean over {count} prompts, best {args.top}:")
-    for value, flat in zip(best.values.tolist(), best.indices.tolist(), strict=True):
-        print(f"  layer {flat // mean.shape[1]:2d} head {flat % mean.shape[1]}: {value:.4f}")
+    for layer, head, gain in top_gains(mean, args.top):
+        print(f"  layer {layer:2d} head {head}: {gain:.4f}")
 
 
 if __name__ == "__main__":

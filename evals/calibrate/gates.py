@@ -102,10 +102,10 @@ def gate_gains(runner: Runner, info: ModelInfo, preset: Preset, ids: list[int], 
     gates = torch.zeros(info.num_layers, info.num_heads, device=info.device, requires_grad=True)
     log_probs = gated_log_probs(runner, info, preset, ids, gates)
     nll = -log_probs[answer]
-    nll.backward()
+    (grad,) = torch.autograd.grad(nll, gates)  # the gates' gradient only: no weight gradients computed or kept
     best = torch.topk(log_probs.detach(), 3)
     top = [(int(t), float(p.exp())) for t, p in zip(best.indices, best.values, strict=True)]
-    return GateGains(-gates.grad.detach().float().cpu(), float(nll.detach()), top)
+    return GateGains(-grad.float().cpu(), float(nll.detach()), top)
 
 
 def top_gains(gains: torch.Tensor, count: int) -> list[tuple[int, int, float]]:

@@ -36,9 +36,10 @@ def prompt_ids(length: int = 300) -> list[int]:
 
 
 def test_the_gain_is_the_first_order_drop_of_the_answers_loss(tiny_llama):
-    _, info, runner = tiny_llama
+    model, info, runner = tiny_llama
     preset, ids = hip_preset(), prompt_ids()
     found = gate_gains(runner, info, preset, ids, answer=7)
+    assert all(p.grad is None for p in model.parameters())  # only the gates' gradient is computed
     assert found.gains.shape == (info.num_layers, info.num_heads) and found.gains.abs().sum() > 0
     layer, head, _ = top_gains(found.gains.abs(), 1)[0]
     eps = 1e-3
