@@ -80,7 +80,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             print(f"calibrate: lengths over the model's {info.max_context}-token context skipped")
         partial = target.with_suffix(".partial.jsonl")
         data = calibrate(loaded, runner, lengths, args.depths, args.samples, args.seed, chat, partial)
-        data = {"model": name, "weights_sha256": weights, **data, "gates": kept_gates(target, weights)}
+        data = {"model": name, "weights_sha256": weights, **data, "gates": kept_gates(target, weights, data["scores"])}
     if args.gates:
         data["gates"].update(gates_entry(args, loaded, runner, RetrievalProfile.from_dict(data), target, chat))
     for path in [target] + ([args.out] if args.out else []):
@@ -142,13 +142,22 @@ def found_profile_data(info, gates: str | None) -> dict:
     return {**data, "gates": dict(data.get("gates", {}))}
 
 
-def kept_gates(target: Path, weights: str) -> dict:
-    """The gate gains of an earlier profile of these weights (kept when this run measures other ones)."""
+def kept_gates(target: Path, weights: str, scores: list) -> dict:
+    """The gate gains of an earlier profile of these weights, kept when this run measures other ones.
+
+    Gains are measured with the profile's retrieval heads already dense, so they are dropped (with a
+    message) when this run's copy scores differ from the ones they were measured with."""
     try:
         data = json.loads(target.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
-    return dict(data.get("gates", {})) if data.get("weights_sha256") == weights else {}
+    if data.get("weights_sha256") != weights or not data.get("gates"):
+        return {}
+    if data.get("scores") != scores:
+        print(f"calibrate: gate gains of {', '.join(sorted(data['gates']))} dropped: they were measured with "
+              "other copy scores; run --gates again")  # fmt: skip
+        return {}
+    return dict(data["gates"])
 
 
 def gates_entry(args, loaded, runner, profile, target: Path, chat: bool) -> dict:

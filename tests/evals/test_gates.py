@@ -137,3 +137,15 @@ def test_gates_only_adds_to_the_profile_found_for_the_weights(tmp_path):
     found = dataclasses.replace(info, retrieval_heads=RetrievalProfile.from_dict(data, str(tmp_path / "p.json")))
     kept = calibrate_cli.found_profile_data(found, "hip_rh")
     assert kept["scores"] == scores and kept["gates"] == data["gates"]
+
+
+def test_recalibrating_keeps_gate_gains_only_for_the_same_copy_scores(tmp_path, capsys):
+    scores = [[0.5, 0.1], [0.0, 0.9]]
+    gates = {"hip": {"gains": [[0.1, 0.2], [0.3, 0.4]]}}
+    target = tmp_path / "p.json"
+    target.write_text(json.dumps({"model": "tiny", "weights_sha256": "w", "scores": scores, "gates": gates}))
+    assert calibrate_cli.kept_gates(target, "w", scores) == gates
+    assert calibrate_cli.kept_gates(target, "other weights", scores) == {}
+    assert calibrate_cli.kept_gates(target, "w", [[0.5, 0.1], [0.9, 0.0]]) == {}
+    assert "gate gains of hip dropped" in capsys.readouterr().out
+    assert calibrate_cli.kept_gates(tmp_path / "missing.json", "w", scores) == {}
