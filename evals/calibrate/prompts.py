@@ -5,6 +5,8 @@ sentences of the shipped *Pride and Prejudice*, one needle "One of the special m
 {key} is: {value}." at the given depth), ending with the answer prefix, so the model's next tokens
 copy the needle's value (7 digits, one token each in Llama-style tokenizers). `value_positions` are
 the prompt positions of the value's tokens: the needle tokens a retrieval head is expected to copy.
+The gate prompts (`kvmux calibrate --gate-haystacks`) may also use RULER's noise haystack (`niah_single`:
+the repeated filler sentences), since the heads a sparse policy needs differ between the two.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from dataclasses import dataclass
 from kvmux.evals.tasks.common import Renderer, Sample
 from kvmux.evals.tasks.niah import NiahTask
 
-TASK = NiahTask("niah_single_book", haystack="book")
+TASKS = {"book": NiahTask("niah_single_book", haystack="book"), "noise": NiahTask("niah_single", haystack="noise")}
+HAYSTACKS = tuple(TASKS)
 MAX_NEW_TOKENS = 16  # room the samples leave for the answer
 
 
@@ -51,15 +54,18 @@ def value_positions(sample: Sample, tokenizer) -> tuple[int, ...]:
 
 
 def needle_prompts(
-    tokenizer, lengths: list[int], depths: list[float], samples: int, seed: int, chat: bool
+    tokenizer, lengths: list[int], depths: list[float], samples: int, seed: int, chat: bool, haystack: str = "book"
 ) -> list[NeedlePrompt]:
-    """Every (length, depth, sample) prompt, shortest first."""
-    renderer = Renderer(tokenizer, chat=chat)
+    """Every (length, depth, sample) prompt over `haystack` (book or noise), shortest first."""
+    if haystack not in TASKS:
+        raise ValueError(f"unknown calibration haystack {haystack!r}; expected one of {', '.join(HAYSTACKS)}")
+    task, renderer = TASKS[haystack], Renderer(tokenizer, chat=chat)
+    prefix = "" if haystack == "book" else f"{haystack}/"  # book keys stay as earlier profiles wrote them
     out = []
     for length in sorted(lengths):
         for depth in depths:
             for index in range(samples):
-                sample = TASK.make(renderer, length, depth, index, seed, max_new_tokens=MAX_NEW_TOKENS)
-                key = f"{length}/{depth:g}/{index}"
+                sample = task.make(renderer, length, depth, index, seed, max_new_tokens=MAX_NEW_TOKENS)
+                key = f"{prefix}{length}/{depth:g}/{index}"
                 out.append(NeedlePrompt(key, sample, value_positions(sample, tokenizer)))
     return out

@@ -37,6 +37,16 @@ def test_needle_prompts_cover_lengths_and_depths_and_locate_the_value(smol_token
     assert early.value_positions[0] < len(early.ids) / 2 < late.value_positions[0]
 
 
+def test_needle_prompts_over_the_filler_haystack_are_keyed_apart(smol_tokenizer):
+    book = needle_prompts(smol_tokenizer, [512], [50], 1, seed=7, chat=True)[0]
+    noise = needle_prompts(smol_tokenizer, [512], [50], 1, seed=7, chat=True, haystack="noise")[0]
+    assert book.key == "512/50/0" and noise.key == "noise/512/50/0"
+    assert "grass is green" in noise.sample.prompt and "grass is green" not in book.sample.prompt
+    assert smol_tokenizer.decode([noise.ids[i] for i in noise.value_positions]).strip() == noise.value
+    with pytest.raises(ValueError, match="haystack"):
+        needle_prompts(smol_tokenizer, [512], [50], 1, seed=7, chat=True, haystack="essay")
+
+
 def tiny_loaded() -> tuple[LoadedModel, Runner]:
     model, info, _ = make_tiny("llama")
     loaded = LoadedModel(model, byte_tokenizer(), info)

@@ -117,11 +117,14 @@ def test_gate_options_refuse_presets_they_cannot_measure(tmp_path):
     model, info, runner = make_tiny("llama")
     loaded = LoadedModel(model, byte_tokenizer(), info)
     args = argparse.Namespace(gates="flexprefill", presets_dir=None, gate_lengths=[400], depths=[50], samples=1,
-                              seed=42)  # fmt: skip
+                              seed=42, gate_haystacks=["book"])  # fmt: skip
     with pytest.raises(SystemExit, match="flexprefill"):
         calibrate_cli.gates_entry(args, loaded, runner, None, tmp_path / "p.json", True)
     args.gates = "nope"
     with pytest.raises(SystemExit, match="unknown preset"):
+        calibrate_cli.gates_entry(args, loaded, runner, None, tmp_path / "p.json", True)
+    args.gates, args.gate_haystacks = "hip_rh", ["book", "essay"]
+    with pytest.raises(SystemExit, match="--gate-haystacks takes book, noise; got essay"):
         calibrate_cli.gates_entry(args, loaded, runner, None, tmp_path / "p.json", True)
 
 
