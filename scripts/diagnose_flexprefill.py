@@ -10,6 +10,10 @@ prompt is prefilled in one forward (the preset's default), so the n-th selection
 
     python scripts/diagnose_flexprefill.py --length 2048 --depth 10 --index 0
     python scripts/diagnose_flexprefill.py --length 2048 --depth 10 --layer-gamma 18=0.97
+    python scripts/diagnose_flexprefill.py --task niah_multikey_book --length 2048 --depth 10 --other 7410164
+
+`--other TEXT` (e.g. a wrong answer: a distractor needle's value) adds, per layer, how many heads keep
+the answer's key blocks and how many keep the blocks of TEXT's first occurrence in the prompt.
 """
 
 from __future__ import annotations
@@ -46,14 +50,28 @@ def missing_heads(sel, ranks: torch.Tensor, needle_blocks: list[int]) -> list[st
     return missing
 
 
+def text_token_indices(tokenizer, sample, text: str) -> list[int]:
+    """Prompt indices of the tokens overlapping the first occurrence of `text` (SystemExit if absent)."""
+    start = sample.prompt.find(text)
+    if start < 0:
+        raise SystemExit(f"{text!r} is not in the prompt")
+    enc = tokenizer(sample.prompt, add_special_tokens=False, return_offsets_mapping=True)
+    end = start + len(text)
+    return [i for i, (s, e) in enumerate(enc.offset_mapping) if s < end and e > start]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_case_arguments(parser, "flexprefill", length=2048, depth=10.0)
     parser.add_argument(
         "--layer-gamma", action="append", default=[], metavar="LAYER=GAMMA", help="a different gamma on one layer"
     )
+    parser.add_argument("--other", default=None, help="also follow the key blocks of this text in the prompt")
     args = parser.parse_args()
     loaded, sample, needle = load_case(args)
+    other = text_token_indices(loaded.tokenizer, sample, args.other) if args.other else []
+    if other:
+        print(f"other text {args.other!r}: tokens {other[0]}-{other[-1]}")
 
     lines: list[str] = []
     original = policy.select_blocks  # the name the session calls
@@ -62,7 +80,13 @@ def main() -> None:
         sel = original(query, key, scaling, params)
         ranks = vertical_ranks(query, key, scaling, params.block_size)
         missing = missing_heads(sel, ranks, sorted({t // params.block_size for t in needle}))
-        lines.append(f"  layer {len(lines):2d}: " + ("; ".join(missing) if missing else "all heads keep it"))
+        line = f"  layer {len(lines):2d}: " + ("; ".join(missing) if missing else "all heads keep it")
+        if other:
+            lost = missing_heads(sel, ranks, sorted({t // params.block_size for t in other}))
+            heads = sel.blocks.shape[0]
+            kept, kept_other = heads - len(missing), heads - len(lost)
+            line += f"\n            keep the answer: {kept}/{heads}; keep the other: {kept_other}/{heads}"
+        lines.append(line)
         return sel
 
     policy.select_blocks = recording_select

@@ -1,5 +1,5 @@
-"""Shared setup of the `diagnose_*` scripts: one seeded passkey prompt, built as `kvmux eval` builds
-it (task passkey, or passkey_book for the prose haystack; raw format), the embedded model,
+"""Shared setup of the `diagnose_*` scripts: one seeded needle prompt, built as `kvmux eval` builds
+it (task passkey, or passkey_book for the prose haystack, or one of the niah tasks; raw format), the embedded model,
 per-layer parameter overrides on a policy's session, and one greedy generation through the engine.
 """
 
@@ -22,7 +22,10 @@ ONE_PASS = 1 << 20  # a prefill chunk longer than any prompt: the prompt in one 
 def add_case_arguments(parser: argparse.ArgumentParser, policy: str, length: int, depth: float) -> None:
     """--task, --length, --depth, --index, --seed, --overrides (for `policy`'s preset), --threads."""
     parser.add_argument(
-        "--task", choices=("passkey", "passkey_book"), default="passkey", help="haystack: filler or prose"
+        "--task",
+        choices=("passkey", "passkey_book", "niah_single", "niah_single_book", "niah_multikey", "niah_multikey_book"),
+        default="passkey",
+        help="task and haystack (filler, or *_book for prose)",
     )
     parser.add_argument("--length", type=int, default=length)
     parser.add_argument("--depth", type=float, default=depth)
@@ -64,12 +67,12 @@ def override_per_layer(session_class: type, field: str, values: dict[int, Any]) 
 
 
 def generate(loaded: LoadedModel, sample: Sample, policy: dict, prefill_chunk: int = ONE_PASS):
-    """Eight greedy tokens for the sample's prompt under `policy` (a kv_policy object); prints the verdict."""
+    """Twelve greedy tokens for the sample's prompt under `policy` (a kv_policy object); prints the verdict."""
     engine = Engine(
         loaded, load_presets(default_presets_dir()), default_preset="full", prefill_chunk_tokens=prefill_chunk
     )
     result = engine.generate(
-        prompt=list(sample.prompt_ids), sampling=SamplingParams(max_tokens=8, temperature=0.0), kv_policy=policy
+        prompt=list(sample.prompt_ids), sampling=SamplingParams(max_tokens=12, temperature=0.0), kv_policy=policy
     )
     print(f"answer {result.text!r} ({'correct' if sample.answers[0] in result.text else 'wrong'})")
     return result
