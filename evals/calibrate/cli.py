@@ -9,15 +9,16 @@ cache directory, `$KVMUX_CACHE_DIR/retrieval_heads/`, where loading the same wei
 appended to a `.partial.jsonl` next to it as soon as it is measured, so an interrupted run resumes
 where it stopped; `--plot` writes the heat-map. `--gates PRESET` also measures, for a HiP preset, each
 head's gate gain on the prompts of `--gate-lengths` (`gates.py`: DuoAttention's head gate as one
-gradient) and stores it in the profile, for HiP's `gate_heads`; `--gate-haystacks book,noise` takes
-those prompts from the prose and from RULER's filler haystack alike (the gains are their mean).
+gradient) and stores it in the profile, for HiP's `gate_heads`; `--gate-tasks` picks the tasks of those
+prompts (niah_single_book by default; also niah_single, passkey, passkey_book; the gains are the mean
+over all of them).
 
 Examples:
   kvmux calibrate
   kvmux calibrate --model Qwen/Qwen2.5-7B-Instruct --lengths 4K,16K,32K --samples 2
   kvmux calibrate --out configs/retrieval_heads/SmolLM2-135M-Instruct.json --plot docs/results/retrieval_heads.png
   kvmux calibrate --gates hip_rh --gates-only --gate-lengths 8K --out configs/retrieval_heads/SmolLM2-135M-Instruct.json
-  kvmux calibrate --gates hip_rh --gates-only --gate-lengths 8K --gate-haystacks book,noise
+  kvmux calibrate --gates hip_rh --gates-only --gate-lengths 8K --gate-tasks niah_single_book,passkey --seed 7
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import time
 from pathlib import Path
 
 from kvmux import cli_args
-from kvmux.evals.calibrate.prompts import HAYSTACKS
+from kvmux.evals.calibrate.prompts import COPY_TASK, TASKS
 from kvmux.evals.calibrate.records import read_partial
 
 METHOD = "copy-paste retrieval score (Retrieval Heads, arXiv 2404.15574), greedy decoding, dense attention"
@@ -53,10 +54,10 @@ def add_calibrate_parser(subparsers) -> argparse.ArgumentParser:
         "--gate-lengths", type=cli_args.token_counts, default=[8192], help="prompt tokens of the gate prompts"
     )
     p.add_argument(
-        "--gate-haystacks",
+        "--gate-tasks",
         type=cli_args.comma_list(str),
-        default=["book"],
-        help=f"haystacks of the gate prompts, comma list of {', '.join(HAYSTACKS)} (default: book)",
+        default=[COPY_TASK],
+        help=f"tasks of the gate prompts, comma list of {', '.join(TASKS)} (default: {COPY_TASK})",
     )
     p.set_defaults(func=cmd_calibrate)
     return p
@@ -190,19 +191,19 @@ def gates_entry(args, loaded, runner, profile, target: Path, chat: bool) -> dict
     lengths = [n for n in args.gate_lengths if n <= loaded.info.max_context]
     if not lengths:
         raise SystemExit(f"calibrate: no --gate-lengths fit the model's {loaded.info.max_context}-token context")
-    unknown = sorted(set(args.gate_haystacks) - set(HAYSTACKS))
-    if unknown or not args.gate_haystacks:
+    unknown = sorted(set(args.gate_tasks) - set(TASKS))
+    if unknown or not args.gate_tasks:
         got = ", ".join(unknown) or "none"
-        raise SystemExit(f"calibrate: --gate-haystacks takes {', '.join(HAYSTACKS)}; got {got}")
+        raise SystemExit(f"calibrate: --gate-tasks takes {', '.join(TASKS)}; got {got}")
     prompts = [
         prompt
-        for haystack in args.gate_haystacks
-        for prompt in needle_prompts(loaded.tokenizer, lengths, args.depths, args.samples, args.seed, chat, haystack)
+        for task in args.gate_tasks
+        for prompt in needle_prompts(loaded.tokenizer, lengths, args.depths, args.samples, args.seed, chat, task)
     ]
     info = dataclasses.replace(loaded.info, retrieval_heads=profile)
     partial = target.with_suffix(f".gates-{preset.name}.partial.jsonl")
     entry = measure_gates(loaded, runner, info, preset, prompts, partial)
-    entry.update(lengths=lengths, haystacks=list(args.gate_haystacks), prompt_format="chat" if chat else "raw")
+    entry.update(lengths=lengths, tasks=list(args.gate_tasks), seed=args.seed, prompt_format="chat" if chat else "raw")
     best = ", ".join(f"L{layer}H{head}" for layer, head, _ in top_gains(torch.tensor(entry["gains"]), 8))
     print(f"calibrate: {preset.policy.name} gate gains of {preset.name} over {entry['prompts']} prompts; best {best}")
     return {preset.policy.name: entry}

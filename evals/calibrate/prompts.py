@@ -5,8 +5,9 @@ sentences of the shipped *Pride and Prejudice*, one needle "One of the special m
 {key} is: {value}." at the given depth), ending with the answer prefix, so the model's next tokens
 copy the needle's value (7 digits, one token each in Llama-style tokenizers). `value_positions` are
 the prompt positions of the value's tokens: the needle tokens a retrieval head is expected to copy.
-The gate prompts (`kvmux calibrate --gate-haystacks`) may also use RULER's noise haystack (`niah_single`:
-the repeated filler sentences), since the heads a sparse policy needs differ between the two.
+The gate prompts (`kvmux calibrate --gate-tasks`) may also come from other single-needle tasks: RULER's
+niah_single over the noise haystack (repeated filler sentences), or the passkey over filler or prose
+(DuoAttention calibrates its gates on passkeys), since the heads a sparse policy needs differ between them.
 """
 
 from __future__ import annotations
@@ -14,10 +15,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvmux.evals.tasks.common import Renderer, Sample
-from kvmux.evals.tasks.niah import NiahTask
+from kvmux.evals.tasks.niah import NIAH_TASKS
+from kvmux.evals.tasks.passkey import PASSKEY_TASKS
 
-TASKS = {"book": NiahTask("niah_single_book", haystack="book"), "noise": NiahTask("niah_single", haystack="noise")}
-HAYSTACKS = tuple(TASKS)
+COPY_TASK = "niah_single_book"  # the copy-score prompts; their keys carry no task name
+TASKS = {
+    t.name: t for t in (*NIAH_TASKS, *PASSKEY_TASKS) if t.name in (COPY_TASK, "niah_single", "passkey", "passkey_book")
+}
 MAX_NEW_TOKENS = 16  # room the samples leave for the answer
 
 
@@ -54,18 +58,18 @@ def value_positions(sample: Sample, tokenizer) -> tuple[int, ...]:
 
 
 def needle_prompts(
-    tokenizer, lengths: list[int], depths: list[float], samples: int, seed: int, chat: bool, haystack: str = "book"
+    tokenizer, lengths: list[int], depths: list[float], samples: int, seed: int, chat: bool, task: str = COPY_TASK
 ) -> list[NeedlePrompt]:
-    """Every (length, depth, sample) prompt over `haystack` (book or noise), shortest first."""
-    if haystack not in TASKS:
-        raise ValueError(f"unknown calibration haystack {haystack!r}; expected one of {', '.join(HAYSTACKS)}")
-    task, renderer = TASKS[haystack], Renderer(tokenizer, chat=chat)
-    prefix = "" if haystack == "book" else f"{haystack}/"  # book keys stay as earlier profiles wrote them
+    """Every (length, depth, sample) prompt of `task` (one of `TASKS`), shortest first."""
+    if task not in TASKS:
+        raise ValueError(f"unknown calibration task {task!r}; expected one of {', '.join(TASKS)}")
+    maker, renderer = TASKS[task], Renderer(tokenizer, chat=chat)
+    prefix = "" if task == COPY_TASK else f"{task}/"  # copy-task keys stay as earlier profiles wrote them
     out = []
     for length in sorted(lengths):
         for depth in depths:
             for index in range(samples):
-                sample = task.make(renderer, length, depth, index, seed, max_new_tokens=MAX_NEW_TOKENS)
+                sample = maker.make(renderer, length, depth, index, seed, max_new_tokens=MAX_NEW_TOKENS)
                 key = f"{prefix}{length}/{depth:g}/{index}"
                 out.append(NeedlePrompt(key, sample, value_positions(sample, tokenizer)))
     return out

@@ -37,14 +37,17 @@ def test_needle_prompts_cover_lengths_and_depths_and_locate_the_value(smol_token
     assert early.value_positions[0] < len(early.ids) / 2 < late.value_positions[0]
 
 
-def test_needle_prompts_over_the_filler_haystack_are_keyed_apart(smol_tokenizer):
+def test_gate_prompts_of_other_tasks_are_keyed_apart(smol_tokenizer):
     book = needle_prompts(smol_tokenizer, [512], [50], 1, seed=7, chat=True)[0]
-    noise = needle_prompts(smol_tokenizer, [512], [50], 1, seed=7, chat=True, haystack="noise")[0]
-    assert book.key == "512/50/0" and noise.key == "noise/512/50/0"
+    noise = needle_prompts(smol_tokenizer, [512], [50], 1, seed=7, chat=True, task="niah_single")[0]
+    passkey = needle_prompts(smol_tokenizer, [512], [50], 1, seed=7, chat=True, task="passkey")[0]
+    assert (book.key, noise.key, passkey.key) == ("512/50/0", "niah_single/512/50/0", "passkey/512/50/0")
     assert "grass is green" in noise.sample.prompt and "grass is green" not in book.sample.prompt
-    assert smol_tokenizer.decode([noise.ids[i] for i in noise.value_positions]).strip() == noise.value
-    with pytest.raises(ValueError, match="haystack"):
-        needle_prompts(smol_tokenizer, [512], [50], 1, seed=7, chat=True, haystack="essay")
+    assert "pass key" in passkey.sample.prompt
+    for prompt in (noise, passkey):
+        assert smol_tokenizer.decode([prompt.ids[i] for i in prompt.value_positions]).strip() == prompt.value
+    with pytest.raises(ValueError, match="calibration task"):
+        needle_prompts(smol_tokenizer, [512], [50], 1, seed=7, chat=True, task="vt")
 
 
 def tiny_loaded() -> tuple[LoadedModel, Runner]:

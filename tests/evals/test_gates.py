@@ -117,14 +117,14 @@ def test_gate_options_refuse_presets_they_cannot_measure(tmp_path):
     model, info, runner = make_tiny("llama")
     loaded = LoadedModel(model, byte_tokenizer(), info)
     args = argparse.Namespace(gates="flexprefill", presets_dir=None, gate_lengths=[400], depths=[50], samples=1,
-                              seed=42, gate_haystacks=["book"])  # fmt: skip
+                              seed=42, gate_tasks=["niah_single_book"])  # fmt: skip
     with pytest.raises(SystemExit, match="flexprefill"):
         calibrate_cli.gates_entry(args, loaded, runner, None, tmp_path / "p.json", True)
     args.gates = "nope"
     with pytest.raises(SystemExit, match="unknown preset"):
         calibrate_cli.gates_entry(args, loaded, runner, None, tmp_path / "p.json", True)
-    args.gates, args.gate_haystacks = "hip_rh", ["book", "essay"]
-    with pytest.raises(SystemExit, match="--gate-haystacks takes book, noise; got essay"):
+    args.gates, args.gate_tasks = "hip_rh", ["niah_single_book", "vt"]
+    with pytest.raises(SystemExit, match="--gate-tasks takes .*passkey.*; got vt"):
         calibrate_cli.gates_entry(args, loaded, runner, None, tmp_path / "p.json", True)
 
 
