@@ -44,6 +44,12 @@ def add_calibrate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--depths", type=cli_args.comma_list(float), default=[10, 30, 50, 70, 90], help="needle depths, %%")
     p.add_argument("--samples", type=int, default=1, help="prompts per length and depth")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument(
+        "--raw",
+        action="store_true",
+        help="plain prompts ending in the answer prefix, as `kvmux eval` makes them (default: the chat template "
+        "when the tokenizer has one)",
+    )
     p.add_argument("--out", type=Path, default=None, help="also write the profile here")
     p.add_argument("--plot", type=Path, default=None, help="write the heat-map of the scores (PNG)")
     p.add_argument("--gates", default=None, metavar="PRESET", help="also measure HiP gate gains for this preset")
@@ -78,7 +84,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     loaded = load_model(spec)
     info, name, weights = loaded.info, model_id(spec), weights_sha256(loaded.model)
     target = profile_dirs()[0] / profile_file_name(name, weights)
-    chat = bool(getattr(loaded.tokenizer, "chat_template", None))
+    chat = uses_chat(loaded.tokenizer, args.raw)
     runner = loaded.runner(args.prefill_chunk)
     if args.gates_only:
         data = found_profile_data(info, args.gates)
@@ -106,6 +112,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         plot_profile(profile, args.plot)
         print(f"calibrate: plot written to {args.plot}")
     return 0
+
+
+def uses_chat(tokenizer, raw: bool) -> bool:
+    """Whether the calibration prompts use the chat template: when the tokenizer has one, unless --raw."""
+    return bool(getattr(tokenizer, "chat_template", None)) and not raw
 
 
 def calibrate(

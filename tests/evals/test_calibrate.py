@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -84,6 +86,14 @@ def test_calibration_resumes_from_its_per_prompt_results(tmp_path, monkeypatch):
 def test_calibrate_is_a_kvmux_subcommand():
     args = build_parser().parse_args(["calibrate", "--lengths", "1K,2K", "--out", "x.json"])
     assert args.func is calibrate_cli.cmd_calibrate and args.lengths == [1024, 2048] and args.samples == 1
+    assert not args.raw and build_parser().parse_args(["calibrate", "--raw"]).raw
+
+
+def test_prompts_use_the_chat_template_unless_raw_is_asked(smol_tokenizer):
+    assert calibrate_cli.uses_chat(smol_tokenizer, raw=False) and not calibrate_cli.uses_chat(smol_tokenizer, raw=True)
+    assert not calibrate_cli.uses_chat(SimpleNamespace(chat_template=None), raw=False)  # no template: plain prompts
+    chat, raw = (needle_prompts(smol_tokenizer, [512], [50], 1, 7, chat=c, task="passkey")[0] for c in (True, False))
+    assert chat.value == raw.value and chat.sample.prompt_sha256 != raw.sample.prompt_sha256
 
 
 @pytest.mark.model
