@@ -55,9 +55,7 @@ def text_token_indices(tokenizer, sample, text: str) -> list[int]:
     start = sample.prompt.find(text)
     if start < 0:
         raise SystemExit(f"{text!r} is not in the prompt")
-    enc = tokenizer(sample.prompt, add_special_tokens=False, return_offsets_mapping=True)
-    end = start + len(text)
-    return [i for i, (s, e) in enumerate(enc.offset_mapping) if s < end and e > start]
+    return sample.span_token_indices(tokenizer, start, start + len(text))
 
 
 def main() -> None:

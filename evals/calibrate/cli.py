@@ -61,12 +61,19 @@ def add_calibrate_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--gate-tasks",
-        type=cli_args.comma_list(str),
+        type=cli_args.comma_list(gate_task),
         default=[COPY_TASK],
         help=f"tasks of the gate prompts, comma list of {', '.join(TASKS)} (default: {COPY_TASK})",
     )
     p.set_defaults(func=cmd_calibrate)
     return p
+
+
+def gate_task(name: str) -> str:
+    """An argparse item type: a task the gate prompts can come from (ValueError otherwise)."""
+    if name not in TASKS:
+        raise ValueError(f"unknown gate task {name!r}; expected one of {', '.join(TASKS)}")
+    return name
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
@@ -202,10 +209,8 @@ def gates_entry(args, loaded, runner, profile, target: Path, chat: bool) -> dict
     lengths = [n for n in args.gate_lengths if n <= loaded.info.max_context]
     if not lengths:
         raise SystemExit(f"calibrate: no --gate-lengths fit the model's {loaded.info.max_context}-token context")
-    unknown = sorted(set(args.gate_tasks) - set(TASKS))
-    if unknown or not args.gate_tasks:
-        got = ", ".join(unknown) or "none"
-        raise SystemExit(f"calibrate: --gate-tasks takes {', '.join(TASKS)}; got {got}")
+    if not args.gate_tasks:
+        raise SystemExit(f"calibrate: --gate-tasks needs one of {', '.join(TASKS)}")
     prompts = [
         prompt
         for task in args.gate_tasks

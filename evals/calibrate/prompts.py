@@ -19,9 +19,8 @@ from kvmux.evals.tasks.niah import NIAH_TASKS
 from kvmux.evals.tasks.passkey import PASSKEY_TASKS
 
 COPY_TASK = "niah_single_book"  # the copy-score prompts; their keys carry no task name
-TASKS = {
-    t.name: t for t in (*NIAH_TASKS, *PASSKEY_TASKS) if t.name in (COPY_TASK, "niah_single", "passkey", "passkey_book")
-}
+GATE_TASKS = (COPY_TASK, "niah_single", "passkey", "passkey_book")  # single-needle tasks
+TASKS = {t.name: t for t in (*NIAH_TASKS, *PASSKEY_TASKS) if t.name in GATE_TASKS}
 MAX_NEW_TOKENS = 16  # room the samples leave for the answer
 
 
@@ -47,11 +46,7 @@ def value_positions(sample: Sample, tokenizer) -> tuple[int, ...]:
     offset = sample.prompt.rfind(value, start, end)
     if offset < 0:
         raise ValueError(f"needle value {value!r} not found in its needle")
-    enc = tokenizer(sample.prompt, add_special_tokens=False, return_offsets_mapping=True)
-    if list(enc.input_ids) != list(sample.prompt_ids):
-        raise ValueError("the prompt does not re-tokenise to the sample's ids")
-    stop = offset + len(value)
-    positions = tuple(i for i, (s, e) in enumerate(enc.offset_mapping) if s < stop and e > offset)
+    positions = tuple(sample.span_token_indices(tokenizer, offset, offset + len(value)))
     if not positions:
         raise ValueError("the needle's value has no tokens")
     return positions

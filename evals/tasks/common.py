@@ -64,10 +64,13 @@ class Sample:
 
     def needle_token_indices(self, tokenizer, needle: int = 0) -> list[int]:
         """Indices in `prompt_ids` of the tokens overlapping answer-bearing needle `needle`."""
+        return self.span_token_indices(tokenizer, *self.needle_spans[needle])
+
+    def span_token_indices(self, tokenizer, start: int, end: int) -> list[int]:
+        """Indices in `prompt_ids` of the tokens overlapping the characters [start, end) of `prompt`."""
         enc = tokenizer(self.prompt, add_special_tokens=False, return_offsets_mapping=True)
         if enc.input_ids != list(self.prompt_ids):
             raise ValueError("the prompt does not re-tokenise to the sample's ids")
-        start, end = self.needle_spans[needle]
         return [i for i, (s, e) in enumerate(enc.offset_mapping) if s < end and e > start]
 
 

@@ -10,6 +10,7 @@ import json
 import pytest
 import torch
 
+from kvmux.cli import build_parser
 from kvmux.evals.calibrate import cli as calibrate_cli
 from kvmux.evals.calibrate import gates as gates_module
 from kvmux.evals.calibrate import probe as probe_module
@@ -123,9 +124,17 @@ def test_gate_options_refuse_presets_they_cannot_measure(tmp_path):
     args.gates = "nope"
     with pytest.raises(SystemExit, match="unknown preset"):
         calibrate_cli.gates_entry(args, loaded, runner, None, tmp_path / "p.json", True)
-    args.gates, args.gate_tasks = "hip_rh", ["niah_single_book", "vt"]
-    with pytest.raises(SystemExit, match="--gate-tasks takes .*passkey.*; got vt"):
+    args.gates, args.gate_tasks = "hip_rh", []
+    with pytest.raises(SystemExit, match="--gate-tasks needs one of .*passkey"):
         calibrate_cli.gates_entry(args, loaded, runner, None, tmp_path / "p.json", True)
+
+
+def test_gate_tasks_are_checked_before_the_model_loads(capsys):
+    parsed = build_parser().parse_args(["calibrate", "--gate-tasks", "passkey,niah_single_book"])
+    assert parsed.gate_tasks == ["passkey", "niah_single_book"]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["calibrate", "--gate-tasks", "passkey,vt"])
+    assert "unknown gate task 'vt'" in capsys.readouterr().err
 
 
 def test_gates_only_adds_to_the_profile_found_for_the_weights(tmp_path):
