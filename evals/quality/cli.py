@@ -21,6 +21,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -142,7 +143,13 @@ def eval_command(args: argparse.Namespace) -> int:
     from kvmux.evals.quality.turns import cache_modes
 
     if args.report_only:
-        for path in write_report(load_results(args.out), args.out):
+        try:
+            results = load_results(args.out)
+        except FileNotFoundError:
+            raise SystemExit(f"eval: --report-only needs {args.out / 'results.json'}; run the eval first") from None
+        except json.JSONDecodeError as exc:
+            raise SystemExit(f"eval: {args.out / 'results.json'} is not JSON ({exc})") from None
+        for path in write_report(results, args.out):
             print(f"wrote {path}", file=sys.stderr)
         return 0
     overrides = sweep_overrides(args.policy_overrides)

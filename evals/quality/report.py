@@ -1,8 +1,9 @@
 """Eval report: a Markdown summary and PNG plots from `results.json`.
 
 - `summary.md`: per task, mean score (RULER's 0-100 scale; https://arxiv.org/abs/2404.06654)
-  by policy variant and length, averaged over depths and samples, with the KV share kept; the
-  stream perplexity table; every rejected cell with its reason.
+  by policy variant and length, averaged over depths and samples, with the KV share kept; for
+  right-or-wrong tasks, correct/n with its 95 % interval and a paired test against `full`
+  (`paired.py`); the stream perplexity table; every rejected cell with its reason.
 - `heatmap_<variant>.png`: score over length x depth, one panel per depth-aware task
   (the needle-in-a-haystack picture).
 - `accuracy_vs_kv.png`: mean score against the share of the full KV cache kept, one line per
@@ -22,6 +23,7 @@ from typing import Any
 
 from kvmux.evals.helpers import fmt, pyplot, save_figure
 from kvmux.evals.helpers import mean as _mean
+from kvmux.evals.quality.paired import paired_table
 from kvmux.evals.quality.results import load_results
 from kvmux.evals.quality.turns_report import is_turn_cell, turn_tables, write_turn_json
 
@@ -106,6 +108,7 @@ def markdown(data: dict[str, Any]) -> str:
     tasks = list(dict.fromkeys(c["task"] for c in cells if c["metric"] != "perplexity" and not is_turn_cell(c)))
     for task in tasks:
         lines += score_table(cells, task)
+    lines += paired_table(cells)
     lines += turn_tables(data)
     if any(c["metric"] == "perplexity" for c in cells):
         lines += ppl_table(cells)

@@ -43,3 +43,13 @@ def test_report_only_rewrites_the_report(tmp_path, capsys):
     args = _parse("--out", str(tmp_path), "--report-only")
     assert args.func(args) == 0
     assert (tmp_path / "summary.md").read_text().startswith("# kvmux eval")
+
+
+def test_report_only_without_results_says_what_is_missing(tmp_path):
+    args = _parse("--out", str(tmp_path / "none"), "--report-only")
+    with pytest.raises(SystemExit, match="needs .*results.json; run the eval first"):
+        args.func(args)
+    (tmp_path / "results.json").write_text("{oops")
+    args = _parse("--out", str(tmp_path), "--report-only")
+    with pytest.raises(SystemExit, match="is not JSON"):
+        args.func(args)
