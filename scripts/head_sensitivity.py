@@ -49,7 +49,7 @@ def top_tokens(tokenizer, alternatives: list[tuple[int, float]]) -> str:
 def head_gains(loaded, presets, sample, answer: int, preset: str) -> tuple[torch.Tensor, float, str]:
     """-dNLL/dg per (layer, head), the first answer token's NLL under the preset and its three likeliest
     first tokens."""
-    found = gate_gains(loaded.runner(), loaded.info, presets[preset], list(sample.prompt_ids), answer)
+    found = gate_gains(loaded.runner(), loaded.info, presets[preset], list(sample.prompt_ids), [answer])
     return found.gains, found.nll, top_tokens(loaded.tokenizer, [(t, math.log(p)) for t, p in found.top])
 
 

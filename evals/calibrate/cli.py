@@ -7,9 +7,9 @@ over the prompts. The profile (JSON, keyed by the model id and a hash of the wei
 cache directory, `$KVMUX_CACHE_DIR/retrieval_heads/`, where loading the same weights finds it
 (`--out` writes a copy too, e.g. into configs/retrieval_heads/ to ship it). Each prompt's result is
 appended to a `.partial.jsonl` next to it as soon as it is measured, so an interrupted run resumes
-where it stopped; `--plot` writes the heat-map. `--gates PRESET` also measures, for a HiP preset, each
+where it stopped; `--plot` writes the heat-map. `--gates PRESET` also measures, for a HiP or FlexPrefill preset, each
 head's gate gain on the prompts of `--gate-lengths` (`gates.py`: DuoAttention's head gate as one
-gradient) and stores it in the profile, for HiP's `gate_heads`; `--gate-tasks` picks the tasks of those
+gradient) and stores it in the profile, for the policy's `gate_heads`; `--gate-tasks` picks the tasks of those
 prompts (niah_single_book by default; also niah_single, passkey, passkey_book; the gains are the mean
 over all of them).
 
@@ -52,7 +52,9 @@ def add_calibrate_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--out", type=Path, default=None, help="also write the profile here")
     p.add_argument("--plot", type=Path, default=None, help="write the heat-map of the scores (PNG)")
-    p.add_argument("--gates", default=None, metavar="PRESET", help="also measure HiP gate gains for this preset")
+    p.add_argument(
+        "--gates", default=None, metavar="PRESET", help="also measure gate gains for this HiP or FlexPrefill preset"
+    )
     p.add_argument(
         "--gates-only", action="store_true", help="keep the model's profile, only add the gate gains of --gates"
     )

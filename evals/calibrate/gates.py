@@ -1,22 +1,22 @@
-"""Gate gains: how much each head's sparse attention costs a HiP preset the answer, one number per head.
+"""Gate gains: how much each head's sparse attention costs a HiP or FlexPrefill preset the answer, one number per head.
 
 DuoAttention (Xiao et al., 2024, https://arxiv.org/abs/2410.10819, §3.2) mixes every head between
 full and compressed attention, out = sparse + g · (dense − sparse), and learns the gates g by
 distillation. Here one gradient of that mix at g = 0 ranks the heads: a head's gain on a prompt is
-−dNLL/dg, the first-order drop of the first answer token's loss if that head attended densely. The
-answer token is the one dense attention generates first, on prompts it answers right.
+−dNLL/dg, the first-order drop of the answer's loss if that head attended densely. The answer is the
+one dense attention generates, on prompts it answers right (its tokens up to the needle's value).
 `kvmux calibrate --gates PRESET` averages the gains over the calibration prompts and stores them in
-the model's profile under the policy's name; HiP's `gate_heads` N then makes the N heads of largest
-gain dense besides its `retrieval_heads` (`kvmux.policies.retrieval_heads`).
+the model's profile under the policy's name; the policy's `gate_heads` N then makes the N heads of
+largest gain dense besides its `retrieval_heads` (`kvmux.policies.retrieval_heads`).
 
 Deviations from DuoAttention: one gradient step on a handful of prompts instead of training the
 gates; the compressed attention is the preset's HiP, not a streaming window; and the gains belong to
 the preset they were measured with (its retrieval heads, already dense, gain nothing). The prompt is
 prefilled without gradients and only its last rows (at least `TAIL`, the prefix a whole number of
 query blocks) run with the gates, so a gain is for those rows; HiP's block search runs without
-gradients, since a choice of blocks has none. Only the first answer token is scored: teacher-forcing
+gradients, since a choice of blocks has none. HiP scores only the first answer token: teacher-forcing
 more tokens in the same forward would change the prompt's last query block and with it the keys HiP
-selects.
+selects. FlexPrefill scores every answer token and replays its one-pass cells (`gates_flexprefill.py`).
 """
 
 from __future__ import annotations
@@ -34,15 +34,19 @@ from kvmux.policies.base import PolicySession, SessionRequest
 from kvmux.policies.dense import dense_attention
 from kvmux.policies.presets import Preset
 
-METHOD = "DuoAttention gate gradient at g = 0 (arXiv 2410.10819): -dNLL/dg of dense attention's first answer token"
-TAIL = 96  # rows run with the gates (at least): the question and the answer prefix
-GATED_POLICIES = ("hip",)
+METHODS = {
+    "hip": "DuoAttention gate gradient at g = 0 (arXiv 2410.10819): -dNLL/dg of dense attention's first answer token",
+    "flexprefill": "DuoAttention gate gradient at g = 0 (arXiv 2410.10819): -dNLL/dg of dense attention's answer "
+    "tokens (teacher-forced, dense decode), FlexPrefill's one-pass cells replayed",
+}
+TAIL = 96  # HiP: rows run with the gates (at least): the question and the answer prefix
+GATED_POLICIES = tuple(METHODS)
 
 
 @dataclass
 class GateGains:
     gains: torch.Tensor  # fp32 [layers, Hq]: -dNLL/dg per head
-    nll: float  # the answer token's NLL under the preset
+    nll: float  # the scored answer tokens' NLL under the preset
     top: list[tuple[int, float]]  # the preset's three likeliest first tokens (id, probability)
 
 
@@ -97,15 +101,34 @@ def gated_log_probs(runner: Runner, info: ModelInfo, preset: Preset, ids: list[i
     return logits.float().log_softmax(-1)
 
 
-def gate_gains(runner: Runner, info: ModelInfo, preset: Preset, ids: list[int], answer: int) -> GateGains:
-    """The gain of every head for the first answer token `answer` after the prompt `ids`."""
-    gates = torch.zeros(info.num_layers, info.num_heads, device=info.device, requires_grad=True)
+def answer_nll(runner: Runner, info: ModelInfo, preset: Preset, ids: list[int], answer: list[int], gates):
+    """(the scored NLL, the first answer token's log-probabilities [vocab]) under the gated preset: HiP's
+    first answer token, FlexPrefill's every answer token."""
+    check_gated(preset)
+    if preset.policy.name == "flexprefill":
+        from kvmux.evals.calibrate.gates_flexprefill import flexprefill_answer_nll
+
+        return flexprefill_answer_nll(runner, info, preset, ids, answer, gates)
     log_probs = gated_log_probs(runner, info, preset, ids, gates)
-    nll = -log_probs[answer]
+    return -log_probs[answer[0]], log_probs
+
+
+def gate_gains(runner: Runner, info: ModelInfo, preset: Preset, ids: list[int], answer: list[int]) -> GateGains:
+    """The gain of every head for the answer tokens `answer` after the prompt `ids`."""
+    gates = torch.zeros(info.num_layers, info.num_heads, device=info.device, requires_grad=True)
+    nll, log_probs = answer_nll(runner, info, preset, ids, answer, gates)
     (grad,) = torch.autograd.grad(nll, gates)  # the gates' gradient only: no weight gradients computed or kept
     best = torch.topk(log_probs.detach(), 3)
     top = [(int(t), float(p.exp())) for t, p in zip(best.indices, best.values, strict=True)]
     return GateGains(-grad.float().cpu(), float(nll.detach()), top)
+
+
+def answer_tokens(tokenizer, generated: list[int], value: str) -> list[int] | None:
+    """The generated tokens up to the one that completes `value` (None when they never contain it)."""
+    for count in range(1, len(generated) + 1):
+        if value in tokenizer.decode(generated[:count]):
+            return generated[:count]
+    return None
 
 
 def top_gains(gains: torch.Tensor, count: int) -> list[tuple[int, int, float]]:
@@ -135,15 +158,16 @@ def measure_gates(loaded, runner: Runner, info: ModelInfo, preset: Preset, promp
         for prompt in bar:
             start = time.perf_counter()
             dense = probe_prompt(runner, info, prompt.ids, prompt.value_positions)
+            answer = answer_tokens(loaded.tokenizer, dense.generated, prompt.value)
             record = {
                 "key": prompt.key,
                 "prompt_sha256": prompt.sample.prompt_sha256,
                 "params": params,
-                "correct": prompt.value in loaded.tokenizer.decode(dense.generated),
-                "answer_token": dense.generated[0],
+                "correct": answer is not None,
+                "answer_tokens": answer or dense.generated,
             }
-            if record["correct"]:
-                found = gate_gains(runner, info, preset, prompt.ids, dense.generated[0])
+            if answer is not None:
+                found = gate_gains(runner, info, preset, prompt.ids, answer)
                 record["nll"] = round(found.nll, 4)
                 record["gains"] = [[round(x, 5) for x in row] for row in found.gains.tolist()]
             record["seconds"] = round(time.perf_counter() - start, 2)
@@ -156,7 +180,7 @@ def measure_gates(loaded, runner: Runner, info: ModelInfo, preset: Preset, promp
         raise ValueError("gate gains: dense attention answered none of the calibration prompts")
     mean = torch.stack(used).mean(0)
     return {
-        "method": METHOD,
+        "method": METHODS[preset.policy.name],
         "preset": preset.name,
         "params": params,
         "prompts": len(used),

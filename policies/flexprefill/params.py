@@ -44,3 +44,10 @@ class FlexPrefillParams(PolicyParams):
     retrieval_heads: int = Field(
         0, ge=0, le=4096, description="the N best heads of the model's retrieval-head profile keep every causal cell"
     )
+    gate_heads: int = Field(
+        0,
+        ge=0,
+        le=4096,
+        description="besides the retrieval heads, the N heads of largest FlexPrefill gate gain in the profile "
+        "(kvmux calibrate --gates) keep every causal cell",
+    )

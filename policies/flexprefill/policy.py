@@ -53,6 +53,8 @@ Deviations from the reference code:
 - Retrieval heads (`retrieval_heads` N, off by default; not in the paper): the N best heads of the
   model's retrieval-head profile (`kvmux.policies.retrieval_heads`) keep every causal cell of the
   prefill, as DuoAttention keeps its retrieval heads whole; the other heads select as above.
+  `gate_heads` N (off by default) adds the N other heads of largest FlexPrefill gate gain in the
+  profile (`kvmux calibrate --gates`, DuoAttention's head gate as one gradient step).
 
 Measurements: docs/results/flexprefill.md.
 """
@@ -69,7 +71,7 @@ from kvmux.policies.flexprefill.params import FlexPrefillParams
 from kvmux.policies.flexprefill.patterns import select_blocks
 from kvmux.policies.prefix import PrefixReuse
 from kvmux.policies.registry import register
-from kvmux.policies.retrieval_heads import heads_per_layer, retrieval_head_mask
+from kvmux.policies.retrieval_heads import dense_head_mask, heads_per_layer
 from kvmux.policies.sparse.attention import block_sparse_attention
 from kvmux.policies.sparse.grid import causal_blocks, normalize_blocks, num_blocks
 
@@ -86,8 +88,8 @@ class FlexPrefillSession(PolicySession):
         self.query_aware_heads = 0
         self.heads_seen = 0
         self.prefill_forwards = 0
-        mask = retrieval_head_mask(self.info, self.params.retrieval_heads, "flexprefill")
-        self.dense_heads = heads_per_layer(mask, self.info.num_layers)  # per layer: retrieval heads kept dense
+        mask = dense_head_mask(self.info, self.params.retrieval_heads, self.params.gate_heads, "flexprefill")
+        self.dense_heads = heads_per_layer(mask, self.info.num_layers)  # per layer: retrieval/gate heads kept dense
 
     def prefill_chunk_tokens(self, runner) -> int:
         return self.params.prefill_chunk or self.params.max_single_pass_tokens
@@ -123,19 +125,24 @@ class FlexPrefillSession(PolicySession):
             self.kept_cells += cells
             self.causal_cells += cells
             return dense_attention(call)
-        sel = select_blocks(call.query[0], call.key[0], call.scaling, self.params)
-        heads = self.dense_heads[call.layer_idx]
-        if heads is not None:
-            sel.blocks[heads] = True  # every causal cell (the rest are dropped below)
-        blocks = normalize_blocks(sel.blocks[None], 1, hq, tq, tk, self.params.block_size)
+        blocks = self.select(call)
         self.sparse_calls += 1
         self.kept_cells += int(blocks.sum())
         self.causal_cells += int(causal_blocks(tq, tk, self.params.block_size).sum()) * hq
-        self.query_aware_heads += int(sel.query_aware.sum())
         self.heads_seen += hq
         return block_sparse_attention(
             call.query, call.key, call.value, blocks, self.params.block_size, call.scaling, self.params.backend
         )
+
+    def select(self, call: AttentionCall) -> torch.Tensor:
+        """The cells of one sparse prefill call: bool [1, Hq, nqb, nkb] on the absolute grid (diagonal added)."""
+        hq, tq, tk = call.query.shape[1], call.query.shape[2], call.key.shape[2]
+        sel = select_blocks(call.query[0], call.key[0], call.scaling, self.params)
+        heads = self.dense_heads[call.layer_idx]
+        if heads is not None:
+            sel.blocks[heads] = True  # every causal cell (the rest are dropped below)
+        self.query_aware_heads += int(sel.query_aware.sum())
+        return normalize_blocks(sel.blocks[None], 1, hq, tq, tk, self.params.block_size)
 
     def stats(self):
         stats = super().stats()
@@ -158,7 +165,7 @@ class FlexPrefillPolicy(Policy):
     summary = "per-head adaptive block-sparse prefill (vertical-slash / query-aware), dense decode"
 
     def check_prompt(self, params, info, request, prompt_ids) -> None:
-        retrieval_head_mask(info, params.retrieval_heads, self.name)  # a profile exists when heads are asked for
+        dense_head_mask(info, params.retrieval_heads, params.gate_heads, self.name)  # the profile has what is asked
 
     def prefix_reuse(self, params, info, chunk: int) -> PrefixReuse:
         # every token's K/V is kept, but the sparse pattern of a forward is estimated from its last query

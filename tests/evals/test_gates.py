@@ -39,7 +39,7 @@ def prompt_ids(length: int = 300) -> list[int]:
 def test_the_gain_is_the_first_order_drop_of_the_answers_loss(tiny_llama):
     model, info, runner = tiny_llama
     preset, ids = hip_preset(), prompt_ids()
-    found = gate_gains(runner, info, preset, ids, answer=7)
+    found = gate_gains(runner, info, preset, ids, answer=[7])
     assert all(p.grad is None for p in model.parameters())  # only the gates' gradient is computed
     assert found.gains.shape == (info.num_layers, info.num_heads) and found.gains.abs().sum() > 0
     layer, head, _ = top_gains(found.gains.abs(), 1)[0]
@@ -71,16 +71,16 @@ def test_dense_layers_and_retrieval_heads_gain_nothing(tiny_llama):
     scores[1][2] = 1.0
     info_rh = dataclasses.replace(info, retrieval_heads=RetrievalProfile("tiny", "0" * 64, tuple(map(tuple, scores))))
     preset = hip_preset(dense_layers=1, retrieval_heads=1)
-    gains = gate_gains(runner, info_rh, preset, prompt_ids(), answer=3).gains
+    gains = gate_gains(runner, info_rh, preset, prompt_ids(), answer=[3]).gains
     assert gains[0].abs().sum() == 0 and gains[1, 2] == 0  # already dense: nothing to gain
     assert gains[1].abs().sum() > 0
 
 
-def test_only_hip_presets_are_gated(tiny_llama):
+def test_only_hip_and_flexprefill_presets_are_gated(tiny_llama):
     _, info, runner = tiny_llama
-    flex = get_policy("flexprefill")
-    with pytest.raises(ValueError, match="hip"):
-        gate_gains(runner, info, Preset("fp", flex, flex.Params()), prompt_ids(), answer=1)
+    window = get_policy("streaming_llm")
+    with pytest.raises(ValueError, match="hip, flexprefill"):
+        gate_gains(runner, info, Preset("sw", window, window.Params()), prompt_ids(), answer=[1])
 
 
 def test_gate_measurement_skips_wrong_dense_answers_and_resumes(tmp_path, monkeypatch):
@@ -117,9 +117,9 @@ def test_gate_measurement_skips_wrong_dense_answers_and_resumes(tmp_path, monkey
 def test_gate_options_refuse_presets_they_cannot_measure(tmp_path):
     model, info, runner = make_tiny("llama")
     loaded = LoadedModel(model, byte_tokenizer(), info)
-    args = argparse.Namespace(gates="flexprefill", presets_dir=None, gate_lengths=[400], depths=[50], samples=1,
+    args = argparse.Namespace(gates="streaming_llm", presets_dir=None, gate_lengths=[400], depths=[50], samples=1,
                               seed=42, gate_tasks=["niah_single_book"])  # fmt: skip
-    with pytest.raises(SystemExit, match="flexprefill"):
+    with pytest.raises(SystemExit, match="streaming_llm"):
         calibrate_cli.gates_entry(args, loaded, runner, None, tmp_path / "p.json", True)
     args.gates = "nope"
     with pytest.raises(SystemExit, match="unknown preset"):

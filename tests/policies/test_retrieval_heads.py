@@ -71,26 +71,33 @@ def test_dense_retrieval_heads_raise_hips_density_but_not_its_sparse_bound(tiny_
     assert rh_stats.extra["hip_max_keys_per_query"] == plain_stats.extra["hip_max_keys_per_query"] == 26
 
 
-def test_hip_gate_heads_add_the_best_gate_gains_besides_the_retrieval_heads(tiny_llama):
+@pytest.mark.parametrize(("policy", "params"), [("hip", HIP), ("flexprefill", FLEX)])
+def test_gate_heads_add_the_best_gate_gains_besides_the_retrieval_heads(tiny_llama, policy, params):
     _, info, _ = tiny_llama
     call = prefill_call(info)  # layer 1
     profiled = with_profile(info, [(1, 2), (0, 1)])
     gains = [[0.0] * info.num_heads for _ in range(info.num_layers)]
     gains[1] = [0.1, 0.0, 0.9, 0.5]  # head 2, the best gain, is already a retrieval head
     gains[0][3] = 0.3
-    profile = dataclasses.replace(profiled.retrieval_heads, gates={"hip": tuple(map(tuple, gains))})
+    other = "flexprefill" if policy == "hip" else "hip"
+    profile = dataclasses.replace(profiled.retrieval_heads, gates={policy: tuple(map(tuple, gains)), other: ()})
     gated = dataclasses.replace(info, retrieval_heads=profile)
-    assert dense_heads(new_session("hip", gated, retrieval_heads=1, gate_heads=1, **HIP), call) == {2, 3}
-    assert dense_heads(new_session("hip", gated, retrieval_heads=1, gate_heads=3, **HIP), call) == {2, 3, 0}
-    assert dense_heads(new_session("hip", gated, gate_heads=1, **HIP), call) == {2}  # no retrieval heads
+    assert dense_heads(new_session(policy, gated, retrieval_heads=1, gate_heads=1, **params), call) == {2, 3}
+    assert dense_heads(new_session(policy, gated, retrieval_heads=1, gate_heads=3, **params), call) == {2, 3, 0}
+    assert dense_heads(new_session(policy, gated, gate_heads=1, **params), call) == {2}  # no retrieval heads
     with pytest.raises(PolicyInputError, match="calibrate --gates") as error:
-        new_session("hip", profiled, retrieval_heads=1, gate_heads=1, **HIP)  # a profile without HiP gains
+        new_session(policy, profiled, retrieval_heads=1, gate_heads=1, **params)  # a profile without its gains
     assert error.value.param == "kv_policy.gate_heads"
+    only_other = dataclasses.replace(
+        info, retrieval_heads=dataclasses.replace(profile, gates={other: profile.gates[policy]})
+    )
+    with pytest.raises(PolicyInputError, match=f"{policy} gate gains"):
+        new_session(policy, only_other, retrieval_heads=1, gate_heads=1, **params)  # another policy's gains
     with pytest.raises(PolicyInputError, match="exceed"):
-        new_session("hip", gated, retrieval_heads=2, gate_heads=7, **HIP)
-    hip = get_policy("hip")
+        new_session(policy, gated, retrieval_heads=2, gate_heads=7, **params)
+    sparse = get_policy(policy)
     with pytest.raises(PolicyInputError, match="gate_heads"):
-        hip.check_prompt(hip.Params(gate_heads=2), info, SessionRequest(), [1, 2, 3])
+        sparse.check_prompt(sparse.Params(gate_heads=2), info, SessionRequest(), [1, 2, 3])
 
 
 @pytest.mark.parametrize(
