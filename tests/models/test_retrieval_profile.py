@@ -7,8 +7,10 @@ import json
 import pytest
 import torch
 
+from kvmux.cli_args import default_presets_dir
 from kvmux.models import retrieval_profile as rp
 from kvmux.models.retrieval_profile import RetrievalProfile, find_profile, weights_sha256, write_profile
+from kvmux.policies.presets import load_presets
 from tests.tiny_models import make_tiny
 
 
@@ -74,3 +76,5 @@ def test_the_embedded_model_has_a_shipped_profile(smollm, tmp_path, monkeypatch)
     assert shipped is not None and shipped.source.endswith("configs/retrieval_heads/SmolLM2-135M-Instruct.json")
     data = json.loads((rp.SHIPPED_PROFILES / "SmolLM2-135M-Instruct.json").read_text())
     assert data["prompts"] >= 20 and len(set(data["lengths"])) >= 3 and len(set(data["depths"])) >= 3
+    gated = {p.policy.name for p in load_presets(default_presets_dir()).values() if getattr(p.params, "gate_heads", 0)}
+    assert gated == {"hip", "flexprefill"} and gated <= set(shipped.gates)  # every gated preset runs out of the box
