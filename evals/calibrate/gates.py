@@ -28,10 +28,10 @@ from pathlib import Path
 
 import torch
 
+from kvmux.evals.calibrate.gate_mix import gate_session
 from kvmux.models.info import ModelInfo
 from kvmux.models.runner import Runner
 from kvmux.policies.base import PolicySession, SessionRequest
-from kvmux.policies.dense import dense_attention
 from kvmux.policies.presets import Preset
 
 METHODS = {
@@ -56,24 +56,6 @@ def check_gated(preset: Preset) -> None:
         raise ValueError(
             f"gate gains are measured for {', '.join(GATED_POLICIES)} presets; {preset.name} runs {preset.policy.name}"
         )
-
-
-def gate_session(session: PolicySession, gates: torch.Tensor) -> None:
-    """Mix the session's attention toward dense by `gates` [layers, Hq] whenever autograd is on, and run
-    its block search without autograd (set on this session only)."""
-    attention, select = session.attention, session.select
-
-    def gated(call):
-        out = attention(call)
-        if not torch.is_grad_enabled():
-            return out
-        return out + gates[call.layer_idx].view(1, 1, -1, 1) * (dense_attention(call) - out)
-
-    def search(*args, **kwargs):
-        with torch.no_grad():
-            return select(*args, **kwargs)
-
-    session.attention, session.select = gated, search
 
 
 def forward_last(runner: Runner, session: PolicySession, ids: torch.Tensor) -> torch.Tensor:

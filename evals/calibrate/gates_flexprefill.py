@@ -6,7 +6,7 @@ be split into a prefix and gated last rows that select their own cells. Here a f
 gradients, prefills the prompt in one forward, as FlexPrefill serves it, and records every layer's
 cells. A second session prefills the prompt's first rows (a whole number of blocks) and then its last
 rows (at least `TAIL_BLOCKS` blocks) with those recorded cells, the last rows under the gates
-(`gates.gate_session`); at g = 0 that reproduces the one-pass attention. The gated rows attend through
+(`gate_mix.gate_session`); at g = 0 that reproduces the one-pass attention. The gated rows attend through
 a token-level mask of their cells (differentiable; the block-sparse back-ends are not). FlexPrefill
 decodes densely, so the answer's later tokens are teacher-forced in one dense forward after the prompt
 and the loss is the NLL of every answer token: its misses are often a later digit of the answer.
@@ -20,6 +20,7 @@ from contextlib import contextmanager
 import torch
 from transformers.cache_utils import DynamicCache
 
+from kvmux.evals.calibrate.gate_mix import gate_session
 from kvmux.models.info import ModelInfo
 from kvmux.models.runner import Runner
 from kvmux.policies.attention_call import AttentionCall
@@ -107,8 +108,6 @@ def flexprefill_answer_nll(
     """(NLL of the answer tokens after `ids`, log-probabilities [vocab] of the first) under the FlexPrefill
     preset with its heads mixed toward dense by `gates` [layers, Hq] in the prompt's last rows and the
     answer's rows (differentiable in `gates`)."""
-    from kvmux.evals.calibrate.gates import gate_session
-
     params = preset.params
     if params.prefill_chunk or len(ids) > params.max_single_pass_tokens:
         raise ValueError(
