@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from kvmux.evals.calibrate.gate_mix import gate_session
+from kvmux.evals.calibrate.gates_flexprefill import flexprefill_answer_nll
 from kvmux.models.info import ModelInfo
 from kvmux.models.runner import Runner
 from kvmux.policies.base import PolicySession, SessionRequest
@@ -88,8 +89,6 @@ def answer_nll(runner: Runner, info: ModelInfo, preset: Preset, ids: list[int], 
     first answer token, FlexPrefill's every answer token."""
     check_gated(preset)
     if preset.policy.name == "flexprefill":
-        from kvmux.evals.calibrate.gates_flexprefill import flexprefill_answer_nll
-
         return flexprefill_answer_nll(runner, info, preset, ids, answer, gates)
     log_probs = gated_log_probs(runner, info, preset, ids, gates)
     return -log_probs[answer[0]], log_probs

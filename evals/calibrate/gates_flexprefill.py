@@ -25,7 +25,7 @@ from kvmux.models.info import ModelInfo
 from kvmux.models.runner import Runner
 from kvmux.policies.attention_call import AttentionCall
 from kvmux.policies.base import PolicySession, SessionRequest
-from kvmux.policies.dense import repeat_kv
+from kvmux.policies.dense import causal_mask, sdpa
 from kvmux.policies.presets import Preset
 from kvmux.policies.sparse.grid import first_query_block, num_blocks, query_blocks
 
@@ -69,36 +69,29 @@ def record_cells(runner: Runner, info: ModelInfo, preset: Preset, ids: list[int]
 
 def token_mask(blocks: torch.Tensor, num_queries: int, num_keys: int, block_size: int) -> torch.Tensor:
     """bool [1, H, Tq, Tk] of a grid's cells [1, H, nqb, nkb], causal inside them."""
-    device = blocks.device
-    q_pos = torch.arange(num_keys - num_queries, num_keys, device=device)
-    k_pos = torch.arange(num_keys, device=device)
-    rows = q_pos // block_size - first_query_block(num_queries, num_keys, block_size)
-    allowed = blocks[:, :, rows][:, :, :, k_pos // block_size]
-    return allowed & (k_pos[None, :] <= q_pos[:, None])
+    causal = causal_mask(num_queries, num_keys, blocks.device)
+    rows = torch.arange(num_keys - num_queries, num_keys, device=blocks.device) // block_size
+    rows = rows - first_query_block(num_queries, num_keys, block_size)
+    cols = torch.arange(num_keys, device=blocks.device) // block_size
+    return blocks[:, :, rows][:, :, :, cols] & causal
 
 
 def replay(session: PolicySession, cells: dict[int, torch.Tensor]) -> None:
     """Make the session use the recorded cells, and attend through their token mask while autograd is on."""
-    bs, attention = session.params.block_size, session.attention
+    bs, sparse = session.params.block_size, session.sparse_attention
 
     def recorded(call: AttentionCall) -> torch.Tensor:
         tq, tk = call.query.shape[2], call.key.shape[2]
         first = first_query_block(tq, tk, bs)
         return cells[call.layer_idx][:, :, first : first + query_blocks(tq, tk, bs), : num_blocks(tk, bs)]
 
-    def masked(call: AttentionCall) -> torch.Tensor:
-        tq, tk = call.query.shape[2], call.key.shape[2]
-        if not torch.is_grad_enabled() or call.is_decode or tq <= bs < tk:  # FlexPrefill's dense calls
-            return attention(call)
-        mask = token_mask(recorded(call), tq, tk, bs)
-        groups = call.num_kv_groups
-        key, value = repeat_kv(call.key, groups), repeat_kv(call.value, groups)
-        out = torch.nn.functional.scaled_dot_product_attention(
-            call.query, key, value, attn_mask=mask, scale=call.scaling
-        )
-        return out.transpose(1, 2)
+    def masked(call: AttentionCall, blocks: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            return sparse(call, blocks)
+        mask = token_mask(blocks, call.query.shape[2], call.key.shape[2], bs)
+        return sdpa(call.query, call.key, call.value, mask, call.scaling)
 
-    session.select, session.attention = recorded, masked
+    session.select, session.sparse_attention = recorded, masked
     session.is_short = lambda num_keys: not cells  # the rows split as the one pass was: all sparse or all dense
 
 

@@ -130,9 +130,7 @@ class FlexPrefillSession(PolicySession):
         self.kept_cells += int(blocks.sum())
         self.causal_cells += int(causal_blocks(tq, tk, self.params.block_size).sum()) * hq
         self.heads_seen += hq
-        return block_sparse_attention(
-            call.query, call.key, call.value, blocks, self.params.block_size, call.scaling, self.params.backend
-        )
+        return self.sparse_attention(call, blocks)
 
     def select(self, call: AttentionCall) -> torch.Tensor:
         """The cells of one sparse prefill call: bool [1, Hq, nqb, nkb] on the absolute grid (diagonal added)."""
@@ -143,6 +141,11 @@ class FlexPrefillSession(PolicySession):
             sel.blocks[heads] = True  # every causal cell (the rest are dropped below)
         self.query_aware_heads += int(sel.query_aware.sum())
         return normalize_blocks(sel.blocks[None], 1, hq, tq, tk, self.params.block_size)
+
+    def sparse_attention(self, call: AttentionCall, blocks: torch.Tensor) -> torch.Tensor:
+        """Exact attention over the selected cells, through the shared block-sparse layer."""
+        p = self.params
+        return block_sparse_attention(call.query, call.key, call.value, blocks, p.block_size, call.scaling, p.backend)
 
     def stats(self):
         stats = super().stats()
