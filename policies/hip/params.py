@@ -13,6 +13,7 @@ from kvmux.policies.base import PolicyParams
 from kvmux.policies.hip.search import ScoreMode
 
 Kernel = Literal["auto", "fast", "reference", "triton"]
+Search = Literal["hierarchical", "exact"]
 ResolvedKernel = Literal["fast", "reference", "triton"]
 
 
@@ -32,6 +33,11 @@ class HipParams(PolicyParams):
     dense_layers: int = Field(3, ge=0, le=1024, description="l_d: first layers kept dense (paper: 3; at most 1024)")
     refresh_interval: int = Field(
         8, ge=1, le=1024, description="r_m: decode steps between searches (paper: 8; at most 1024)"
+    )
+    search: Search = Field(
+        "hierarchical",
+        description="hierarchical: the paper's branch-and-prune search; exact: the top mask_k / block_size_k key "
+        "blocks by the same block score (quadratic scoring, not the paper's method)",
     )
     score_mode: ScoreMode = Field("auto", description="branch scoring: gathered representatives or a score table")
     kernel: Kernel = Field("auto", description="implementation: auto, fast, reference or triton (see module doc)")

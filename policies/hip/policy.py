@@ -42,6 +42,10 @@ Deviations from the paper / reference code:
   representatives each round; it selects the same blocks. The Triton search needs K_b = k / b_k
   to be a power of two >= 16 (the default 256 is); other K_b search in PyTorch. flex_attention
   is not used: its block masks are too coarse for b_k = 2.
+- `search=exact` (off by default; not the paper's method) replaces the branch-and-prune search by
+  the exact top `k / b_k` key blocks under the same block score (`exact_search.py`): what the search
+  approximates, at a scoring cost quadratic in the context. It keeps a needle that the search's
+  center representatives miss when the keys around it all look alike (repeated filler).
 - One request per session: a padding mask handed in by transformers is not applied on the sparse
   path (the causal structure is rebuilt from positions, aligned bottom-right).
 - Retrieval heads (`retrieval_heads` N, off by default; not in the paper): the N best heads of the
@@ -71,6 +75,7 @@ from kvmux.policies.base import FP32_BYTES, AttentionCall, Policy, PolicyInputEr
 from kvmux.policies.dense import dense_attention
 from kvmux.policies.hip.accounting import AttendedKeys, causal_keys
 from kvmux.policies.hip.decode_keys import GatheredSelection, decode_attention, gather_selection
+from kvmux.policies.hip.exact_search import exact_search
 from kvmux.policies.hip.params import HipParams, Kernel, ResolvedKernel
 from kvmux.policies.hip.search import choose_score_mode, hip_search, search_row
 from kvmux.policies.prefix import PrefixReuse
@@ -160,11 +165,15 @@ class HipSession(PolicySession):
     def select(
         self, call: AttentionCall, geo: SparseGeometry, block_stride: int, kernel: ResolvedKernel = "fast"
     ) -> KeyBlockSelection:
-        """Run the branch-and-prune search for every query block of the call (`kernel` as resolved)."""
+        """Key blocks for every query block of the call: the search, or the exact top blocks (`kernel` as resolved)."""
         p = self.params
         groups = p.mask_k // p.block_size_k
         sel = None
-        if kernel == "triton" and triton_kernels().usable_groups(groups):
+        if p.search == "exact":
+            sel = exact_search(
+                geo.query_blocks(call.query), call.key, geo.lo, geo.hi, groups, p.block_size_k, block_stride
+            )
+        elif kernel == "triton" and triton_kernels().usable_groups(groups):
             sel = self._try_triton(lambda: triton_kernels().search(call.query, call.key, geo, groups, block_stride))
         if sel is None:
             sel = hip_search(
@@ -293,7 +302,7 @@ class HipSession(PolicySession):
         groups = p.mask_k // p.block_size_k
         lo, hi = last_query_candidates(call.key.shape[2], p.block_size_k, p.sink_tokens, p.window, lookahead)
         mode = choose_score_mode(p.score_mode, hi - lo, groups, call.key.device.type)
-        if kernel != "fast" or mode != "table":
+        if kernel != "fast" or mode != "table" or p.search == "exact":
             return self.select(call, self._geometry(call, 1, lookahead=lookahead), 1, kernel)
         sel = search_row(call.query, call.key, lo, hi, groups, p.block_size_k)
         self.searches += 1
