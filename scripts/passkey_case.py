@@ -67,12 +67,15 @@ def override_per_layer(session_class: type, field: str, values: dict[int, Any]) 
 
 
 def generate(loaded: LoadedModel, sample: Sample, policy: dict, prefill_chunk: int = ONE_PASS):
-    """Twelve greedy tokens for the sample's prompt under `policy` (a kv_policy object); prints the verdict."""
+    """Greedy tokens for the sample's prompt under `policy` (a kv_policy object), as many as `kvmux eval`
+    generates for it; prints the verdict."""
     engine = Engine(
         loaded, load_presets(default_presets_dir()), default_preset="full", prefill_chunk_tokens=prefill_chunk
     )
     result = engine.generate(
-        prompt=list(sample.prompt_ids), sampling=SamplingParams(max_tokens=12, temperature=0.0), kv_policy=policy
+        prompt=list(sample.prompt_ids),
+        sampling=SamplingParams(max_tokens=sample.max_new_tokens, temperature=0.0),
+        kv_policy=policy,
     )
     print(f"answer {result.text!r} ({'correct' if sample.answers[0] in result.text else 'wrong'})")
     return result
