@@ -52,8 +52,8 @@ def main() -> None:
             heads = [h for h in range(call.query.shape[1]) if h not in dense]
             found, best = last_block_sets(sel, heads), last_block_sets(exact, heads)
             recall = sum(len(a & b) / max(len(b), 1) for a, b in zip(found, best, strict=True)) / max(len(heads), 1)
-            cov_h = [covered_per_head(sel, p.block_size_k, needle)[h] for h in heads]
-            cov_e = [covered_per_head(exact, p.block_size_k, needle)[h] for h in heads]
+            searched, best_cov = (covered_per_head(s, p.block_size_k, needle) for s in (sel, exact))
+            cov_h, cov_e = [searched[h] for h in heads], [best_cov[h] for h in heads]
             lost = sum(e > 0 and c == 0 for c, e in zip(cov_h, cov_e, strict=True))
             rows.append((call.layer_idx, recall, sum(cov_h) / len(heads), sum(cov_e) / len(heads), lost))
         return sel

@@ -36,9 +36,7 @@ def top_blocks(table: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, num_grou
         pad = (*blocks.shape[:-1], num_groups - take)
         blocks = torch.cat([blocks, blocks.new_zeros(pad)], dim=-1)
         valid = torch.cat([valid, valid.new_zeros(pad)], dim=-1)
-    blocks = torch.where(valid, blocks, torch.zeros_like(blocks))
-    order = torch.where(valid, blocks, torch.full_like(blocks, torch.iinfo(torch.int64).max)).argsort(dim=-1)
-    return KeyBlockSelection(blocks=blocks.gather(-1, order), valid=valid.gather(-1, order), rounds=0)
+    return KeyBlockSelection.from_unordered(blocks, valid)
 
 
 def exact_search(

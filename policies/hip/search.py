@@ -202,10 +202,7 @@ def _search_slice(
         keep = scores.topk(num_groups, dim=-1, sorted=False).indices  # the set matters, not its order
         starts, sizes = cand_start.gather(-1, keep), cand_size.gather(-1, keep)
         rounds += 1
-    valid = sizes == 1
-    blocks = torch.where(valid, starts, torch.zeros_like(starts))
-    order = torch.where(valid, blocks, torch.full_like(blocks, torch.iinfo(torch.int64).max)).argsort(dim=-1)
-    return KeyBlockSelection(blocks=blocks.gather(-1, order), valid=valid.gather(-1, order), rounds=rounds)
+    return KeyBlockSelection.from_unordered(starts, sizes == 1, rounds)
 
 
 def search_row(

@@ -198,7 +198,4 @@ def search(
     )  # fmt: skip
     out = out.view(b, hq, nqb, 2, num_groups).long()
     starts, sizes = out[..., 0, :], out[..., 1, :]
-    valid = sizes == 1
-    blocks = torch.where(valid, starts, torch.zeros_like(starts))
-    order = torch.where(valid, blocks, torch.full_like(blocks, torch.iinfo(torch.int64).max)).argsort(dim=-1)
-    return KeyBlockSelection(blocks=blocks.gather(-1, order), valid=valid.gather(-1, order), rounds=rounds)
+    return KeyBlockSelection.from_unordered(starts, sizes == 1, rounds)

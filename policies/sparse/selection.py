@@ -39,6 +39,13 @@ class KeyBlockSelection:
     valid: torch.Tensor  # bool [B, Hq, nQB, K]; False where an entry is padding (valid ids of a row are distinct)
     rounds: int = 0  # search rounds that produced it (HiP's branch-and-prune; 0 otherwise)
 
+    @classmethod
+    def from_unordered(cls, blocks: torch.Tensor, valid: torch.Tensor, rounds: int = 0) -> KeyBlockSelection:
+        """A selection from ids and validity in any order: valid ids ascending, then the padding (id 0)."""
+        blocks = torch.where(valid, blocks, torch.zeros_like(blocks))
+        order = torch.where(valid, blocks, torch.full_like(blocks, torch.iinfo(torch.int64).max)).argsort(dim=-1)
+        return cls(blocks=blocks.gather(-1, order), valid=valid.gather(-1, order), rounds=rounds)
+
 
 def last_query_candidates(num_keys: int, block_k: int, sinks: int, window: int, lookahead: int) -> tuple[int, int]:
     """The candidate key blocks [lo, hi) of the query at position num_keys - 1, on the host: what
