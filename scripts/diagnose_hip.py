@@ -11,6 +11,8 @@ miss from a miss in reading what was selected.
     python scripts/diagnose_hip.py --length 4096 --depth 90 --overrides '{"mask_k": 2048}'
     python scripts/diagnose_hip.py --length 4096 --depth 90 --layer-mask-k 18=2048
     python scripts/diagnose_hip.py --length 8192 --depth 70 --dense-heads 16=0,1,2
+    python scripts/diagnose_hip.py --task niah_multikey --depth 90 --index 4 \
+        --overrides '{"retrieval_heads": 16, "gate_heads": 8}' --layer-search 0-9=exact
 """
 
 from __future__ import annotations
@@ -69,6 +71,13 @@ def main() -> None:
     parser.add_argument(
         "--layer-mask-k", action="append", default=[], metavar="LAYER=K", help="a different mask_k on one layer"
     )
+    parser.add_argument(
+        "--layer-search",
+        action="append",
+        default=[],
+        metavar="LAYERS=SEARCH",
+        help="HiP's search (hierarchical or exact) on one layer or a range, e.g. 3-10=exact",
+    )
     add_dense_heads_argument(parser)
     args = parser.parse_args()
     loaded, sample, needle = load_case(args)
@@ -86,6 +95,7 @@ def main() -> None:
 
     hip.HipSession.select = recording_select
     override_per_layer(hip.HipSession, "mask_k", layer_values(args.layer_mask_k, int))
+    override_per_layer(hip.HipSession, "search", layer_values(args.layer_search, str))
     generate(loaded, sample, {"preset": "hip", **json.loads(args.overrides)})
     print(f"needle tokens covered per query head (of {len(needle)}):")
     seen: set[tuple[int, bool]] = set()

@@ -46,8 +46,14 @@ def load_case(args: argparse.Namespace, prefill_chunk: int = ONE_PASS) -> tuple[
 
 
 def layer_values(items: list[str], cast) -> dict[int, Any]:
-    """["18=0.97", ...] -> {18: cast("0.97"), ...}."""
-    return {int(layer): cast(value) for layer, value in (item.split("=") for item in items)}
+    """["18=0.97", "3-5=exact", ...] -> {18: cast("0.97"), 3: cast("exact"), 4: ..., 5: ...}."""
+    values: dict[int, Any] = {}
+    for item in items:
+        layers, value = item.split("=")
+        first, _, last = layers.partition("-")
+        for layer in range(int(first), int(last or first) + 1):
+            values[layer] = cast(value)
+    return values
 
 
 def override_per_layer(session_class: type, field: str, values: dict[int, Any]) -> None:
