@@ -39,6 +39,13 @@ class HipParams(PolicyParams):
         description="hierarchical: the paper's branch-and-prune search; exact: the top mask_k / block_size_k key "
         "blocks by the same block score (quadratic scoring, not the paper's method)",
     )
+    exact_layers: int = Field(
+        0,
+        ge=0,
+        le=1024,
+        description="layers below this index take the exact top blocks while the others run `search` (0: none; "
+        "not the paper's method)",
+    )
     score_mode: ScoreMode = Field("auto", description="branch scoring: gathered representatives or a score table")
     kernel: Kernel = Field("auto", description="implementation: auto, fast, reference or triton (see module doc)")
     retrieval_heads: int = Field(

@@ -46,6 +46,8 @@ Deviations from the paper / reference code:
   the exact top `k / b_k` key blocks under the same block score (`exact_search.py`): what the search
   approximates, at a scoring cost quadratic in the context. It keeps a needle that the search's
   center representatives miss when the keys around it all look alike (repeated filler).
+  `exact_layers=N` (0 by default; not the paper's method) takes the exact top blocks in the
+  layers below N only and the paper's search in the others.
 - One request per session: a padding mask handed in by transformers is not applied on the sparse
   path (the causal structure is rebuilt from positions, aligned bottom-right).
 - Retrieval heads (`retrieval_heads` N, off by default; not in the paper): the N best heads of the
@@ -162,6 +164,10 @@ class HipSession(PolicySession):
             device=call.query.device,
         )
 
+    def _exact(self, call: AttentionCall) -> bool:
+        """Whether the layer takes the exact top blocks (`search=exact`, or below `exact_layers`)."""
+        return self.params.search == "exact" or call.layer_idx < self.params.exact_layers
+
     def select(
         self, call: AttentionCall, geo: SparseGeometry, block_stride: int, kernel: ResolvedKernel = "fast"
     ) -> KeyBlockSelection:
@@ -169,7 +175,7 @@ class HipSession(PolicySession):
         p = self.params
         groups = p.mask_k // p.block_size_k
         sel = None
-        if p.search == "exact":
+        if self._exact(call):
             sel = exact_search(
                 geo.query_blocks(call.query), call.key, geo.lo, geo.hi, groups, p.block_size_k, block_stride
             )
@@ -302,7 +308,7 @@ class HipSession(PolicySession):
         groups = p.mask_k // p.block_size_k
         lo, hi = last_query_candidates(call.key.shape[2], p.block_size_k, p.sink_tokens, p.window, lookahead)
         mode = choose_score_mode(p.score_mode, hi - lo, groups, call.key.device.type)
-        if kernel != "fast" or mode != "table" or p.search == "exact":
+        if kernel != "fast" or mode != "table" or self._exact(call):
             return self.select(call, self._geometry(call, 1, lookahead=lookahead), 1, kernel)
         sel = search_row(call.query, call.key, lo, hi, groups, p.block_size_k)
         self.searches += 1

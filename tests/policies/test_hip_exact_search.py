@@ -97,3 +97,48 @@ def test_a_session_with_exact_search_decodes_as_one_query_blocks_and_stays_in_bu
     assert stats.extra["hip_max_keys_per_query"] == 32 + 4 + 16 and stats.extra["hip_rounds"] == 0
     hierarchical = stepwise_logits(new_session("hip", info, **SMALL), runner, ids, chunk=260)
     assert not torch.allclose(whole, hierarchical, atol=1e-4)
+
+
+def test_exact_layers_takes_the_exact_top_blocks_below_the_index_only(tiny_llama, monkeypatch):
+    """exact_layers=1 on the 2-layer model: layer 0 selects with the exact search and layer 1 with the
+    hierarchical one, in prefill and in decode refreshes; exact_layers=0 is the paper's search and
+    exact_layers >= the layer count equals search=exact."""
+    from kvmux.policies.hip import policy as hip
+
+    model, info, runner = tiny_llama
+    ids = torch.randint(0, 256, (1, 200))
+    ran: list[tuple[int, str]] = []
+    layer = {"now": -1}
+    select, exact, hierarchical, row = hip.HipSession.select, hip.exact_search, hip.hip_search, hip.search_row
+
+    def recording_select(self, call, *args, **kwargs):
+        layer["now"] = call.layer_idx
+        return select(self, call, *args, **kwargs)
+
+    def recording_row(query, *args, **kwargs):  # the decode refresh's hierarchical search on CPU
+        ran.append((-1, "hierarchical row"))
+        return row(query, *args, **kwargs)
+
+    def recording(kind, search):
+        def run(*args, **kwargs):
+            ran.append((layer["now"], kind))
+            return search(*args, **kwargs)
+
+        return run
+
+    monkeypatch.setattr(hip.HipSession, "select", recording_select)
+    monkeypatch.setattr(hip, "exact_search", recording("exact", exact))
+    monkeypatch.setattr(hip, "hip_search", recording("hierarchical", hierarchical))
+    monkeypatch.setattr(hip, "search_row", recording_row)
+    mixed = stepwise_logits(new_session("hip", info, **SMALL, exact_layers=1, kernel="fast"), runner, ids, chunk=100)
+    assert set(ran) == {(0, "exact"), (1, "hierarchical")}
+    ran.clear()
+    decode = new_session("hip", info, **SMALL, exact_layers=1, refresh_interval=1)
+    stepwise_logits(decode, runner, ids[:, :120], chunk=1)
+    assert (0, "exact") in ran and {kind for at, kind in ran if at != 0} == {"hierarchical row"}
+    paper = stepwise_logits(new_session("hip", info, **SMALL, exact_layers=0), runner, ids, chunk=100)
+    torch.testing.assert_close(paper, stepwise_logits(new_session("hip", info, **SMALL), runner, ids, chunk=100))
+    every = stepwise_logits(new_session("hip", info, **SMALL, exact_layers=2), runner, ids, chunk=100)
+    all_exact = stepwise_logits(new_session("hip", info, **SMALL, search="exact"), runner, ids, chunk=100)
+    torch.testing.assert_close(every, all_exact)
+    assert not torch.allclose(mixed, paper, atol=1e-4) or not torch.allclose(mixed, all_exact, atol=1e-4)
