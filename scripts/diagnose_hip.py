@@ -60,6 +60,13 @@ def add_dense_heads_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def search_name(value: str) -> str:
+    """A `--layer-search` value, checked: an unknown name would otherwise run the hierarchical search silently."""
+    if value not in ("hierarchical", "exact"):
+        raise SystemExit(f"--layer-search: unknown search {value!r} (hierarchical or exact)")
+    return value
+
+
 def apply_dense_heads(args: argparse.Namespace) -> None:
     """Make the heads of `--dense-heads` dense in every HiP session created from now on."""
     add_dense_heads(layer_values(args.dense_heads, lambda heads: [int(h) for h in heads.split(",")]))
@@ -80,6 +87,7 @@ def main() -> None:
     )
     add_dense_heads_argument(parser)
     args = parser.parse_args()
+    layer_searches = layer_values(args.layer_search, search_name)  # checked before the model loads
     loaded, sample, needle = load_case(args)
     apply_dense_heads(args)
 
@@ -95,7 +103,7 @@ def main() -> None:
 
     hip.HipSession.select = recording_select
     override_per_layer(hip.HipSession, "mask_k", layer_values(args.layer_mask_k, int))
-    override_per_layer(hip.HipSession, "search", layer_values(args.layer_search, str))
+    override_per_layer(hip.HipSession, "search", layer_searches)
     generate(loaded, sample, {"preset": "hip", **json.loads(args.overrides)})
     print(f"needle tokens covered per query head (of {len(needle)}):")
     seen: set[tuple[int, bool]] = set()
