@@ -61,3 +61,12 @@ def test_request_overrides():
         resolve_request_policy({"preset": "streaming_llm", "size": 3}, presets, "full")
     with pytest.raises(PresetError, match="available presets"):
         resolve_request_policy("unknown", presets, "full")
+
+
+@pytest.mark.parametrize(
+    ("variant", "changed"), [("hip_rh_gate_exact", {"search": "exact"}), ("hip_rh_gate_exact10", {"exact_layers": 10})]
+)
+def test_hip_gate_variants_change_only_their_search(variant, changed):
+    presets = load_presets(CONFIGS)
+    base, other = presets["hip_rh_gate"].params.model_dump(), presets[variant].params.model_dump()
+    assert {k: v for k, v in other.items() if base[k] != v} == changed

@@ -32,6 +32,7 @@ def _complete(server, kv_policy) -> httpx.Response:
         ({"preset": "hip", "retrieval_heads": 2}, "kv_policy.retrieval_heads"),
         ({"preset": "hip", "gate_heads": 2}, "kv_policy.gate_heads"),
         ("hip_rh_gate", "kv_policy.retrieval_heads"),
+        ("hip_rh_gate_exact10", "kv_policy.retrieval_heads"),
         ({"preset": "flexprefill", "gate_heads": 2}, "kv_policy.gate_heads"),
         ("infiniretri_calibrated", "kv_policy.layer"),
     ],
