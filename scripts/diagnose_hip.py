@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import get_args
 
 import torch
 from passkey_case import add_case_arguments, generate, layer_values, load_case, override_per_layer
 
 from kvmux.policies.hip import policy as hip
+from kvmux.policies.hip.params import Search
 
 
 def covered_per_head(sel, block_k: int, needle: list[int]) -> list[int]:
@@ -62,8 +64,8 @@ def add_dense_heads_argument(parser: argparse.ArgumentParser) -> None:
 
 def search_name(value: str) -> str:
     """A `--layer-search` value, checked: an unknown name would otherwise run the hierarchical search silently."""
-    if value not in ("hierarchical", "exact"):
-        raise SystemExit(f"--layer-search: unknown search {value!r} (hierarchical or exact)")
+    if value not in get_args(Search):
+        raise SystemExit(f"--layer-search: unknown search {value!r} (one of {', '.join(get_args(Search))})")
     return value
 
 

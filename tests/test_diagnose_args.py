@@ -42,3 +42,11 @@ def test_override_per_layer_swaps_the_field_for_the_named_layers_only():
     seen = [session.attention(SimpleNamespace(layer_idx=layer)) for layer in range(4)]
     assert seen == ["hierarchical", "exact", "exact", "hierarchical"]
     assert session.params.search == "hierarchical"  # restored after each call
+
+
+def test_layer_search_names_are_the_policys_searches():
+    from diagnose_hip import search_name
+
+    assert layer_values(["0-1=exact", "2=hierarchical"], search_name) == {0: "exact", 1: "exact", 2: "hierarchical"}
+    with pytest.raises(SystemExit, match="unknown search 'exct'"):
+        layer_values(["0-9=exct"], search_name)
